@@ -1,0 +1,13 @@
+"""oscquant: W4A4 inference with Outlier Separation in the Channel dimension (OSC)."""
+
+__version__ = "0.1.0"
+
+from .calibration import ChannelStats, collect_stats  # noqa: E402
+from .checkpoint import load_quantized, save_quantized  # noqa: E402
+from .config import LayerScheme, OSCConfig  # noqa: E402
+from .convert import quantize, summary  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
+from .linear import OSCLinear  # noqa: E402
+
+__all__ = ["ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "load_quantized",
+           "perplexity", "quantize", "save_quantized", "summary"]

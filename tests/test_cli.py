@@ -1,0 +1,84 @@
+import json
+import re
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from oscquant import cli
+from oscquant.data import split_text
+
+TEXT = " ".join(
+    f"In the year {1800 + i} the Congress met and spoke of trade, war, peace, the people and their states."
+    for i in range(400)
+)
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer(TEXT)
+    model = tiny_model("llama")
+    model.config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_quantize_eval_generate_info(local_model, capsys):
+    root = local_model
+    ck = root / "ck"
+    code, out, err = run(capsys, "quantize", root / "model", "--calib", root / "text.txt", "--out", ck,
+                         "--outliers", "16", "--calib-samples", "4", "--seq-len", "32")
+    assert code == 0, err
+    assert "quantized 14 layers" in out and (ck / "osc_config.json").is_file()
+    meta = json.loads((ck / "osc_config.json").read_text())
+    assert meta["calibration"]["part"] == "calib" and meta["source"]["kind"] == "pretrained"
+
+    code, out, err = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32")
+    assert code == 0, err
+    ppl = float(re.search(r"^perplexity: ([0-9.]+)$", out, re.M).group(1))
+    _, out, _ = run(capsys, "eval", root / "model", "--text", root / "text.txt", "--seq-len", "32")
+    ppl_float = float(re.search(r"^perplexity: ([0-9.]+)$", out, re.M).group(1))
+    assert ppl != ppl_float and 0.5 < ppl / ppl_float < 2, (ppl, ppl_float)
+    code, out, _ = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32", "--json")
+    rec = json.loads(out)
+    assert rec["perplexity"] == pytest.approx(ppl, rel=1e-4) and rec["part"] == "heldout"
+    # the held-out part is the tail of the file, which calibration never reads
+    assert rec["tokens"] < 0.2 * len(TEXT)
+
+    code, out, err = run(capsys, "generate", ck, "--prompt", "In the year", "--max-new-tokens", "5")
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", ck)
+    assert "model.layers.0.self_attn.q_proj: mxfp4 k=16" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--outliers", "20"], "multiple of 16"),
+    (["--outliers", "128"], "only 64 input channels"),
+    (["--format", "int4", "--group-size", "48"], "not a multiple of int4's block of 48"),
+])
+def test_bad_options_give_clear_errors(local_model, capsys, args, message):
+    code, _, err = run(capsys, "quantize", local_model / "model", "--calib", local_model / "text.txt",
+                       "--out", local_model / "bad", "--calib-samples", "2", "--seq-len", "32", *args)
+    assert code == 2 and message in err
+    assert not (local_model / "bad").exists()
+
+
+def test_missing_text_and_model(local_model, capsys):
+    code, _, err = run(capsys, "eval", local_model / "model", "--text", local_model / "nope.txt")
+    assert code == 2 and "not found" in err
+    code, _, err = run(capsys, "eval", local_model / "text.txt", "--text", local_model / "text.txt")
+    assert code == 2 and "not a .gguf" in err
+
+
+def test_split_never_overlaps():
+    text = "line\n" * 1000
+    a, b = split_text(text, "calib"), split_text(text, "heldout")
+    assert a + b == text and len(b) < 0.11 * len(text)

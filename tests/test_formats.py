@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from oscquant import formats as F
+
+
+def rand(rows, k, seed=0, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    if outliers:
+        x[:, 3] *= 50
+    return x
+
+
+def test_pack_roundtrip_is_bit_exact():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (37, 64), generator=g, dtype=torch.uint8)
+    packed = F.pack_nibbles(codes)
+    assert packed.shape == (37, 32) and packed.dtype == torch.uint8
+    assert torch.equal(F.unpack_nibbles(packed), codes)
+    # and every byte value survives unpack -> pack
+    allbytes = torch.arange(256, dtype=torch.uint8).reshape(1, -1)
+    assert torch.equal(F.pack_nibbles(F.unpack_nibbles(allbytes)), allbytes)
+    # low nibble holds the even element
+    assert F.pack_nibbles(torch.tensor([[1, 2]], dtype=torch.uint8)).item() == 0x21
+
+
+def test_pack_rejects_bad_codes():
+    with pytest.raises(ValueError, match="odd"):
+        F.pack_nibbles(torch.zeros(1, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="0..15"):
+        F.pack_nibbles(torch.full((1, 2), 16, dtype=torch.uint8))
+
+
+def test_e2m1_grid_values_encode_exactly_and_ties_go_to_even():
+    vals = F.E2M1_VALUES
+    both = torch.cat([vals, -vals[1:]])
+    assert torch.equal(F.e2m1_decode(F.e2m1_encode(both)), both)
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    expect = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0])  # the neighbour with an even code
+    assert torch.equal(F.e2m1_decode(F.e2m1_encode(mids)), expect)
+    assert F.e2m1_decode(F.e2m1_encode(torch.tensor([100.0, -7.0]))).tolist() == [6.0, -6.0]
+    # never a negative zero code
+    assert F.e2m1_encode(torch.tensor([-0.1])).item() == 0
+
+
+def test_e2m1_rounds_to_nearest():
+    v = torch.linspace(-6, 6, 2001)
+    got = F.e2m1_decode(F.e2m1_encode(v))
+    grid = torch.cat([F.E2M1_VALUES, -F.E2M1_VALUES])
+    best = (v[:, None] - grid[None]).abs().min(1).values
+    assert torch.allclose((got - v).abs(), best, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,kw", [("mxfp4", {}), ("nvfp4", {}), ("int4", {}), ("int4", {"group_size": 32}),
+                                    ("fp8", {})])
+def test_quantize_roundtrip_error_and_idempotence(fmt, kw):
+    x = rand(8, 96, outliers=False)
+    q = F.quantize(x, fmt, **kw)
+    y = F.dequantize(q)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    rel = ((y - x).norm() / x.norm()).item()
+    bound = {"fp8": 0.05, "int4": 0.2, "mxfp4": 0.2, "nvfp4": 0.15}[fmt]
+    assert rel < bound, rel
+    # dequantized values lie on the grid: quantizing them again changes nothing
+    assert torch.equal(F.dequantize(F.quantize(y, fmt, **kw)), y)
+
+
+def test_mxfp4_scales_are_powers_of_two_and_blocks_independent():
+    x = rand(4, 64)
+    q = F.quantize_mxfp4(x)
+    assert q.scales.dtype == torch.uint8 and q.scales.shape == (4, 2)
+    y = F.dequantize(q)
+    # the outlier in channel 3 only affects the first 32-column block
+    x2 = x.clone()
+    x2[:, 3] = 0
+    y2 = F.dequantize(F.quantize_mxfp4(x2))
+    assert torch.equal(y[:, 32:], y2[:, 32:])
+    assert not torch.equal(y[:, 4:32], y2[:, 4:32])
+    # the block maximum is never clipped
+    blocks = x.reshape(4, 2, 32).abs().amax(-1)
+    scale = torch.exp2(q.scales.float() - 127)
+    assert (blocks / scale <= 6).all() and (blocks / scale > 3).all()
+
+
+def test_nvfp4_global_scale_per_tensor_and_per_row():
+    x = rand(4, 32)
+    qt = F.quantize_nvfp4(x)
+    qr = F.quantize_nvfp4(x, per_row_global=True)
+    assert qt.global_scale.shape == (1, 1) and qr.global_scale.shape == (4, 1)
+    assert qt.scales.dtype == torch.float8_e4m3fn and qt.scales.shape == (4, 2)
+    for q in (qt, qr):
+        assert ((F.dequantize(q) - x).norm() / x.norm()) < 0.15
+
+
+def test_int4_codes_are_symmetric_range():
+    x = rand(3, 32)
+    q = F.quantize_int4(x)
+    vals = F.element_values(q)
+    assert vals.min() >= -8 and vals.max() <= 7
+    assert (vals.abs().amax(1) == 7).all()  # the row max maps to +-7
+    assert q.scales.shape == (3, 1)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="multiple of mxfp4's block of 32"):
+        F.quantize(torch.randn(2, 48), "mxfp4")
+    with pytest.raises(ValueError, match="multiple of nvfp4's block of 16"):
+        F.quantize(torch.randn(2, 40), "nvfp4")
+    with pytest.raises(ValueError, match="multiple of int4's block of 32"):
+        F.quantize(torch.randn(2, 48), "int4", group_size=32)
+    with pytest.raises(ValueError, match="unknown number format"):
+        F.quantize(torch.randn(2, 32), "fp3")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        F.quantize(torch.tensor([[1.0, float("nan")] * 16]), "mxfp4")
+    with pytest.raises(ValueError, match="2-D"):
+        F.quantize(torch.randn(32), "fp8")
+    with pytest.raises(ValueError, match="group_size applies to int4"):
+        F.quantize(torch.randn(2, 32), "mxfp4", group_size=32)
+
+
+def test_zero_rows_quantize_to_zero():
+    for fmt in F.FORMATS:
+        assert torch.equal(F.fake_quantize(torch.zeros(2, 32), fmt), torch.zeros(2, 32))
+
+
+def test_bits_per_element():
+    assert F.bits_per_element("mxfp4") == 4.25
+    assert F.bits_per_element("nvfp4") == 4.5
+    assert F.bits_per_element("int4", 128) == 4.25

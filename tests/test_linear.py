@@ -1,0 +1,113 @@
+import pytest
+import torch
+from torch import nn
+
+from oscquant import backends
+from oscquant.config import LayerScheme
+from oscquant.formats import fake_quantize
+from oscquant.linear import OSCLinear
+
+
+def make(k_in=128, n=48, bias=True, seed=0, planted=(3, 64, 65, 100)):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k_in, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k_in, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    x = torch.randn(2, 11, k_in, generator=g)
+    x[..., list(planted)] *= 60
+    return lin, x
+
+
+def explicit(lin: nn.Linear, x: torch.Tensor, scheme: LayerScheme, idx: list[int]) -> torch.Tensor:
+    """The OSC math written out with nothing from OSCLinear."""
+    k_in = lin.in_features
+    main = [c for c in range(k_in) if c not in set(idx)]
+    block = {"mxfp4": 32, "nvfp4": 16, "int4": scheme.group_size or 1, "fp8": 1}[scheme.format]
+    pad = (-len(main)) % block
+    x2 = x.reshape(-1, k_in)
+    xm = nn.functional.pad(x2[:, main], (0, pad))
+    wm = nn.functional.pad(lin.weight[:, main].detach(), (0, pad))
+    kw = {"group_size": scheme.group_size} if scheme.group_size else {}
+    y = fake_quantize(xm, scheme.format, per_row_global=True, **kw) @ fake_quantize(wm, scheme.format, **kw).T
+    if idx:
+        xo = x2[:, idx].to(torch.bfloat16).float()
+        wo = lin.weight[:, idx].detach().to(torch.bfloat16).float()
+        y = y + xo @ wo.T
+    if lin.bias is not None:
+        y = y + lin.bias.detach()
+    return y.reshape(*x.shape[:-1], -1)
+
+
+SCHEMES = [LayerScheme("mxfp4", 16), LayerScheme("mxfp4", 32), LayerScheme("nvfp4", 16), LayerScheme("int4", 16),
+           LayerScheme("int4", 16, group_size=32), LayerScheme("fp8"), LayerScheme("mxfp4", 0), LayerScheme("fp8", 16)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.format}-k{s.outliers}-g{s.group_size}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_explicit_math(scheme, bias):
+    lin, x = make(bias=bias)
+    k = scheme.outliers
+    idx = sorted(torch.randperm(128, generator=torch.Generator().manual_seed(1))[:k].tolist())
+    layer = OSCLinear.from_linear(lin, scheme, torch.tensor(idx))
+    y = layer(x)
+    ref = explicit(lin, x, scheme, idx)
+    assert y.shape == (2, 11, 48) and y.dtype == x.dtype
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), (y - ref).abs().max()
+
+
+def test_buffers_have_the_documented_layout():
+    lin, _ = make()
+    layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16), torch.tensor(list(range(16))))
+    # 112 main channels pad to 128 = 4 MX blocks
+    assert layer.qweight.shape == (48, 64) and layer.qweight.dtype == torch.uint8
+    assert layer.wscale.shape == (48, 4) and layer.wscale.dtype == torch.uint8
+    assert layer.w_outlier.shape == (48, 16) and layer.w_outlier.dtype == torch.bfloat16
+    assert torch.equal(layer.w_outlier, lin.weight[:, :16].to(torch.bfloat16))
+    assert layer.outlier_idx.tolist() == list(range(16))
+    # moving the model to another dtype keeps the encoded buffers as they are
+    layer.to(torch.float16)
+    assert layer.w_outlier.dtype == torch.bfloat16 and layer.wscale.dtype == torch.uint8
+    assert layer.bias.dtype == torch.float16
+
+
+def test_separating_planted_outliers_cuts_the_error():
+    lin, x = make(planted=tuple(range(0, 128, 8)))  # 16 outlier channels, one in every half block
+    stats_idx = x.reshape(-1, 128).abs().amax(0).topk(16).indices
+    exact = lin(x)
+    err = {}
+    for k in (0, 16):
+        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), stats_idx[:k])
+        err[k] = ((layer(x) - exact).norm() / exact.norm()).item()
+    assert err[16] < err[0] / 3, err
+
+
+def test_bad_shapes_raise():
+    lin = nn.Linear(40, 8)
+    with pytest.raises(ValueError, match="in_features=40 is not a multiple of mxfp4's block of 32"):
+        OSCLinear.from_linear(lin, LayerScheme("mxfp4"), torch.zeros(0, dtype=torch.long))
+    lin, x = make()
+    layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16), torch.arange(16))
+    with pytest.raises(ValueError, match="input has 64 features"):
+        layer(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="distinct"):
+        OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16), torch.tensor([1] * 16))
+    with pytest.raises(ValueError, match="do not fit"):
+        OSCLinear(32, 8, LayerScheme("mxfp4"), 32)
+
+
+def test_backend_choice(monkeypatch):
+    lin, x = make()
+    layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16), torch.arange(16))
+    assert backends.choose(layer, x) == "reference"
+    monkeypatch.setenv("OSCQUANT_BACKEND", "nonexistent")
+    with pytest.raises(RuntimeError, match="cannot run this layer"):
+        layer(x)
+    calls = []
+    monkeypatch.setenv("OSCQUANT_BACKEND", "auto")
+    monkeypatch.setitem(backends._KERNELS, "fake", (lambda l, x: True, lambda l, x: calls.append(1) or x))
+    layer(x)
+    assert calls == [1]
+    monkeypatch.setenv("OSCQUANT_BACKEND", "reference")
+    assert torch.allclose(layer(x), explicit(lin, x, LayerScheme("mxfp4", 16), list(range(16))), atol=1e-4)
