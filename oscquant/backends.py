@@ -23,10 +23,25 @@ def register(name: str, accepts: Callable, forward: Callable) -> None:
     _KERNELS[name] = (accepts, forward)
 
 
+_loaded = False
+
+
+def _load_kernels() -> None:
+    """Import the GPU kernels on first need only: CPU-only users never pay for importing Triton."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from .kernels import register
+
+        register()
+
+
 def choose(layer: OSCLinear, x: torch.Tensor) -> str:
     wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
     if wanted == "reference":
         return "reference"
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        _load_kernels()
     for name, (accepts, _) in _KERNELS.items():
         if wanted in ("auto", name) and accepts(layer, x):
             return name

@@ -1,4 +1,4 @@
-"""Command line: oscquant quantize | eval | generate | demo | info."""
+"""Command line: oscquant quantize | eval | generate | analyze | demo | info."""
 
 from __future__ import annotations
 
@@ -19,9 +19,17 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback", default="fp8", choices=["fp8", "none"], help="scheme of the fallback layers")
     p.add_argument("--fallback-pattern", default=r"down_proj", help="regex of the layer names that fall back")
     p.add_argument("--group-size", type=int, default=None, help="int4 only: columns per scale (default per row)")
+    p.add_argument("--policy", default="fixed", choices=["fixed", "auto"],
+                   help="auto: per-layer k and FP8 fallback chosen from measurements (docs/analysis.md)")
+    p.add_argument("--bf16-budget", type=float, default=0.04, help="auto: share of input channels kept in BF16")
+    p.add_argument("--fp8-budget", type=float, default=1 / 7, help="auto: share of layers allowed to fall back")
 
 
 def config_from_args(a) -> OSCConfig:
+    if getattr(a, "policy", "fixed") == "auto":
+        if a.outliers is not None or a.outlier_ratio is not None:
+            raise ValueError("--policy auto chooses k itself; drop --outliers/--outlier-ratio or use --policy fixed")
+        return OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size)
     outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
     return OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size)
 
@@ -94,13 +102,48 @@ def cmd_generate(a) -> int:
 def cmd_demo(a) -> int:
     from .compare import markdown_table, run_demo
 
-    rows = run_demo(a.calib_samples, a.windows, a.seq_len, a.format, a.outlier_ratio, progress=not a.json)
+    rows = run_demo(a.calib_samples, a.windows, a.seq_len, a.format, a.outlier_ratio, progress=not a.json,
+                    policies=a.policies)
     if a.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
     print(f"\nSmolLM2-135M-Instruct, State of the Union text: {a.calib_samples} calibration windows, "
           f"{rows[0].tokens} held-out tokens in {a.windows} windows of {a.seq_len}\n")
     print(markdown_table(rows))
+    return 0
+
+
+def cmd_analyze(a) -> int:
+    import re
+    from pathlib import Path
+
+    from .analysis import analyze
+    from .convert import check_supported, plan_layers, unfuse_experts
+    from .data import read_text, split_text, windows
+    from .models import load_model
+    from .report import default_figure_layers, write_report
+
+    # every layer is measured as a 4-bit layer with its k, fallback or not: that is what the verdict judges
+    k_cfg = OSCConfig.osc(a.format, 16, fallback=None) if a.policy == "auto" else config_from_args(a)
+    cfg = OSCConfig(k_cfg.default, [r for r in k_cfg.rules if r[1].format == "none"], k_cfg.skip)
+    model, tok, _ = load_model(a.model)
+    check_supported(model)
+    unfuse_experts(model)
+    plan = plan_layers(model, cfg)
+    k_of = lambda name, K: plan[name][1]  # noqa: E731
+    batches = windows(tok, split_text(read_text(a.calib), a.calib_part), a.seq_len, a.calib_samples)
+    reports, stats, samples = analyze(model, batches, k_of, a.format, list(plan), a.sample_seqs)
+    names = list(reports)
+    figs = [n for n in names if re.search(a.layers, n)] if a.layers else default_figure_layers(names)
+    meta = {"model": a.model, "format": a.format, "calibration": f"{len(batches)} windows of {a.seq_len} tokens "
+            f"from {a.calib} ({a.calib_part} part)", "sample_seqs": a.sample_seqs}
+    page = write_report(Path(a.out), reports, stats, samples, figs, meta)
+    verdicts = {}
+    for r in reports.values():
+        verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
+    print(f"analyzed {len(reports)} layers, {len(figs)} figures -> {page}")
+    for v, c in sorted(verdicts.items()):
+        print(f"  {c:4d} {v}")
     return 0
 
 
@@ -152,8 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--format", default="mxfp4", choices=FP4_FORMATS)
     d.add_argument("--outlier-ratio", type=float, default=0.06)
+    d.add_argument("--policies", action="store_true",
+                   help="compare the fixed policy with policy=auto at the same budget (BF16 4%%, FP8 1/7)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    an = sub.add_parser("analyze", help="outlier persistence report: figures, tables, verdicts")
+    an.add_argument("model")
+    an.add_argument("--calib", required=True, help="text file, or 'sotu'")
+    an.add_argument("--calib-part", default="calib", choices=["calib", "all"])
+    an.add_argument("--calib-samples", type=int, default=16)
+    an.add_argument("--sample-seqs", type=int, default=4, help="sequences kept whole for the token-level metrics")
+    an.add_argument("--seq-len", type=int, default=512)
+    an.add_argument("--out", required=True)
+    an.add_argument("--layers", default=None, help="regex of the layers to draw (default: first, middle, last)")
+    _add_scheme_args(an)
+    an.set_defaults(fn=cmd_analyze)
 
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint")

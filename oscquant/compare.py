@@ -36,6 +36,15 @@ def demo_configs(fmt: str = "mxfp4", outlier_ratio: float = 0.06) -> dict[str, O
     }
 
 
+def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: float = 1 / 7) -> dict:
+    """The fixed policy (one k for every layer, FP8 down_proj) against policy="auto", same budgets."""
+    return {
+        "float (unquantized)": None,
+        f"fixed: k={bf16_budget:.0%} of K, FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=bf16_budget),
+        f"auto: BF16 <= {bf16_budget:.0%}, FP8 <= {fp8_budget:.3g} of layers": OSCConfig.auto(fmt, bf16_budget, fp8_budget),
+    }
+
+
 def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, calib_samples: int = 32,
             eval_windows: int = 32, seq_len: int = 512, progress: bool = True) -> list[Row]:
     calib = windows(tokenizer, split_text(text, "calib"), seq_len, calib_samples)
@@ -48,7 +57,7 @@ def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, c
         m = model
         if cfg is not None:
             m = copy.deepcopy(model)
-            quantize(m, cfg, stats=stats, progress=False)
+            quantize(m, cfg, calib, stats=stats, progress=False)  # auto re-calibrates
         ppl = perplexity(m, tokenizer, batches=heldout, progress=progress, desc=name[:30])
         base = base or ppl.perplexity
         s = summary(m) if cfg is not None else None
@@ -70,9 +79,9 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def run_demo(calib_samples: int = 32, eval_windows: int = 32, seq_len: int = 512, fmt: str = "mxfp4",
-             outlier_ratio: float = 0.06, progress: bool = True) -> list[Row]:
+             outlier_ratio: float = 0.06, progress: bool = True, policies: bool = False) -> list[Row]:
     from .models import load_model
 
     model, tok, _ = load_model("smollm2")
-    return compare(model, tok, demo_configs(fmt, outlier_ratio), read_text("sotu"), calib_samples,
-                   eval_windows, seq_len, progress)
+    configs = policy_configs(fmt) if policies else demo_configs(fmt, outlier_ratio)
+    return compare(model, tok, configs, read_text("sotu"), calib_samples, eval_windows, seq_len, progress)

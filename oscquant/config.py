@@ -61,6 +61,18 @@ class OSCConfig:
     )
     skip: list[str] = field(default_factory=lambda: [r"lm_head"])  # never quantized
     persistence_topk: int = 16  # top-k per token used to measure token persistence
+    # policy="auto" (policy.py) replaces the fixed k and the fallback rules by measured choices
+    policy: str = "fixed"
+    bf16_budget: float = 0.04  # auto: BF16 channels / input channels of the 4-bit layers
+    fp8_budget: float = 1 / 7  # auto: FP8 layers / quantized layers
+    max_outliers: int = 256  # auto: k cap per layer (also at most K/4)
+    sample_seqs: int = 4  # auto: calibration sequences kept whole to measure errors on
+
+    def __post_init__(self):
+        if self.policy not in ("fixed", "auto"):
+            raise ValueError(f"unknown policy {self.policy!r}; use 'fixed' or 'auto'")
+        if not 0 <= self.bf16_budget < 1 or not 0 <= self.fp8_budget <= 1:
+            raise ValueError("bf16_budget must lie in [0, 1) and fp8_budget in [0, 1]")
 
     def scheme_for(self, name: str) -> LayerScheme | None:
         """The scheme of the module called ``name``, or None to leave it alone."""
@@ -88,22 +100,32 @@ class OSCConfig:
     def w8a8(cls) -> "OSCConfig":
         return cls(LayerScheme("fp8"), [])
 
+    @classmethod
+    def auto(cls, fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: float = 1 / 7,
+             group_size: int | None = None, **kw) -> "OSCConfig":
+        """Measured per-layer k and FP8 fallback under the two budgets (see policy.py)."""
+        return cls(LayerScheme(fmt, 0, None, group_size), [], policy="auto", bf16_budget=bf16_budget,
+                   fp8_budget=fp8_budget, **kw)
+
     def to_dict(self) -> dict:
         return {
             "default": asdict(self.default),
             "rules": [[p, asdict(s)] for p, s in self.rules],
             "skip": list(self.skip),
             "persistence_topk": self.persistence_topk,
+            "policy": self.policy,
+            "bf16_budget": self.bf16_budget,
+            "fp8_budget": self.fp8_budget,
+            "max_outliers": self.max_outliers,
+            "sample_seqs": self.sample_seqs,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "OSCConfig":
-        return cls(
-            LayerScheme(**d["default"]),
-            [(p, LayerScheme(**s)) for p, s in d["rules"]],
-            list(d["skip"]),
-            d.get("persistence_topk", 16),
-        )
+        extra = {k: d[k] for k in ("persistence_topk", "policy", "bf16_budget", "fp8_budget", "max_outliers",
+                                   "sample_seqs") if k in d}
+        return cls(LayerScheme(**d["default"]), [(p, LayerScheme(**s)) for p, s in d["rules"]], list(d["skip"]),
+                   **extra)
 
 
 __all__ = ["FORMATS", "LayerScheme", "OSCConfig", "OUTLIER_MULTIPLE"]

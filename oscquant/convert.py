@@ -15,10 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import formats
+from .analysis import collect_samples
 from .calibration import ChannelStats, collect_stats
 from .config import LayerScheme, OSCConfig
 from .linear import OSCLinear
 from .outliers import select_outlier_channels
+from .policy import auto_plan
 
 # model_type values whose conversion is tested (tests/test_models.py)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen3_moe", "gemma3_text")
@@ -141,9 +143,16 @@ def quantize(
     check_supported(model)
     unfuse_experts(model)
     plan = plan_layers(model, config)
-    if stats is None and any(k for _, k in plan.values()):
-        if calibration_batches is None:
-            raise ValueError("this config keeps outlier channels, so it needs calibration_batches")
+    needs_calibration = config.policy == "auto" or any(k for _, k in plan.values())
+    if needs_calibration and calibration_batches is None and (stats is None or config.policy == "auto"):
+        raise ValueError("this config keeps outlier channels, so it needs calibration_batches")
+    if config.policy == "auto":
+        stats, samples = collect_samples(model, calibration_batches, plan.keys(), config.sample_seqs,
+                                         config.persistence_topk, progress)
+        choices = auto_plan({n: config.default for n in plan}, stats, samples, config.bf16_budget,
+                            config.fp8_budget, config.max_outliers)
+        plan = {n: (c.scheme, c.k) for n, c in choices.items()}
+    elif stats is None and needs_calibration:
         stats = collect_stats(model, calibration_batches, plan.keys(), config.persistence_topk, progress)
     applied = {}
     for name, (scheme, k) in tqdm(plan.items(), desc="quantizing", disable=not progress, unit="layer"):

@@ -104,12 +104,18 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
 
     Bit 3 is the sign, bits 0-2 index E2M1_VALUES. Magnitudes above 6 saturate.
     """
-    mag = v.abs()
-    idx = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
-    for t, up in zip(_E2M1_MIDPOINTS, _TIE_GOES_UP):
-        idx += (mag >= t) if up else (mag > t)
+    mag = v.abs().float()
+    idx = torch.bucketize(mag, _bucket_edges(mag.device), right=False).to(torch.uint8)
     sign = (v < 0) & (idx > 0)  # no negative zero
     return idx | (sign.to(torch.uint8) << 3)
+
+
+def _bucket_edges(device) -> torch.Tensor:
+    """Midpoints for bucketize, which counts edges strictly below a value. Where a tie must
+    go up, the edge moves to the next float32 below it, so "> edge" means ">= midpoint"."""
+    edges = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32)
+    down = torch.nextafter(edges, torch.tensor(-1.0))
+    return torch.where(torch.tensor(_TIE_GOES_UP), down, edges).to(device)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -142,14 +148,16 @@ def _int4_values(q: QTensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- mxfp4
 def e8m0_exponent(amax: torch.Tensor) -> torch.Tensor:
-    """Shared exponent e so that amax / 2**e fits e2m1 without clipping.
+    """Shared exponent e = ceil(log2(amax / 6)): the smallest e with amax / 2**e <= 6.
 
-    The OCP spec's example rule, floor(log2(amax)) - 2, maps the block maximum
-    into [4, 8) and clips everything above 6 to 6; rounding up instead keeps the
-    maximum representable. Either choice is a valid MX encoding.
+    The OCP spec's example rule, floor(log2(amax)) - 2, maps the block maximum into
+    [4, 8) and clips everything above 6 to 6; rounding up keeps the maximum
+    representable. Either is a valid MX encoding. Computed from amax's bits, so that
+    kernels can reproduce it exactly: with amax = m * 2**E, m in [1, 2),
+    e = E - 2, plus 1 when m > 1.5.
     """
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    e = torch.ceil(torch.log2(safe / E2M1_MAX))
+    mant, exp = torch.frexp(amax.float())  # amax = mant * 2**exp, mant in [0.5, 1)
+    e = (exp - 3 + (mant > 0.75).to(exp.dtype)).float()
     e = torch.where(amax > 0, e, torch.full_like(e, -127.0))
     return e.clamp(-127, 127)
 

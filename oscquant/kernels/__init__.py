@@ -1,0 +1,37 @@
+"""GPU kernels (Triton) for OSC layers, registered with backends.py when Triton can run them.
+
+Triton compiles them on first use; there is no build step. On a machine without CUDA
+they still run under ``TRITON_INTERPRET=1`` (slowly), which is how CPU CI tests them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_warned: set = set()
+
+
+def register() -> None:
+    """Put the Triton backend into backends.py; layers it cannot take run the reference (with one warning)."""
+    if not triton_available():
+        return
+    from .. import backends
+    from .ops import supported, triton_forward
+
+    def accepts(layer, x):
+        why = supported(layer, x)
+        if why and x.is_cuda and why not in _warned:
+            _warned.add(why)
+            warnings.warn(f"oscquant: running the PyTorch reference path because {why}", stacklevel=3)
+        return why is None
+
+    backends.register("triton", accepts, triton_forward)

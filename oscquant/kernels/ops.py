@@ -1,0 +1,159 @@
+"""Host side of the Triton kernels: launch, per-shape configs (one place), custom ops.
+
+Regimes, chosen in :func:`gemm_config` only:
+  decode  (M <= 64):  FP16 operands on mma, tiles thin in M, split-K when N alone cannot fill
+                      the GPU; the run time is the 4-bit weight stream.
+  prefill (M > 64):   FP8 operands on wgmma, 128-row tiles; the run time is tensor-core work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .layout import KernelWeights, kernel_weights
+from .triton_osc import FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, osc_gemm_kernel, split_quantize_kernel
+
+FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
+DECODE_MAX_M = 64
+MAX_K = 32768  # split_quantize keeps a whole row in registers
+
+
+# Triton decides at import whether its kernels run compiled or in the CPU interpreter
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreting() -> bool:
+    return INTERPRETED
+
+
+def supported(layer, x: torch.Tensor) -> str | None:
+    """None if the kernels can run this call, else the reason they cannot."""
+    s = layer.scheme
+    if s.format not in FMT_IDS or (s.format == "int4" and s.group_size is not None):
+        return f"format {s.format} (group_size={s.group_size}) has no kernel; the kernels take mxfp4, per-row int4, fp8"
+    if not (x.is_cuda or (INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")):
+        return "the input is not on a CUDA device"
+    if layer.in_features > MAX_K:
+        return f"K={layer.in_features} exceeds the kernels' {MAX_K}"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"input dtype {x.dtype} is not supported"
+    return None
+
+
+# ------------------------------------------------------------------ split-quantize
+def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
+                   k_pad: int):
+    """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
+    and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
+    [M, k_pad] (fp16 or e4m3) and scales = per-row FP32."""
+    assert x.dim() == 2 and x.stride(1) == 1
+    m = x.shape[0]
+    k_out = outlier_idx.numel()
+    dev = x.device
+    xo = torch.empty(m, k_out, dtype=torch.bfloat16, device=dev)
+    if mode == MODE_PACKED:
+        q = torch.empty(m, k_pad // 2, dtype=torch.uint8, device=dev)
+        sc = torch.empty(m, k_pad // 32, dtype=torch.uint8, device=dev)
+        rs = torch.empty(m, dtype=torch.float32, device=dev)
+    else:
+        q = torch.empty(m, k_pad, dtype=torch.float16 if mode == MODE_F16 else torch.float8_e4m3fn, device=dev)
+        sc = q
+        rs = torch.empty(m, dtype=torch.float32, device=dev)
+    block = triton.next_power_of_2(k_pad)
+    block_o = triton.next_power_of_2(k_out) if k_out else 0
+    if m:
+        split_quantize_kernel[(m,)](
+            x, x.stride(0), main_idx, outlier_idx if k_out else main_idx, xo, q, sc, rs,
+            main_idx.numel(), k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o,
+            INTERPRET=interpreting(),
+            num_warps=8 if block >= 4096 else 4,
+        )
+    if mode == MODE_PACKED:
+        return xo, q, (sc if fmt == "mxfp4" else rs)
+    return xo, q, rs
+
+
+# ------------------------------------------------------------------ dual-path GEMM
+@dataclass(frozen=True)
+class GemmConfig:
+    bm: int
+    bn: int
+    split_k: int
+    op_f8: bool
+    warps: int
+    stages: int
+    group_m: int = 8
+
+
+def gemm_config(m: int, n: int, k_pad: int, sms: int = 132) -> GemmConfig:
+    """The one place that picks tiles and the regime for a shape."""
+    if m <= DECODE_MAX_M:
+        bm = max(16, triton.next_power_of_2(m))
+        bn = 64
+        tiles = triton.cdiv(n, bn)
+        chunks = k_pad // 128
+        split = 1
+        while tiles * split < 2 * sms and split * 2 <= chunks // 4:
+            split *= 2
+        return GemmConfig(bm, bn, split, False, 4, 4)
+    if m <= 256:
+        return GemmConfig(64, 128, 1, True, 4, 3)
+    return GemmConfig(128, 128, 1, True, 8, 3)
+
+
+def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig) -> torch.Tensor:
+    m, n = a.shape[0], kw.row_scale.numel()
+    dev = a.device
+    atomic = cfg.split_k > 1
+    y = torch.zeros(m, n, dtype=torch.float32, device=dev) if atomic else torch.empty(m, n, dtype=out_dtype, device=dev)
+    k_out = xo.shape[1]
+    bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
+    osc_gemm_kernel[grid](
+        a, sa, kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, kw.row_scale, xo,
+        kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
+        m, n, kw.k_main, k_out, a.stride(0), kw.codes.stride(0), y.stride(0),
+        FMT=FMT_IDS[kw.fmt], OP_F8=cfg.op_f8, HAS_BIAS=kw.bias is not None, ATOMIC=atomic,
+        BM=cfg.bm, BN=cfg.bn, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, INTERPRET=interpreting(),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return y.to(out_dtype) if atomic else y
+
+
+def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
+    """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
+    m = x.shape[0]
+    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main)
+    mode = MODE_F8 if cfg.op_f8 else MODE_F16
+    xo, a, sa = split_quantize(x.contiguous(), kw.main_idx, kw.outlier_idx, kw.fmt, mode, kw.k_main)
+    return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
+
+
+# ------------------------------------------------------------------ the layer backend and custom op
+def layer_weights(layer) -> KernelWeights:
+    return layer.cached(("kernel", layer.qweight.device), lambda: kernel_weights(layer))
+
+
+@torch.library.custom_op("oscquant::osc_linear", mutates_args=())
+def osc_linear_op(x: torch.Tensor, codes: torch.Tensor, rel_exp: torch.Tensor | None, row_scale: torch.Tensor,
+                  w_outlier: torch.Tensor, outlier_idx: torch.Tensor, main_idx: torch.Tensor,
+                  bias: torch.Tensor | None, fmt: str, k_main: int) -> torch.Tensor:
+    kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, main_idx, bias)
+    return osc_linear_2d(x, kw)
+
+
+@osc_linear_op.register_fake
+def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, main_idx, bias, fmt, k_main):
+    return x.new_empty(x.shape[0], row_scale.shape[0])
+
+
+def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    kw = layer_weights(layer)
+    x2 = x.reshape(-1, layer.in_features)
+    y = osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.main_idx, kw.bias,
+                      kw.fmt, kw.k_main)
+    return y.reshape(*x.shape[:-1], layer.out_features)

@@ -1,0 +1,266 @@
+"""Triton kernels for the two online steps of an OSC linear layer.
+
+split_quantize   one pass over a BF16 activation row: gathers the outlier channels into
+                 x_o [M, k] BF16, and quantizes the other channels per token to
+                   - canonical packed codes + E8M0 scales (MODE_PACKED, bit-exact with formats.py), or
+                   - ready-to-multiply operands (MODE_F16 / MODE_F8): the 4-bit values with each
+                     MX block's exponent folded in relative to the row's largest, plus one FP32
+                     scale per row. e2m1 * 2**d is exact in FP16 for d >= -24 and in e4m3 for d >= -14.
+osc_gemm         y = (A @ B^T) * sx * sw + x_o @ W_o^T (+ bias), one launch.
+                 B is read as 4-bit codes (chunk layout of layout.py) and unpacked in registers:
+                 e2m1 code -> FP16 by placing its three magnitude bits at FP16 bits 9-11 and its
+                 sign at bit 15 (that FP16 number is the e2m1 value times 2**-14, subnormals
+                 included), then one multiply by 2**(d + 14) per block; int4 -> FP16 by the
+                 0x6400 trick. FP16 operands feed mma for small M; FP8 ones (cast after the
+                 unpack) feed wgmma for large M. The BF16 branch accumulates into the same
+                 FP32 accumulator after the main loop.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MODE_PACKED, MODE_F16, MODE_F8 = 0, 1, 2
+FMT_MXFP4, FMT_INT4, FMT_FP8 = 0, 1, 2
+
+
+@triton.jit
+def _pow2(e):
+    """2**e for integer e in [-126, 127], exactly, from the bits."""
+    return ((e + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_code(v):
+    """Round to the nearest e2m1 code (ties to even), sign in bit 3; matches formats.e2m1_encode."""
+    a = tl.abs(v)
+    idx = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) \
+        + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
+    sign = ((v < 0) & (idx > 0)).to(tl.int32)
+    return idx | (sign << 3)
+
+
+@triton.jit
+def _e2m1_value(code):
+    """The e2m1 value of a code, as float32 (exact)."""
+    mag = code & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    val = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * _pow2(e - 1))
+    return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def _round_even(v):
+    """Round half to even, as torch.round does."""
+    f = tl.floor(v)
+    r = v - f
+    up = (r > 0.5) | ((r == 0.5) & ((f - 2.0 * tl.floor(f * 0.5)) != 0))
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def split_quantize_kernel(
+    x_ptr, stride_xm, main_idx_ptr, out_idx_ptr,
+    xo_ptr, q_ptr, s_ptr, rs_ptr,
+    K_MAIN, K_OUT, K_PAD,
+    FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
+):
+    """One program per token row; the whole row stays in registers (BLOCK >= K_PAD)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    if BLOCK_O > 0:  # the BF16 sub-tensor of the outlier channels
+        o = tl.arange(0, BLOCK_O)
+        oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
+        xo = tl.load(x_row + oi, mask=o < K_OUT, other=0.0)
+        tl.store(xo_ptr + row * K_OUT + o, xo.to(tl.bfloat16), mask=o < K_OUT)
+
+    c = tl.arange(0, BLOCK)
+    ci = tl.load(main_idx_ptr + c, mask=c < K_MAIN, other=0)
+    x = tl.load(x_row + ci, mask=c < K_MAIN, other=0.0).to(tl.float32)  # zero beyond K_MAIN: the padding
+
+    if FMT == 0:  # MXFP4
+        xb = tl.reshape(x, [BLOCK // 32, 32])
+        amax = tl.max(tl.abs(xb), axis=1)
+        bits = amax.to(tl.int32, bitcast=True)
+        ex = ((bits >> 23) & 0xFF) - 127
+        e = ex - 2 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+        e = tl.where(amax > 0, e, -127)
+        e = tl.minimum(tl.maximum(e, -127), 127)
+        v = xb * _pow2(-tl.maximum(e, -126))[:, None]
+        code = _e2m1_code(v)
+        nb = tl.arange(0, BLOCK // 32)
+        if MODE == 0:
+            pairs = tl.reshape(code, [BLOCK // 2, 2])
+            lo, hi = tl.split(pairs)
+            byte = (lo | (hi << 4)).to(tl.uint8)
+            h = tl.arange(0, BLOCK // 2)
+            tl.store(q_ptr + row * (K_PAD // 2) + h, byte, mask=h < K_PAD // 2)
+            tl.store(s_ptr + row * (K_PAD // 32) + nb, (e + 127).to(tl.uint8), mask=nb < K_PAD // 32)
+        else:
+            top = tl.max(e, axis=0)
+            d = tl.maximum(e - top, -60)
+            if MODE == 1:
+                val = _e2m1_value(code) * tl.exp2(d.to(tl.float32))[:, None]
+                tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float16), mask=c < K_PAD)
+                tl.store(rs_ptr + row, _pow2(tl.maximum(top, -126)))
+            else:  # e4m3 holds e2m1 * 2**(d + 5) exactly down to d = -13
+                val = _e2m1_value(code) * tl.exp2((d + 5).to(tl.float32))[:, None]
+                tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float16).to(tl.float8e4nv),
+                         mask=c < K_PAD)
+                tl.store(rs_ptr + row, _pow2(tl.maximum(top - 5, -126)))
+    elif FMT == 1:  # INT4, one scale per token
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
+        q = _round_even(tl.math.div_rn(x, scale))
+        q = tl.minimum(tl.maximum(q, -8.0), 7.0)
+        if MODE == 0:
+            code = q.to(tl.int32) & 0xF
+            pairs = tl.reshape(code, [BLOCK // 2, 2])
+            lo, hi = tl.split(pairs)
+            h = tl.arange(0, BLOCK // 2)
+            tl.store(q_ptr + row * (K_PAD // 2) + h, (lo | (hi << 4)).to(tl.uint8), mask=h < K_PAD // 2)
+        elif MODE == 1:
+            tl.store(q_ptr + row * K_PAD + c, q.to(tl.float16), mask=c < K_PAD)
+        else:
+            tl.store(q_ptr + row * K_PAD + c, q.to(tl.float16).to(tl.float8e4nv), mask=c < K_PAD)
+        tl.store(rs_ptr + row, scale)
+    else:  # FP8 e4m3, one scale per token
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        q8 = _round_e4m3(v).to(tl.float8e4nv)  # exact after the rounding
+        if MODE == 1:
+            tl.store(q_ptr + row * K_PAD + c, q8.to(tl.float16), mask=c < K_PAD)
+        else:
+            tl.store(q_ptr + row * K_PAD + c, q8, mask=c < K_PAD)
+        tl.store(rs_ptr + row, scale)
+
+
+@triton.jit
+def _round_e4m3(v):
+    """Round to the nearest e4m3 value, ties to even, in float32 arithmetic.
+
+    The cast alone would do this on the GPU; rounding first keeps the CPU interpreter
+    (whose float -> e4m3 cast carries wrongly into the next binade) bit-exact too.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2**-6 the spacing stays 2**-9
+    return _round_even(v * _pow2(3 - e)) * _pow2(e - 3)
+
+
+@triton.jit
+def _unpack_f16(packed, FMT: tl.constexpr, HIGH: tl.constexpr):
+    """One nibble of each byte -> FP16: e2m1 value * 2**-14 (FMT 0) or the int4 value (FMT 1)."""
+    c = packed.to(tl.int16)
+    if HIGH:
+        c = c >> 4
+    c = c & 0xF
+    if FMT == 0:
+        bits = ((c & 7) << 9) | ((c & 8) << 12)
+        return bits.to(tl.float16, bitcast=True)
+    else:
+        bits = 0x6400 | (c ^ 8)
+        return bits.to(tl.float16, bitcast=True) - 1032.0
+
+
+@triton.jit
+def osc_gemm_kernel(
+    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
+    M, N, K_PAD, K_OUT,
+    stride_am, stride_bn, stride_ym,
+    FMT: tl.constexpr, OP_F8: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
+):
+    """y[M, N] = (A @ deq(B)^T) * sa[:, None] * sb[None, :] + xo @ wo^T + bias.
+
+    A: [M, K_PAD] FP16 or FP8 operands from split_quantize. B: 4-bit codes in chunk layout
+    ([N, K_PAD/2] bytes, FMT 0/1) or e4m3 bytes ([N, K_PAD], FMT 2). be: MXFP4 relative
+    exponents [N, K_PAD/32]. With SPLIT_K > 1 each program adds its share with atomics
+    into an FP32 y that the caller zeroed.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pm = first_m + (pid % group) % size_m
+    pn = (pid % group) // size_m
+
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    h = tl.arange(0, 64)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    chunks = K_PAD // 128
+    per_split = tl.cdiv(chunks, SPLIT_K)
+    c0 = split * per_split
+    c1 = tl.minimum(c0 + per_split, chunks)
+    for ck in range(c0, c1):
+        k0 = ck * 128
+        a_lo = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + h)[None, :], mask=mm[:, None], other=0.0)
+        a_hi = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + 64 + h)[None, :], mask=mm[:, None], other=0.0)
+        if FMT == 2:
+            b_lo = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + h)[None, :], mask=nm[:, None], other=0.0)
+            b_hi = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + 64 + h)[None, :], mask=nm[:, None], other=0.0)
+            if not OP_F8:
+                b_lo = b_lo.to(tl.float16)
+                b_hi = b_hi.to(tl.float16)
+        else:
+            p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 64 + h)[None, :], mask=nm[:, None], other=0)
+            b_lo = _unpack_f16(p, FMT, False)
+            b_hi = _unpack_f16(p, FMT, True)
+            if FMT == 0:
+                eb = be_ptr + rn64 * (K_PAD // 32) + ck * 4
+                # FP16 operand: e2m1 * 2**d. FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 down to d = -9
+                # (the factor 2**(d + 15) stays within FP16); the 2 goes back through sb below.
+                off = 15 if OP_F8 else 14
+                f0 = tl.exp2((tl.load(eb, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+                f1 = tl.exp2((tl.load(eb + 1, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+                f2 = tl.exp2((tl.load(eb + 2, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+                f3 = tl.exp2((tl.load(eb + 3, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+                first = (h < 32)[None, :]
+                b_lo = b_lo * tl.where(first, f0[:, None], f1[:, None])
+                b_hi = b_hi * tl.where(first, f2[:, None], f3[:, None])
+            if OP_F8:
+                b_lo = b_lo.to(tl.float8e4nv)
+                b_hi = b_hi.to(tl.float8e4nv)
+        if INTERPRET and OP_F8:  # the CPU interpreter has no FP8 matmul; FP8 -> FP16 is exact
+            a_lo, a_hi, b_lo, b_hi = a_lo.to(tl.float16), a_hi.to(tl.float16), b_lo.to(tl.float16), b_hi.to(tl.float16)
+        acc = tl.dot(a_lo, tl.trans(b_lo), acc)
+        acc = tl.dot(a_hi, tl.trans(b_hi), acc)
+
+    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
+    if OP_F8 and FMT == 0:
+        sb = sb * 0.5
+    acc = acc * sa[:, None] * sb[None, :]
+    if split == 0:
+        if BO > 0:  # the BF16 branch on the gathered outlier channels
+            o = tl.arange(0, BO)
+            for k0 in range(0, K_OUT, BO):
+                om = (k0 + o) < K_OUT
+                xo = tl.load(xo_ptr + rm64[:, None] * K_OUT + (k0 + o)[None, :], mask=mm[:, None] & om[None, :],
+                             other=0.0)
+                wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :],
+                             other=0.0)
+                if INTERPRET:  # the CPU interpreter has no BF16 matmul
+                    xo = xo.to(tl.float32)
+                    wo = wo.to(tl.float32)
+                acc = tl.dot(xo, tl.trans(wo), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
+    y = y_ptr + rm64[:, None] * stride_ym + rn64[None, :]
+    if ATOMIC:
+        tl.atomic_add(y, acc, mask=mm[:, None] & nm[None, :])
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
