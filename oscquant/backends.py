@@ -1,9 +1,11 @@
 """The one place that decides which implementation runs an OSC linear layer.
 
 ``reference``: the PyTorch path of :mod:`oscquant.linear` (any device, float32 math).
-GPU kernels register themselves here with :func:`register`; a kernel says for
-each call whether it can take it, and the reference runs otherwise. Set
-``OSCQUANT_BACKEND=reference`` to force the reference everywhere.
+``triton``: the GPU kernels of :mod:`oscquant.kernels`, loaded on the first CUDA input;
+a kernel says for each call whether it can take it, and the reference runs otherwise.
+``OSCQUANT_BACKEND=reference`` forces the reference everywhere; ``OSCQUANT_BACKEND=triton``
+insists on the kernels (an error where they cannot run, and on the CPU it runs them in
+Triton's interpreter when TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def choose(layer: OSCLinear, x: torch.Tensor) -> str:
     wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
     if wanted == "reference":
         return "reference"
-    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if x.is_cuda or wanted == "triton":
         _load_kernels()
     for name, (accepts, _) in _KERNELS.items():
         if wanted in ("auto", name) and accepts(layer, x):

@@ -1,4 +1,4 @@
-"""Command line: oscquant quantize | eval | generate | analyze | demo | info."""
+"""Command line: oscquant quantize | eval | generate | analyze | demo | bench | info."""
 
 from __future__ import annotations
 
@@ -147,6 +147,21 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import bench_gemm, markdown, save, sweep, targets
+
+    if a.what == "sweep":
+        print(sweep())
+        return 0
+    rows = bench_gemm([int(v) for v in a.m.split(",")], [int(v) for v in a.k.split(",")])
+    save(rows, a.json, a.md)
+    print(markdown(rows))
+    print()
+    for t in targets(rows):
+        print(f"- {t}")
+    return 0
+
+
 def cmd_info(a) -> int:
     from .checkpoint import read_meta
 
@@ -211,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("--layers", default=None, help="regex of the layers to draw (default: first, middle, last)")
     _add_scheme_args(an)
     an.set_defaults(fn=cmd_analyze)
+
+    b = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
+    b.add_argument("what", choices=["gemm", "sweep"],
+                   help="gemm: OSC against BF16 and W8A8 at Qwen3 layer shapes; sweep: tile configs of the OSC GEMM")
+    b.add_argument("--m", default="1,8,16,64,256,1024,4096,16384", help="token counts, comma-separated")
+    b.add_argument("--k", default="64,128", help="outlier channel counts, comma-separated")
+    b.add_argument("--json", default=None, help="write the rows as JSON here")
+    b.add_argument("--md", default=None, help="write the Markdown table and target checks here")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint")

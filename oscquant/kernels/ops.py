@@ -15,7 +15,8 @@ import torch
 import triton
 
 from .layout import KernelWeights, kernel_weights
-from .triton_osc import FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, osc_gemm_kernel, split_quantize_kernel
+from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
+                         osc_gemm_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 64
@@ -35,7 +36,7 @@ def supported(layer, x: torch.Tensor) -> str | None:
     s = layer.scheme
     if s.format not in FMT_IDS or (s.format == "int4" and s.group_size is not None):
         return f"format {s.format} (group_size={s.group_size}) has no kernel; the kernels take mxfp4, per-row int4, fp8"
-    if not (x.is_cuda or (INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not (x.is_cuda or (INTERPRETED and os.environ.get("OSCQUANT_BACKEND") == "triton")):
         return "the input is not on a CUDA device"
     if layer.in_features > MAX_K:
         return f"K={layer.in_features} exceeds the kernels' {MAX_K}"
@@ -46,11 +47,13 @@ def supported(layer, x: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
-                   k_pad: int):
+                   k_pad: int, out: tuple | None = None):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
-    [M, k_pad] (fp16 or e4m3) and scales = per-row FP32."""
-    assert x.dim() == 2 and x.stride(1) == 1
+    [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
+    write into (tests poison them first)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("split_quantize takes a 2-D input with contiguous rows")
     m = x.shape[0]
     k_out = outlier_idx.numel()
     dev = x.device
@@ -65,6 +68,8 @@ def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.T
         rs = torch.empty(m, dtype=torch.float32, device=dev)
     block = triton.next_power_of_2(k_pad)
     block_o = triton.next_power_of_2(k_out) if k_out else 0
+    if out is not None:
+        xo, q, sc, rs = out
     if m:
         split_quantize_kernel[(m,)](
             x, x.stride(0), main_idx, outlier_idx if k_out else main_idx, xo, q, sc, rs,
@@ -105,11 +110,14 @@ def gemm_config(m: int, n: int, k_pad: int, sms: int = 132) -> GemmConfig:
     return GemmConfig(128, 128, 1, True, 8, 3)
 
 
-def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig) -> torch.Tensor:
+def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = a.shape[0], kw.row_scale.numel()
     dev = a.device
     atomic = cfg.split_k > 1
-    y = torch.zeros(m, n, dtype=torch.float32, device=dev) if atomic else torch.empty(m, n, dtype=out_dtype, device=dev)
+    if atomic:
+        y = torch.zeros(m, n, dtype=torch.float32, device=dev)
+    else:
+        y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
@@ -121,7 +129,25 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig) -> torch.
         BM=cfg.bm, BN=cfg.bn, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, INTERPRET=interpreting(),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    return y.to(out_dtype) if atomic else y
+    if atomic:
+        if out is None:
+            return y.to(out_dtype)
+        out.copy_(y)
+    return out if out is not None else y
+
+
+def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
+    """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
+
+    FP16: value * 2**rel_exp (MXFP4), the int4 value, or the e4m3 value. FP8 (MXFP4): twice that.
+    """
+    n = kw.row_scale.numel()
+    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 else torch.float16, device=kw.codes.device)
+    bn = 32
+    decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 128)](
+        kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
+        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn)
+    return out
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:

@@ -167,6 +167,54 @@ def _unpack_f16(packed, FMT: tl.constexpr, HIGH: tl.constexpr):
 
 
 @triton.jit
+def _load_b(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT: tl.constexpr, OP_F8: tl.constexpr):
+    """Weight operand tiles [BN, 64] for columns 0-63 and 64-127 of 128-column chunk ``ck``."""
+    h = tl.arange(0, 64)
+    k0 = ck * 128
+    if FMT == 2:
+        b_lo = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + h)[None, :], mask=nm[:, None], other=0.0)
+        b_hi = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + 64 + h)[None, :], mask=nm[:, None], other=0.0)
+        if not OP_F8:
+            b_lo = b_lo.to(tl.float16)
+            b_hi = b_hi.to(tl.float16)
+    else:
+        p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 64 + h)[None, :], mask=nm[:, None], other=0)
+        b_lo = _unpack_f16(p, FMT, False)
+        b_hi = _unpack_f16(p, FMT, True)
+        if FMT == 0:
+            eb = be_ptr + rn64 * (K_PAD // 32) + ck * 4
+            # FP16 operand: e2m1 * 2**d. FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 down to d = -9
+            # (the factor 2**(d + 15) stays within FP16); the GEMM takes the 2 back through sb.
+            off = 15 if OP_F8 else 14
+            f0 = tl.exp2((tl.load(eb, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+            f1 = tl.exp2((tl.load(eb + 1, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+            f2 = tl.exp2((tl.load(eb + 2, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+            f3 = tl.exp2((tl.load(eb + 3, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+            first = (h < 32)[None, :]
+            b_lo = b_lo * tl.where(first, f0[:, None], f1[:, None])
+            b_hi = b_hi * tl.where(first, f2[:, None], f3[:, None])
+        if OP_F8:
+            b_lo = b_lo.to(tl.float8e4nv)
+            b_hi = b_hi.to(tl.float8e4nv)
+    return b_lo, b_hi
+
+
+@triton.jit
+def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
+                          FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr):
+    """Write the weight operands exactly as the GEMM decodes them (for tests and inspection)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    ck = tl.program_id(1)
+    nm = rn < N
+    rn64 = rn.to(tl.int64)
+    b_lo, b_hi = _load_b(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8)
+    h = tl.arange(0, 64)
+    base = out_ptr + rn64[:, None] * K_PAD + ck * 128 + h[None, :]
+    tl.store(base, b_lo, mask=nm[:, None])
+    tl.store(base + 64, b_hi, mask=nm[:, None])
+
+
+@triton.jit
 def osc_gemm_kernel(
     a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
     M, N, K_PAD, K_OUT,
@@ -209,31 +257,7 @@ def osc_gemm_kernel(
         k0 = ck * 128
         a_lo = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + h)[None, :], mask=mm[:, None], other=0.0)
         a_hi = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + 64 + h)[None, :], mask=mm[:, None], other=0.0)
-        if FMT == 2:
-            b_lo = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + h)[None, :], mask=nm[:, None], other=0.0)
-            b_hi = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + 64 + h)[None, :], mask=nm[:, None], other=0.0)
-            if not OP_F8:
-                b_lo = b_lo.to(tl.float16)
-                b_hi = b_hi.to(tl.float16)
-        else:
-            p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 64 + h)[None, :], mask=nm[:, None], other=0)
-            b_lo = _unpack_f16(p, FMT, False)
-            b_hi = _unpack_f16(p, FMT, True)
-            if FMT == 0:
-                eb = be_ptr + rn64 * (K_PAD // 32) + ck * 4
-                # FP16 operand: e2m1 * 2**d. FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 down to d = -9
-                # (the factor 2**(d + 15) stays within FP16); the 2 goes back through sb below.
-                off = 15 if OP_F8 else 14
-                f0 = tl.exp2((tl.load(eb, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-                f1 = tl.exp2((tl.load(eb + 1, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-                f2 = tl.exp2((tl.load(eb + 2, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-                f3 = tl.exp2((tl.load(eb + 3, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-                first = (h < 32)[None, :]
-                b_lo = b_lo * tl.where(first, f0[:, None], f1[:, None])
-                b_hi = b_hi * tl.where(first, f2[:, None], f3[:, None])
-            if OP_F8:
-                b_lo = b_lo.to(tl.float8e4nv)
-                b_hi = b_hi.to(tl.float8e4nv)
+        b_lo, b_hi = _load_b(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8)
         if INTERPRET and OP_F8:  # the CPU interpreter has no FP8 matmul; FP8 -> FP16 is exact
             a_lo, a_hi, b_lo, b_hi = a_lo.to(tl.float16), a_hi.to(tl.float16), b_lo.to(tl.float16), b_hi.to(tl.float16)
         acc = tl.dot(a_lo, tl.trans(b_lo), acc)

@@ -1,0 +1,182 @@
+"""Triton kernels against the PyTorch reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter on tiny shapes; with CUDA the
+same checks run compiled, on larger shapes, plus CUDA-graph and torch.compile capture.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and Triton not in interpreter mode (conftest.py sets it)", allow_module_level=True)
+from oscquant import formats as F  # noqa: E402
+from oscquant.config import LayerScheme  # noqa: E402
+from oscquant.kernels import ops  # noqa: E402
+from oscquant.kernels.layout import chunk_pack, chunk_unpack, reference_operand  # noqa: E402
+from oscquant.kernels.triton_osc import MODE_F8, MODE_F16, MODE_PACKED  # noqa: E402
+from oscquant.linear import OSCLinear, reference_forward  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+# (M, K, N): M = 1, 7, 16, 33, ...; K and N not powers of two wherever the format allows
+SHAPES = ([(1, 4160, 1000), (7, 4160, 1000), (16, 2080, 3000), (33, 4160, 1000), (128, 2080, 1000),
+           (1000, 4160, 3000)] if CUDA else [(1, 160, 40), (7, 416, 72), (33, 160, 40)])
+FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("int4", 16), ("fp8", 0), ("fp8", 16)]
+
+
+def make_layer(k_in, n, fmt, k, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k_in, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k_in, generator=g) * 0.02)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    idx = torch.randperm(k_in, generator=g)[:k]
+    return OSCLinear.from_linear(lin, LayerScheme(fmt, k), idx).to(DEV), idx
+
+
+def activations(m, k_in, idx, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k_in, generator=g)
+    x[:, idx] *= 40  # planted outliers in the separated channels
+    return x.to(torch.bfloat16).to(DEV)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+@pytest.mark.parametrize("m,k_in,n", SHAPES[:2])
+def test_split_quantize_packed_is_bit_exact(fmt, m, k_in, n):
+    layer, idx = make_layer(k_in, n, fmt, 32)
+    kw = ops.layer_weights(layer)
+    x = activations(m, k_in, idx)
+    poison = (torch.full((m, 32), float("nan"), dtype=torch.bfloat16, device=DEV),
+              torch.full((m, kw.k_main // 2), 0xAB, dtype=torch.uint8, device=DEV),
+              torch.full((m, kw.k_main // 32), 0xAB, dtype=torch.uint8, device=DEV),
+              torch.full((m,), float("nan"), device=DEV))
+    xo, q, s = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, MODE_PACKED, kw.k_main, out=poison)
+    main = nn.functional.pad(x.float()[:, kw.main_idx.long()], (0, kw.k_main - kw.main_idx.numel()))
+    ref = F.quantize(main.cpu(), fmt, per_row_global=True)
+    assert torch.equal(xo.cpu(), x[:, kw.outlier_idx.long()].cpu())
+    assert torch.equal(q.cpu(), ref.codes)
+    assert torch.equal(s.cpu().reshape(ref.scales.shape).to(ref.scales.dtype), ref.scales)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8"])
+@pytest.mark.parametrize("mode", [MODE_F16, MODE_F8])
+def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode):
+    m, k_in, n = SHAPES[1]
+    layer, idx = make_layer(k_in, n, fmt, 16)
+    kw = ops.layer_weights(layer)
+    x = activations(m, k_in, idx)
+    xo, a, rs = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main)
+    main = nn.functional.pad(x.float()[:, kw.main_idx.long()], (0, kw.k_main - kw.main_idx.numel()))
+    deq = F.fake_quantize(main.cpu(), fmt, per_row_global=True)
+    got = a.float().cpu() * rs.cpu()[:, None]
+    assert torch.equal(got, deq), (got - deq).abs().max()
+
+
+@pytest.mark.parametrize("fmt,k", [("mxfp4", 32), ("int4", 16), ("fp8", 0)])
+@pytest.mark.parametrize("op_f8", [False, True])
+def test_weight_unpacking_is_bit_exact(fmt, k, op_f8):
+    _, k_in, n = SHAPES[1]
+    layer, _ = make_layer(k_in, n, fmt, k)
+    kw = ops.layer_weights(layer)
+    got = ops.decode_weights(kw, op_f8).float().cpu()
+    want = reference_operand(kw).cpu() * (2 if op_f8 and fmt == "mxfp4" else 1)
+    assert torch.equal(got, want)
+    # and with the row scales it is the reference dequantization of the stored weights
+    deq = F.dequantize(layer.weight_qtensor()).cpu()
+    scale = kw.row_scale.cpu()[:, None] / (2 if op_f8 and fmt == "mxfp4" else 1)
+    assert torch.equal((got * scale)[:, :deq.shape[1]], deq)
+
+
+def test_chunk_layout_roundtrip():
+    codes = torch.randint(0, 16, (5, 256), dtype=torch.uint8)
+    packed = chunk_pack(codes)
+    assert torch.equal(chunk_unpack(packed), codes)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 64] << 4)
+
+
+CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, False, 4, 2),
+           ops.GemmConfig(64, 64, 1, True, 4, 2)]
+
+
+@pytest.mark.parametrize("fmt,k", FORMATS)
+@pytest.mark.parametrize("m,k_in,n", SHAPES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8"])
+def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
+    layer, idx = make_layer(k_in, n, fmt, k)
+    x = activations(m, k_in, idx, seed=m)
+    kw = ops.layer_weights(layer)
+    mode = MODE_F8 if cfg.op_f8 else MODE_F16
+    xo, a, sa = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
+    y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
+    ref = reference_forward(layer, x.float())
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= 1e-2
+
+
+def test_default_configs_and_the_layer_backend(monkeypatch):
+    m, k_in, n = SHAPES[1]
+    layer, idx = make_layer(k_in, n, "mxfp4", 32)
+    x = activations(m, k_in, idx)
+    if not CUDA:  # on the CPU the kernels run only when asked for by name
+        from oscquant import backends
+
+        assert backends.choose(layer, x.cpu()) == "reference"
+        monkeypatch.setenv("OSCQUANT_BACKEND", "triton")
+    from oscquant import backends
+
+    assert backends.choose(layer, x) == "triton"
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y, reference_forward(layer, x.float())) <= 1e-2
+    # formats without a kernel go to the reference, saying why
+    nv, _ = make_layer(k_in, n, "nvfp4", 16)
+    assert "no kernel" in ops.supported(nv, x)
+    if CUDA:
+        assert backends.choose(nv, x) == "reference"
+    else:
+        with pytest.raises(RuntimeError, match="cannot run this layer"):
+            backends.choose(nv, x)
+
+
+def test_bad_inputs_raise():
+    m, k_in, n = SHAPES[0]
+    layer, _ = make_layer(k_in, n, "mxfp4", 32)
+    kw = ops.layer_weights(layer)
+    with pytest.raises(ValueError, match="2-D input"):
+        ops.split_quantize(torch.zeros(k_in, device=DEV), kw.main_idx, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main)
+    assert "not on a CUDA device" in (ops.supported(layer, torch.zeros(2, k_in)) or "not on a CUDA device")
+
+
+def test_decode_and_prefill_regimes_are_chosen_in_one_place():
+    assert not ops.gemm_config(1, 4096, 4096).op_f8
+    assert not ops.gemm_config(64, 4096, 4096).op_f8
+    assert ops.gemm_config(65, 4096, 4096).op_f8
+    assert ops.gemm_config(1, 4096, 4096).split_k > 1  # 64 column tiles alone cannot fill 132 SMs
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_and_torch_compile_capture():
+    layer, idx = make_layer(4160, 1000, "mxfp4", 64)
+    x = activations(16, 4160, idx)
+    ref = layer(x)
+    g = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    layer(static_x)  # warm up (compiles the kernels) outside the capture
+    with torch.cuda.graph(g):
+        static_y = layer(static_x)
+    static_x.copy_(x)
+    g.replay()
+    assert torch.equal(static_y, ref)
+    compiled = torch.compile(lambda t: layer(t), fullgraph=False)
+    assert rel_err(compiled(x), ref) <= 1e-3
