@@ -183,13 +183,13 @@ def save(rows: list[Row], path_json: str | None = None, path_md: str | None = No
             f.write(markdown(rows) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows)) + "\n")
 
 
-SWEEP_CONFIGS = {
-    "decode": [(16, bn, sk, False, w, st) for bn, sk, w, st in
-               [(32, 1, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (128, 1, 4, 3), (128, 2, 8, 3),
-                (32, 4, 4, 4), (64, 8, 4, 4), (128, 4, 8, 4), (64, 2, 4, 5)]],
-    "prefill": [(bm, bn, 1, True, w, st) for bm, bn, w, st in
-                [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4),
-                 (256, 128, 8, 3)]] + [(64, 128, 1, False, 4, 3), (128, 128, 1, False, 8, 3)],
+SWEEP_CONFIGS = {  # GemmConfig fields: bm, bn, split_k, op_f8, warps, stages, bk, expand
+    "decode": [(16, bn, sk, False, w, st, bk, False) for bn, sk, w, st, bk in
+               [(32, 1, 4, 4, 128), (64, 1, 4, 4, 128), (64, 2, 4, 4, 128), (64, 4, 4, 4, 128), (128, 1, 4, 4, 128),
+                (32, 2, 4, 4, 256), (64, 1, 4, 3, 256), (64, 2, 4, 3, 256), (128, 2, 8, 3, 256), (32, 4, 2, 4, 128)]],
+    "prefill": [(bm, bn, 1, True, w, st, 128, True) for bm, bn, w, st in
+                [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (256, 128, 8, 3), (128, 128, 4, 4),
+                 (64, 256, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4)]] + [(128, 128, 1, True, 8, 3, 128, False)],
 }
 
 
@@ -209,7 +209,7 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096)), ms=(1, 16,
             x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
             for c in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
                 cfg = GemmConfig(*c)
-                if m <= 16 or cfg.op_f8 or m <= 1024:
+                if m <= 16 or cfg.expand or m <= 1024:
                     mode = MODE_F8 if cfg.op_f8 else MODE_F16
                     xo, a, sa = split_quantize(x, kw.main_idx, kw.outlier_idx, "mxfp4", mode, kw.k_main)
                     try:

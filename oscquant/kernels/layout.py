@@ -3,10 +3,10 @@
 The checkpoint keeps the canonical encoding of formats.py. The GPU kernels read the
 same bits in a different order, prepared once per layer and cached (as Marlin does):
 
-codes   [N, Kk/2] uint8. K is cut into chunks of CHUNK = 128 columns; in each chunk,
-        byte j holds column j in its low nibble and column 64 + j in its high nibble.
-        Unpacking a [rows, 64]-byte tile then gives two [rows, 64] operand tiles (columns
-        0-63 and 64-127 of the chunk) with no interleaving shuffle in registers.
+codes   [N, Kk/2] uint8. K is cut into chunks of CHUNK = 64 columns; in each chunk,
+        byte j holds column j in its low nibble and column 32 + j in its high nibble.
+        Unpacking a [rows, 32]-byte tile then gives two [rows, 32] operand tiles, one whole
+        MX block each, with no interleaving shuffle in registers and one scale per row.
 rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the row's
         largest, so <= 0. The row's largest goes into the row scale.
 row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the int4 scale for INT4, the
@@ -24,7 +24,7 @@ import torch
 
 from .. import formats
 
-CHUNK = 128
+CHUNK = 64
 HALF = CHUNK // 2
 REL_EXP_MIN = -24  # below this a block is < 2**-24 of its row maximum: it decodes to zero
 
@@ -47,7 +47,7 @@ def padded_width(k: int) -> int:
 
 
 def chunk_pack(codes: torch.Tensor) -> torch.Tensor:
-    """Unpacked 4-bit codes [rows, Kk] (Kk % 128 == 0) -> chunk layout bytes [rows, Kk/2]."""
+    """Unpacked 4-bit codes [rows, Kk] (Kk % 64 == 0) -> chunk layout bytes [rows, Kk/2]."""
     rows, kk = codes.shape
     c = codes.reshape(rows, kk // CHUNK, 2, HALF)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(rows, kk // 2)

@@ -3,7 +3,10 @@
 Regimes, chosen in :func:`gemm_config` only:
   decode  (M <= 64):  FP16 operands on mma, tiles thin in M, split-K when N alone cannot fill
                       the GPU; the run time is the 4-bit weight stream.
-  prefill (M > 64):   FP8 operands on wgmma, 128-row tiles; the run time is tensor-core work.
+  prefill (M > 64):   FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
+                      workspace (one memory-bound pass, exact for blocks within 2**-9 of their
+                      row's largest), then a plain FP8 GEMM with the BF16 branch fused runs:
+                      unpacking inside the main loop would make it ALU-bound.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ class GemmConfig:
     op_f8: bool
     warps: int
     stages: int
+    bk: int = 128
+    expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
 
 
@@ -100,14 +105,14 @@ def gemm_config(m: int, n: int, k_pad: int, sms: int = 132) -> GemmConfig:
         bm = max(16, triton.next_power_of_2(m))
         bn = 64
         tiles = triton.cdiv(n, bn)
-        chunks = k_pad // 128
+        steps = triton.cdiv(k_pad, 128)
         split = 1
-        while tiles * split < 2 * sms and split * 2 <= chunks // 4:
+        while tiles * split < 2 * sms and split * 2 <= steps // 4:
             split *= 2
         return GemmConfig(bm, bn, split, False, 4, 4)
     if m <= 256:
-        return GemmConfig(64, 128, 1, True, 4, 3)
-    return GemmConfig(128, 128, 1, True, 8, 3)
+        return GemmConfig(64, 128, 1, True, 4, 4, expand=True)
+    return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
 
 
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,16 +123,20 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         y = torch.zeros(m, n, dtype=torch.float32, device=dev)
     else:
         y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
+    fmt, codes, rel = kw.fmt, kw.codes, kw.rel_exp
+    sb_half = cfg.op_f8 and fmt == "mxfp4"
+    if cfg.expand and fmt != "fp8":
+        codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     osc_gemm_kernel[grid](
-        a, sa, kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, kw.row_scale, xo,
+        a, sa, codes, rel if rel is not None else codes, kw.row_scale, xo,
         kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
-        m, n, kw.k_main, k_out, a.stride(0), kw.codes.stride(0), y.stride(0),
-        FMT=FMT_IDS[kw.fmt], OP_F8=cfg.op_f8, HAS_BIAS=kw.bias is not None, ATOMIC=atomic,
-        BM=cfg.bm, BN=cfg.bn, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, INTERPRET=interpreting(),
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
+        FMT=FMT_IDS[fmt], OP_F8=cfg.op_f8, HAS_BIAS=kw.bias is not None, ATOMIC=atomic,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SB_HALF=sb_half,
+        INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if atomic:
         if out is None:
@@ -143,10 +152,12 @@ def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
     """
     n = kw.row_scale.numel()
     out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 else torch.float16, device=kw.codes.device)
-    bn = 32
-    decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 128)](
+    if kw.fmt == "fp8":
+        return kw.codes if op_f8 else kw.codes.to(torch.float16)
+    bn = 64
+    decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
         kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
-        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn)
+        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, INTERPRET=interpreting(), num_warps=4)
     return out
 
 

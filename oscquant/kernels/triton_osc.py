@@ -151,67 +151,97 @@ def _round_e4m3(v):
     return _round_even(v * _pow2(3 - e)) * _pow2(e - 3)
 
 
+# PTX for the GPU: four packed bytes in, their low and high nibbles out as FP16 pairs, ~2.3
+# integer instructions per element. Bytes (b0, b1) are spread into the two 16-bit lanes of a
+# word (prmt); then per lane, FP16 bits = ((c & 7) << 9) | ((c & 8) << 12).
+_E2M1_ASM = """
+{
+.reg .b32 a, b, t, x, y;
+prmt.b32 a, $4, 0, 0x4140;
+prmt.b32 b, $4, 0, 0x4342;
+and.b32 t, a, 0x000F000F; shl.b32 x, t, 9; shl.b32 y, t, 12; or.b32 x, x, y; and.b32 $0, x, 0x8E008E00;
+and.b32 t, b, 0x000F000F; shl.b32 x, t, 9; shl.b32 y, t, 12; or.b32 x, x, y; and.b32 $1, x, 0x8E008E00;
+and.b32 t, a, 0x00F000F0; shl.b32 x, t, 5; shl.b32 y, t, 8; or.b32 x, x, y; and.b32 $2, x, 0x8E008E00;
+and.b32 t, b, 0x00F000F0; shl.b32 x, t, 5; shl.b32 y, t, 8; or.b32 x, x, y; and.b32 $3, x, 0x8E008E00;
+}
+"""
+# int4: FP16 bits 0x6400 | (c ^ 8) are 1024 + (c ^ 8); subtracting 1032 leaves the signed value.
+_INT4_ASM = """
+{
+.reg .b32 a, b, t, k;
+mov.b32 k, 0x64086408;
+prmt.b32 a, $4, 0, 0x4140;
+prmt.b32 b, $4, 0, 0x4342;
+and.b32 t, a, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $0, t, k;
+and.b32 t, b, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $1, t, k;
+shr.b32 t, a, 4; and.b32 t, t, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $2, t, k;
+shr.b32 t, b, 4; and.b32 t, t, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $3, t, k;
+}
+"""
+
+
 @triton.jit
-def _unpack_f16(packed, FMT: tl.constexpr, HIGH: tl.constexpr):
-    """One nibble of each byte -> FP16: e2m1 value * 2**-14 (FMT 0) or the int4 value (FMT 1)."""
-    c = packed.to(tl.int16)
-    if HIGH:
-        c = c >> 4
-    c = c & 0xF
+def _nibble_f16(c, FMT: tl.constexpr):
+    """A 4-bit code (0..15, int16) -> FP16: e2m1 value * 2**-14 (FMT 0) or the int4 value (FMT 1)."""
     if FMT == 0:
-        bits = ((c & 7) << 9) | ((c & 8) << 12)
-        return bits.to(tl.float16, bitcast=True)
+        return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
     else:
-        bits = 0x6400 | (c ^ 8)
-        return bits.to(tl.float16, bitcast=True) - 1032.0
+        return (0x6400 | (c ^ 8)).to(tl.float16, bitcast=True) - 1032.0
 
 
 @triton.jit
-def _load_b(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT: tl.constexpr, OP_F8: tl.constexpr):
-    """Weight operand tiles [BN, 64] for columns 0-63 and 64-127 of 128-column chunk ``ck``."""
-    h = tl.arange(0, 64)
-    k0 = ck * 128
-    if FMT == 2:
-        b_lo = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + h)[None, :], mask=nm[:, None], other=0.0)
-        b_hi = tl.load(b_ptr + rn64[:, None] * stride_bn + (k0 + 64 + h)[None, :], mask=nm[:, None], other=0.0)
-        if not OP_F8:
-            b_lo = b_lo.to(tl.float16)
-            b_hi = b_hi.to(tl.float16)
+def _unpack_f16(packed, FMT: tl.constexpr, INTERPRET: tl.constexpr):
+    """uint8 tile -> (low nibbles, high nibbles) as FP16 tiles of the same shape.
+
+    The GPU runs the PTX above; the CPU interpreter, which cannot, runs the same bit
+    recipe in Triton operations. tests/test_kernels.py checks both against formats.py.
+    """
+    if INTERPRET:
+        c = packed.to(tl.int16)
+        return _nibble_f16(c & 0xF, FMT), _nibble_f16((c >> 4) & 0xF, FMT)
     else:
-        p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 64 + h)[None, :], mask=nm[:, None], other=0)
-        b_lo = _unpack_f16(p, FMT, False)
-        b_hi = _unpack_f16(p, FMT, True)
-        if FMT == 0:
-            eb = be_ptr + rn64 * (K_PAD // 32) + ck * 4
-            # FP16 operand: e2m1 * 2**d. FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 down to d = -9
-            # (the factor 2**(d + 15) stays within FP16); the GEMM takes the 2 back through sb.
-            off = 15 if OP_F8 else 14
-            f0 = tl.exp2((tl.load(eb, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-            f1 = tl.exp2((tl.load(eb + 1, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-            f2 = tl.exp2((tl.load(eb + 2, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-            f3 = tl.exp2((tl.load(eb + 3, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-            first = (h < 32)[None, :]
-            b_lo = b_lo * tl.where(first, f0[:, None], f1[:, None])
-            b_hi = b_hi * tl.where(first, f2[:, None], f3[:, None])
-        if OP_F8:
-            b_lo = b_lo.to(tl.float8e4nv)
-            b_hi = b_hi.to(tl.float8e4nv)
+        return tl.inline_asm_elementwise(_E2M1_ASM if FMT == 0 else _INT4_ASM, "=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT: tl.constexpr, OP_F8: tl.constexpr,
+             INTERPRET: tl.constexpr):
+    """Weight operand tiles [BN, 32] for the two 32-column blocks of 64-column chunk ``ck``.
+
+    MXFP4 blocks get their factor 2**(d + 14) (FP16 operand: e2m1 * 2**d) or 2**(d + 15)
+    (FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 for d >= -9; the GEMM takes the 2 back).
+    """
+    h = tl.arange(0, 32)
+    p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 32 + h)[None, :], mask=nm[:, None], other=0)
+    b_lo, b_hi = _unpack_f16(p, FMT, INTERPRET)
+    if FMT == 0:
+        eb = be_ptr + rn64 * (K_PAD // 32) + ck * 2
+        off = 15 if OP_F8 else 14
+        f0 = tl.exp2((tl.load(eb, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+        f1 = tl.exp2((tl.load(eb + 1, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
+        b_lo = b_lo * f0[:, None]
+        b_hi = b_hi * f1[:, None]
+    if OP_F8:
+        b_lo = b_lo.to(tl.float8e4nv)
+        b_hi = b_hi.to(tl.float8e4nv)
     return b_lo, b_hi
 
 
 @triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
-                          FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr):
-    """Write the weight operands exactly as the GEMM decodes them (for tests and inspection)."""
+                          FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr = False):
+    """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
+    expansion of 4-bit weights ahead of a large-M GEMM."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     ck = tl.program_id(1)
     nm = rn < N
     rn64 = rn.to(tl.int64)
-    b_lo, b_hi = _load_b(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8)
-    h = tl.arange(0, 64)
-    base = out_ptr + rn64[:, None] * K_PAD + ck * 128 + h[None, :]
+    b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
+    h = tl.arange(0, 32)
+    base = out_ptr + rn64[:, None] * K_PAD + ck * 64 + h[None, :]
     tl.store(base, b_lo, mask=nm[:, None])
-    tl.store(base + 64, b_hi, mask=nm[:, None])
+    tl.store(base + 32, b_hi, mask=nm[:, None])
 
 
 @triton.jit
@@ -220,15 +250,15 @@ def osc_gemm_kernel(
     M, N, K_PAD, K_OUT,
     stride_am, stride_bn, stride_ym,
     FMT: tl.constexpr, OP_F8: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    INTERPRET: tl.constexpr = False,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, SB_HALF: tl.constexpr, INTERPRET: tl.constexpr = False,
 ):
     """y[M, N] = (A @ deq(B)^T) * sa[:, None] * sb[None, :] + xo @ wo^T + bias.
 
     A: [M, K_PAD] FP16 or FP8 operands from split_quantize. B: 4-bit codes in chunk layout
-    ([N, K_PAD/2] bytes, FMT 0/1) or e4m3 bytes ([N, K_PAD], FMT 2). be: MXFP4 relative
-    exponents [N, K_PAD/32]. With SPLIT_K > 1 each program adds its share with atomics
-    into an FP32 y that the caller zeroed.
+    ([N, K_PAD/2] bytes, FMT 0/1, BK/64 chunks per step) or e4m3 ([N, K_PAD], FMT 2, BK
+    columns per step). be: MXFP4 relative exponents [N, K_PAD/32]. With SPLIT_K > 1 each
+    program adds its share with atomics into an FP32 y that the caller zeroed.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -246,26 +276,43 @@ def osc_gemm_kernel(
     nm = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    h = tl.arange(0, 64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    chunks = K_PAD // 128
-    per_split = tl.cdiv(chunks, SPLIT_K)
-    c0 = split * per_split
-    c1 = tl.minimum(c0 + per_split, chunks)
-    for ck in range(c0, c1):
-        k0 = ck * 128
-        a_lo = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + h)[None, :], mask=mm[:, None], other=0.0)
-        a_hi = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + 64 + h)[None, :], mask=mm[:, None], other=0.0)
-        b_lo, b_hi = _load_b(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8)
-        if INTERPRET and OP_F8:  # the CPU interpreter has no FP8 matmul; FP8 -> FP16 is exact
-            a_lo, a_hi, b_lo, b_hi = a_lo.to(tl.float16), a_hi.to(tl.float16), b_lo.to(tl.float16), b_hi.to(tl.float16)
-        acc = tl.dot(a_lo, tl.trans(b_lo), acc)
-        acc = tl.dot(a_hi, tl.trans(b_hi), acc)
+    steps = tl.cdiv(K_PAD, BK)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    s0 = split * per_split
+    s1 = tl.minimum(s0 + per_split, steps)
+    if FMT == 2:  # e4m3 weights: plain tiles, one dot of depth BK per step
+        kk = tl.arange(0, BK)
+        for st in range(s0, s1):
+            k = st * BK + kk
+            km = k < K_PAD
+            a = tl.load(a_ptr + rm64[:, None] * stride_am + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            b = tl.load(b_ptr + rn64[:, None] * stride_bn + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            if INTERPRET or not OP_F8:  # the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact
+                a = a.to(tl.float16)
+                b = b.to(tl.float16)
+            acc = tl.dot(a, tl.trans(b), acc)
+    else:  # 4-bit weights unpacked in registers, 64-column chunks
+        h = tl.arange(0, 32)
+        for st in range(s0, s1):
+            for u in tl.static_range(BK // 64):
+                ck = st * (BK // 64) + u
+                if ck < K_PAD // 64:
+                    k0 = ck * 64
+                    a_lo = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + h)[None, :], mask=mm[:, None], other=0.0)
+                    a_hi = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + 32 + h)[None, :], mask=mm[:, None],
+                                   other=0.0)
+                    b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
+                    if INTERPRET and OP_F8:
+                        a_lo, a_hi = a_lo.to(tl.float16), a_hi.to(tl.float16)
+                        b_lo, b_hi = b_lo.to(tl.float16), b_hi.to(tl.float16)
+                    acc = tl.dot(a_lo, tl.trans(b_lo), acc)
+                    acc = tl.dot(a_hi, tl.trans(b_hi), acc)
 
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
-    if OP_F8 and FMT == 0:
+    if SB_HALF:
         sb = sb * 0.5
     acc = acc * sa[:, None] * sb[None, :]
     if split == 0:
