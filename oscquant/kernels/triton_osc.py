@@ -154,7 +154,7 @@ def _round_e4m3(v):
 # PTX for the GPU: four packed bytes in, their low and high nibbles out as FP16 pairs, ~2.3
 # integer instructions per element. Bytes (b0, b1) are spread into the two 16-bit lanes of a
 # word (prmt); then per lane, FP16 bits = ((c & 7) << 9) | ((c & 8) << 12).
-_E2M1_ASM = """
+_E2M1_ASM = tl.constexpr("""
 {
 .reg .b32 a, b, t, x, y;
 prmt.b32 a, $4, 0, 0x4140;
@@ -164,9 +164,9 @@ and.b32 t, b, 0x000F000F; shl.b32 x, t, 9; shl.b32 y, t, 12; or.b32 x, x, y; and
 and.b32 t, a, 0x00F000F0; shl.b32 x, t, 5; shl.b32 y, t, 8; or.b32 x, x, y; and.b32 $2, x, 0x8E008E00;
 and.b32 t, b, 0x00F000F0; shl.b32 x, t, 5; shl.b32 y, t, 8; or.b32 x, x, y; and.b32 $3, x, 0x8E008E00;
 }
-"""
+""")
 # int4: FP16 bits 0x6400 | (c ^ 8) are 1024 + (c ^ 8); subtracting 1032 leaves the signed value.
-_INT4_ASM = """
+_INT4_ASM = tl.constexpr("""
 {
 .reg .b32 a, b, t, k;
 mov.b32 k, 0x64086408;
@@ -177,7 +177,7 @@ and.b32 t, b, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $1, t, k;
 shr.b32 t, a, 4; and.b32 t, t, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $2, t, k;
 shr.b32 t, b, 4; and.b32 t, t, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x2 $3, t, k;
 }
-"""
+""")
 
 
 @triton.jit

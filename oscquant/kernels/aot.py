@@ -1,0 +1,107 @@
+"""Compile the kernels for Hopper (sm_90) without a GPU: catches compile errors on CPU machines and
+gives the PTX/SASS and register counts to read (``python -m oscquant.kernels.aot``)."""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import triton_osc as K
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+GEMM_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr", "*i8"), ("sb_ptr", "*fp32"),
+            ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"),
+            ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
+            ("stride_ym", "i32")]
+SPLIT_SIG = [("x_ptr", "*bf16"), ("stride_xm", "i32"), ("main_idx_ptr", "*i32"), ("out_idx_ptr", "*i32"),
+             ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("K_MAIN", "i32"),
+             ("K_OUT", "i32"), ("K_PAD", "i32")]
+DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N", "i32"), ("K_PAD", "i32"),
+              ("stride_bn", "i32")]
+
+
+def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, types: dict | None = None):
+    s = {n: (types or {}).get(n, t) for n, t in sig}
+    s.update({k: "constexpr" for k in const})
+    names = list(s)
+    # as Triton's JIT does for the real calls: pointers and strides divisible by 16
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig
+               if t.startswith("*") or n.startswith("stride") or n in ("K_PAD", "K_OUT")}
+    src = ASTSource(fn, s, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned)
+    return triton.compile(src, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
+
+
+def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 1, warps: int = 4, stages: int = 3):
+    a = "*fp8e4nv" if op_f8 else "*fp16"
+    b = "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"
+    return compile_kernel(K.osc_gemm_kernel, GEMM_SIG,
+                          dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, ATOMIC=split_k > 1, BM=bm, BN=bn, BK=bk, BO=64,
+                               GROUP_M=8, SPLIT_K=split_k, SB_HALF=op_f8 and fmt == K.FMT_MXFP4, INTERPRET=False),
+                          warps, stages, {"a_ptr": a, "b_ptr": b, "y_ptr": "*fp32" if split_k > 1 else "*bf16"})
+
+
+def split(fmt: int, mode: int, block: int = 4096):
+    q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
+    return compile_kernel(K.split_quantize_kernel, SPLIT_SIG,
+                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, INTERPRET=False), 8, 1, {"q_ptr": q})
+
+
+def decode(fmt: int, op_f8: bool):
+    out = "*fp8e4nv" if op_f8 else "*fp16"
+    return compile_kernel(K.decode_weights_kernel, DECODE_SIG, dict(FMT=fmt, OP_F8=op_f8, BN=64, INTERPRET=False),
+                          4, 1, {"out_ptr": out})
+
+
+def resources(c) -> str:
+    """Registers, spills and shared memory of a compiled kernel, read by cuobjdump when it is installed."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    if not os.path.exists(tool):
+        tool = None
+    if tool is None:
+        return f"{c.metadata.shared} B shared (no cuobjdump for registers)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    try:
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    return " ".join(line.strip() for line in out.splitlines() if "REG" in line)
+
+
+def sass(c) -> str:
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    try:
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def main() -> int:
+    for name, c in [("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
+                    ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
+                    ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
+                    ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),
+                    ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
+        print(f"{name}: {resources(c)}")
+        if "--sass" in sys.argv:
+            print(sass(c))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
