@@ -92,15 +92,19 @@ def sass(c) -> str:
 
 
 def main() -> int:
+    """Prints each kernel's resources; exits 1 if one spills registers to the stack."""
+    spills = 0
     for name, c in [("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
                     ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
-        print(f"{name}: {resources(c)}")
+        usage = resources(c)
+        print(f"{name}: {usage}")
+        spills += "STACK:" in usage and "STACK:0 " not in usage
         if "--sass" in sys.argv:
             print(sass(c))
-    return 0
+    return 1 if spills else 0
 
 
 if __name__ == "__main__":
