@@ -184,16 +184,18 @@ def save(rows: list[Row], path_json: str | None = None, path_md: str | None = No
 
 
 SWEEP_CONFIGS = {  # GemmConfig fields: bm, bn, split_k, op_f8, warps, stages, bk, expand
-    "decode": [(16, bn, sk, False, w, st, bk, False) for bn, sk, w, st, bk in
-               [(32, 1, 4, 4, 128), (64, 1, 4, 4, 128), (64, 2, 4, 4, 128), (64, 4, 4, 4, 128), (128, 1, 4, 4, 128),
-                (32, 2, 4, 4, 256), (64, 1, 4, 3, 256), (64, 2, 4, 3, 256), (128, 2, 8, 3, 256), (32, 4, 2, 4, 128)]],
+    "decode": [(16, bn, sk, False, w, st, 256, False) for bn, sk, w, st in
+               [(32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2), (32, 8, 4, 2), (64, 1, 4, 2), (64, 2, 4, 2),
+                (64, 4, 4, 2), (64, 8, 4, 2), (128, 1, 4, 2), (128, 2, 8, 2), (128, 4, 8, 2), (32, 4, 2, 2),
+                (64, 4, 8, 2), (32, 4, 4, 1), (64, 2, 4, 3)]],
     "prefill": [(bm, bn, 1, True, w, st, 128, True) for bm, bn, w, st in
                 [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (256, 128, 8, 3), (128, 128, 4, 4),
                  (64, 256, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4)]] + [(128, 128, 1, True, 8, 3, 128, False)],
 }
 
 
-def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096)), ms=(1, 16, 256, 4096), k: int = 128) -> str:
+def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down", 4096, 12288)), ms=(1, 16),
+          k: int = 128) -> str:
     """Time the OSC GEMM alone under several tile configs; prints one line per (shape, M, config)."""
     from .config import LayerScheme
     from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize

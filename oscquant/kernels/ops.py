@@ -94,7 +94,7 @@ class GemmConfig:
     op_f8: bool
     warps: int
     stages: int
-    bk: int = 128
+    bk: int = 128  # K per step; the 4-bit path always steps 256 (4 chunks)
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
 
@@ -129,13 +129,14 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    bk = cfg.bk if fmt == "fp8" else 256
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     osc_gemm_kernel[grid](
         a, sa, codes, rel if rel is not None else codes, kw.row_scale, xo,
         kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
         m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
         FMT=FMT_IDS[fmt], OP_F8=cfg.op_f8, HAS_BIAS=kw.bias is not None, ATOMIC=atomic,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SB_HALF=sb_half,
+        BM=cfg.bm, BN=cfg.bn, BK=bk, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SB_HALF=sb_half,
         INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if atomic:

@@ -205,27 +205,59 @@ def _unpack_f16(packed, FMT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT: tl.constexpr, OP_F8: tl.constexpr,
-             INTERPRET: tl.constexpr):
-    """Weight operand tiles [BN, 32] for the two 32-column blocks of 64-column chunk ``ck``.
+def _load_codes(b_ptr, be_ptr, rn64, nm, ck, limit, stride_bn, K_PAD, FMT: tl.constexpr):
+    """The raw bytes [BN, 32] of 64-column chunk ``ck`` and, for MXFP4, its two blocks' relative
+    exponents [BN]. Chunks at or past ``limit`` read as zeros (they contribute nothing)."""
+    h = tl.arange(0, 32)
+    ok = nm & (ck < limit)
+    p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 32 + h)[None, :], mask=ok[:, None], other=0)
+    if FMT == 0:
+        eb = be_ptr + rn64 * (K_PAD // 32) + ck * 2
+        return p, tl.load(eb, mask=ok, other=0), tl.load(eb + 1, mask=ok, other=0)
+    else:
+        return p, p, p
+
+
+@triton.jit
+def _decode_codes(p, e0, e1, FMT: tl.constexpr, OP_F8: tl.constexpr, INTERPRET: tl.constexpr):
+    """Bytes -> the two [BN, 32] operand tiles of a chunk.
 
     MXFP4 blocks get their factor 2**(d + 14) (FP16 operand: e2m1 * 2**d) or 2**(d + 15)
     (FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 for d >= -9; the GEMM takes the 2 back).
     """
-    h = tl.arange(0, 32)
-    p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 32 + h)[None, :], mask=nm[:, None], other=0)
     b_lo, b_hi = _unpack_f16(p, FMT, INTERPRET)
     if FMT == 0:
-        eb = be_ptr + rn64 * (K_PAD // 32) + ck * 2
         off = 15 if OP_F8 else 14
-        f0 = tl.exp2((tl.load(eb, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-        f1 = tl.exp2((tl.load(eb + 1, mask=nm, other=0).to(tl.float32) + off)).to(tl.float16)
-        b_lo = b_lo * f0[:, None]
-        b_hi = b_hi * f1[:, None]
+        b_lo = b_lo * tl.exp2(e0.to(tl.float32) + off).to(tl.float16)[:, None]
+        b_hi = b_hi * tl.exp2(e1.to(tl.float32) + off).to(tl.float16)[:, None]
     if OP_F8:
         b_lo = b_lo.to(tl.float8e4nv)
         b_hi = b_hi.to(tl.float8e4nv)
     return b_lo, b_hi
+
+
+@triton.jit
+def _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT: tl.constexpr, OP_F8: tl.constexpr,
+             INTERPRET: tl.constexpr):
+    """Weight operand tiles [BN, 32] for the two 32-column blocks of 64-column chunk ``ck``."""
+    p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
+    return _decode_codes(p, e0, e1, FMT, OP_F8, INTERPRET)
+
+
+@triton.jit
+def _chunk_dot(acc, a_ptr, rm64, mm, stride_am, ck, limit, p, e0, e1, FMT: tl.constexpr, OP_F8: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """acc += A[:, chunk] @ B[:, chunk]^T for one 64-column chunk whose bytes are already loaded."""
+    h = tl.arange(0, 32)
+    ok = mm & (ck < limit)
+    a_lo = tl.load(a_ptr + rm64[:, None] * stride_am + (ck * 64 + h)[None, :], mask=ok[:, None], other=0.0)
+    a_hi = tl.load(a_ptr + rm64[:, None] * stride_am + (ck * 64 + 32 + h)[None, :], mask=ok[:, None], other=0.0)
+    b_lo, b_hi = _decode_codes(p, e0, e1, FMT, OP_F8, INTERPRET)
+    if INTERPRET and OP_F8:  # the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact
+        a_lo, a_hi = a_lo.to(tl.float16), a_hi.to(tl.float16)
+        b_lo, b_hi = b_lo.to(tl.float16), b_hi.to(tl.float16)
+    acc = tl.dot(a_lo, tl.trans(b_lo), acc)
+    return tl.dot(a_hi, tl.trans(b_hi), acc)
 
 
 @triton.jit
@@ -293,22 +325,26 @@ def osc_gemm_kernel(
                 a = a.to(tl.float16)
                 b = b.to(tl.float16)
             acc = tl.dot(a, tl.trans(b), acc)
-    else:  # 4-bit weights unpacked in registers, 64-column chunks
-        h = tl.arange(0, 32)
+    else:  # 4-bit weights unpacked in registers: 4 chunks of 64 columns per step (BK = 256),
+        # the next step's bytes fetched before this step's arithmetic so the loads stay in flight
+        limit = tl.minimum(s1 * 4, K_PAD // 64)
+        c = s0 * 4
+        p0, e00, e01 = _load_codes(b_ptr, be_ptr, rn64, nm, c, limit, stride_bn, K_PAD, FMT)
+        p1, e10, e11 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 1, limit, stride_bn, K_PAD, FMT)
+        p2, e20, e21 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 2, limit, stride_bn, K_PAD, FMT)
+        p3, e30, e31 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 3, limit, stride_bn, K_PAD, FMT)
         for st in range(s0, s1):
-            for u in tl.static_range(BK // 64):
-                ck = st * (BK // 64) + u
-                if ck < K_PAD // 64:
-                    k0 = ck * 64
-                    a_lo = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + h)[None, :], mask=mm[:, None], other=0.0)
-                    a_hi = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + 32 + h)[None, :], mask=mm[:, None],
-                                   other=0.0)
-                    b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
-                    if INTERPRET and OP_F8:
-                        a_lo, a_hi = a_lo.to(tl.float16), a_hi.to(tl.float16)
-                        b_lo, b_hi = b_lo.to(tl.float16), b_hi.to(tl.float16)
-                    acc = tl.dot(a_lo, tl.trans(b_lo), acc)
-                    acc = tl.dot(a_hi, tl.trans(b_hi), acc)
+            c = st * 4
+            q0, f00, f01 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 4, limit, stride_bn, K_PAD, FMT)
+            q1, f10, f11 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 5, limit, stride_bn, K_PAD, FMT)
+            q2, f20, f21 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 6, limit, stride_bn, K_PAD, FMT)
+            q3, f30, f31 = _load_codes(b_ptr, be_ptr, rn64, nm, c + 7, limit, stride_bn, K_PAD, FMT)
+            acc = _chunk_dot(acc, a_ptr, rm64, mm, stride_am, c, limit, p0, e00, e01, FMT, OP_F8, INTERPRET)
+            acc = _chunk_dot(acc, a_ptr, rm64, mm, stride_am, c + 1, limit, p1, e10, e11, FMT, OP_F8, INTERPRET)
+            acc = _chunk_dot(acc, a_ptr, rm64, mm, stride_am, c + 2, limit, p2, e20, e21, FMT, OP_F8, INTERPRET)
+            acc = _chunk_dot(acc, a_ptr, rm64, mm, stride_am, c + 3, limit, p3, e30, e31, FMT, OP_F8, INTERPRET)
+            p0, e00, e01, p1, e10, e11 = q0, f00, f01, q1, f10, f11
+            p2, e20, e21, p3, e30, e31 = q2, f20, f21, q3, f30, f31
 
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
