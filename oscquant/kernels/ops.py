@@ -99,17 +99,18 @@ class GemmConfig:
     group_m: int = 8
 
 
-def gemm_config(m: int, n: int, k_pad: int, sms: int = 132) -> GemmConfig:
-    """The one place that picks tiles and the regime for a shape."""
+def gemm_config(m: int, n: int, k_pad: int) -> GemmConfig:
+    """The one place that picks tiles and the regime for a shape.
+
+    From the tile sweep on the H200 (``oscquant bench sweep``, docs/kernels.md): decode
+    wants 64-column tiles when N alone gives enough of them, else 32 columns split four
+    ways along K; prefill wants the largest FP8 tiles, smaller ones at a few hundred rows.
+    """
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
-        bn = 64
-        tiles = triton.cdiv(n, bn)
-        steps = triton.cdiv(k_pad, 128)
-        split = 1
-        while tiles * split < 2 * sms and split * 2 <= steps // 4:
-            split *= 2
-        return GemmConfig(bm, bn, split, False, 4, 4)
+        if n >= 16384:
+            return GemmConfig(bm, 64, 2, False, 4, 3, bk=256)
+        return GemmConfig(bm, 32, 4 if k_pad >= 1024 else 1, False, 2, 2, bk=256)
     if m <= 256:
         return GemmConfig(64, 128, 1, True, 4, 4, expand=True)
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
