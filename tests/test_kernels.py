@@ -161,8 +161,8 @@ def test_bad_inputs_raise():
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert not ops.gemm_config(1, 4096, 4096).op_f8
-    assert not ops.gemm_config(64, 4096, 4096).op_f8
-    assert ops.gemm_config(65, 4096, 4096).op_f8
+    assert not ops.gemm_config(16, 4096, 4096).op_f8
+    assert ops.gemm_config(17, 4096, 4096).op_f8
     assert ops.gemm_config(1, 4096, 4096).split_k > 1  # 128 column tiles alone cannot fill 132 SMs
     assert ops.gemm_config(4096, 4096, 4096).expand
 

@@ -1,9 +1,9 @@
 """Host side of the Triton kernels: launch, per-shape configs (one place), custom ops.
 
 Regimes, chosen in :func:`gemm_config` only:
-  decode  (M <= 64):  FP16 operands on mma, tiles thin in M, split-K when N alone cannot fill
+  decode  (M <= 16):  FP16 operands on mma, tiles thin in M, split-K when N alone cannot fill
                       the GPU; the run time is the 4-bit weight stream.
-  prefill (M > 64):   FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
+  prefill (M > 16):   FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
                       workspace (one memory-bound pass, exact for blocks within 2**-9 of their
                       row's largest), then a plain FP8 GEMM with the BF16 branch fused runs:
                       unpacking inside the main loop would make it ALU-bound.
@@ -22,7 +22,7 @@ from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_P
                          osc_gemm_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
-DECODE_MAX_M = 64
+DECODE_MAX_M = 16
 MAX_K = 32768  # split_quantize keeps a whole row in registers
 
 
