@@ -36,7 +36,7 @@ class OSCLinear(nn.Module):
                  bias: bool = False, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         fmt, g = scheme.format, scheme.group_size
-        formats.check_columns(fmt, in_features, g, what=f"in_features")
+        formats.check_columns(fmt, in_features, g, what="in_features")
         if not 0 <= k < in_features:
             raise ValueError(f"k={k} outlier channels do not fit a layer with {in_features} inputs")
         self.in_features, self.out_features, self.scheme, self.k = in_features, out_features, scheme, k
