@@ -42,22 +42,24 @@ def _e2m1_code(v):
 
 
 @triton.jit
-def _e2m1_value(code):
-    """The e2m1 value of a code, as float32 (exact)."""
-    mag = code & 7
-    e = mag >> 1
-    m = (mag & 1).to(tl.float32)
-    val = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * _pow2(e - 1))
-    return tl.where((code & 8) != 0, -val, val)
+def _round_even(v):
+    """Round half to even, as torch.round does, for |v| < 2**22: adding 1.5 * 2**23 leaves no
+    fraction bits, so the FP32 adder itself rounds (to nearest, ties to even)."""
+    return (v + 12582912.0) - 12582912.0
 
 
 @triton.jit
-def _round_even(v):
-    """Round half to even, as torch.round does."""
-    f = tl.floor(v)
-    r = v - f
-    up = (r > 0.5) | ((r == 0.5) & ((f - 2.0 * tl.floor(f * 0.5)) != 0))
-    return tl.where(up, f + 1.0, f)
+def _e2m1_round(v):
+    """The nearest e2m1 value to v (|v| <= 6), ties to the even code, in about eight operations.
+
+    The e2m1 grid has spacing 0.5 below 2, 1 below 4 and 2 up to 6, and its even codes are
+    exactly the even multiples of the spacing, so rounding to the spacing (ties to even, by
+    the FP32 adder) is e2m1 rounding with ties to the even code.
+    """
+    a = tl.abs(v)
+    step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
+    magic = step * 12582912.0
+    return (v + magic) - magic
 
 
 @triton.jit
@@ -90,9 +92,9 @@ def split_quantize_kernel(
         e = tl.where(amax > 0, e, -127)
         e = tl.minimum(tl.maximum(e, -127), 127)
         v = xb * _pow2(-tl.maximum(e, -126))[:, None]
-        code = _e2m1_code(v)
         nb = tl.arange(0, BLOCK // 32)
         if MODE == 0:
+            code = _e2m1_code(v)
             pairs = tl.reshape(code, [BLOCK // 2, 2])
             lo, hi = tl.split(pairs)
             byte = (lo | (hi << 4)).to(tl.uint8)
@@ -103,13 +105,12 @@ def split_quantize_kernel(
             top = tl.max(e, axis=0)
             d = tl.maximum(e - top, -60)
             if MODE == 1:
-                val = _e2m1_value(code) * tl.exp2(d.to(tl.float32))[:, None]
+                val = _e2m1_round(v) * tl.exp2(d.to(tl.float32))[:, None]
                 tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float16), mask=c < K_PAD)
                 tl.store(rs_ptr + row, _pow2(tl.maximum(top, -126)))
             else:  # e4m3 holds e2m1 * 2**(d + 5) exactly down to d = -13
-                val = _e2m1_value(code) * tl.exp2((d + 5).to(tl.float32))[:, None]
-                tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float16).to(tl.float8e4nv),
-                         mask=c < K_PAD)
+                val = _e2m1_round(v) * tl.exp2((d + 5).to(tl.float32))[:, None]
+                tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float8e4nv), mask=c < K_PAD)
                 tl.store(rs_ptr + row, _pow2(tl.maximum(top - 5, -126)))
     elif FMT == 1:  # INT4, one scale per token
         amax = tl.max(tl.abs(x), axis=0)
@@ -131,7 +132,10 @@ def split_quantize_kernel(
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-        q8 = _round_e4m3(v).to(tl.float8e4nv)  # exact after the rounding
+        if INTERPRET:  # the CPU interpreter's float -> e4m3 cast carries wrongly into the next binade
+            q8 = _round_e4m3(v).to(tl.float8e4nv)
+        else:
+            q8 = v.to(tl.float8e4nv)
         if MODE == 1:
             tl.store(q_ptr + row * K_PAD + c, q8.to(tl.float16), mask=c < K_PAD)
         else:
@@ -141,11 +145,8 @@ def split_quantize_kernel(
 
 @triton.jit
 def _round_e4m3(v):
-    """Round to the nearest e4m3 value, ties to even, in float32 arithmetic.
-
-    The cast alone would do this on the GPU; rounding first keeps the CPU interpreter
-    (whose float -> e4m3 cast carries wrongly into the next binade) bit-exact too.
-    """
+    """Round to the nearest e4m3 value, ties to even, in float32 arithmetic (for the CPU
+    interpreter; the GPU's cast does this itself)."""
     bits = v.to(tl.int32, bitcast=True)
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2**-6 the spacing stays 2**-9
     return _round_even(v * _pow2(3 - e)) * _pow2(e - 3)
