@@ -72,12 +72,14 @@ def test_split_quantize_packed_is_bit_exact(fmt, m, k_in, n):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8"])
 @pytest.mark.parametrize("mode", [MODE_F16, MODE_F8])
-def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode):
+@pytest.mark.parametrize("rows", [1, 3])  # rows per program; 7 rows leave the last program short
+def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
     m, k_in, n = SHAPES[1]
     layer, idx = make_layer(k_in, n, fmt, 16)
     kw = ops.layer_weights(layer)
     x = activations(m, k_in, idx)
-    xo, a, rs = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main)
+    xo, a, rs = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+    assert torch.equal(xo.cpu(), x[:, kw.outlier_idx.long()].cpu())
     main = nn.functional.pad(x.float()[:, kw.main_idx.long()], (0, kw.k_main - kw.main_idx.numel()))
     deq = F.fake_quantize(main.cpu(), fmt, per_row_global=True)
     got = a.float().cpu() * rs.cpu()[:, None]

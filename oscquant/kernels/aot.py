@@ -18,7 +18,7 @@ GEMM_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr"
             ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
             ("stride_ym", "i32")]
 SPLIT_SIG = [("x_ptr", "*bf16"), ("stride_xm", "i32"), ("main_idx_ptr", "*i32"), ("out_idx_ptr", "*i32"),
-             ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("K_MAIN", "i32"),
+             ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("M", "i32"), ("K_MAIN", "i32"),
              ("K_OUT", "i32"), ("K_PAD", "i32")]
 DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N", "i32"), ("K_PAD", "i32"),
               ("stride_bn", "i32")]
@@ -47,7 +47,7 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
 def split(fmt: int, mode: int, block: int = 4096):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
     return compile_kernel(K.split_quantize_kernel, SPLIT_SIG,
-                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, INTERPRET=False), 8, 1, {"q_ptr": q})
+                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False), 8, 1, {"q_ptr": q})
 
 
 def decode(fmt: int, op_f8: bool):

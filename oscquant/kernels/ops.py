@@ -50,7 +50,7 @@ def supported(layer, x: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
-                   k_pad: int, out: tuple | None = None):
+                   k_pad: int, out: tuple | None = None, rows: int | None = None):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
@@ -70,13 +70,14 @@ def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.T
         sc = q
         rs = torch.empty(m, dtype=torch.float32, device=dev)
     block = triton.next_power_of_2(k_pad)
-    block_o = triton.next_power_of_2(k_out) if k_out else 0
+    block_o = max(16, triton.next_power_of_2(k_out))
     if out is not None:
         xo, q, sc, rs = out
     if m:
-        split_quantize_kernel[(m,)](
+        rows = rows or (8 if m >= 1024 else 1)  # share the index loads when rows are plenty
+        split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), main_idx, outlier_idx if k_out else main_idx, xo, q, sc, rs,
-            main_idx.numel(), k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o,
+            m, main_idx.numel(), k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
             INTERPRET=interpreting(),
             num_warps=8 if block >= 4096 else 4,
         )

@@ -66,21 +66,29 @@ def _e2m1_round(v):
 def split_quantize_kernel(
     x_ptr, stride_xm, main_idx_ptr, out_idx_ptr,
     xo_ptr, q_ptr, s_ptr, rs_ptr,
-    K_MAIN, K_OUT, K_PAD,
-    FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr,
+    M, K_MAIN, K_OUT, K_PAD,
+    FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False,
 ):
-    """One program per token row; the whole row stays in registers (BLOCK >= K_PAD)."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    if BLOCK_O > 0:  # the BF16 sub-tensor of the outlier channels
-        o = tl.arange(0, BLOCK_O)
-        oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
-        xo = tl.load(x_row + oi, mask=o < K_OUT, other=0.0)
-        tl.store(xo_ptr + row * K_OUT + o, xo.to(tl.bfloat16), mask=o < K_OUT)
-
+    """ROWS token rows per program, one after the other; each row stays whole in registers
+    (BLOCK >= K_PAD). The channel index lists are read once per program, not once per row."""
     c = tl.arange(0, BLOCK)
     ci = tl.load(main_idx_ptr + c, mask=c < K_MAIN, other=0)
+    o = tl.arange(0, BLOCK_O)
+    oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
+    for r in range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + r
+        if row < M:
+            _split_row(x_ptr + row * stride_xm, row, c, ci, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_MAIN, K_OUT, K_PAD,
+                       FMT, MODE, BLOCK, INTERPRET)
+
+
+@triton.jit
+def _split_row(x_row, row, c, ci, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_MAIN, K_OUT, K_PAD,
+               FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    # the BF16 sub-tensor of the outlier channels (nothing when K_OUT is 0: all masked)
+    xo = tl.load(x_row + oi, mask=o < K_OUT, other=0.0)
+    tl.store(xo_ptr + row * K_OUT + o, xo.to(tl.bfloat16), mask=o < K_OUT)
     x = tl.load(x_row + ci, mask=c < K_MAIN, other=0.0).to(tl.float32)  # zero beyond K_MAIN: the padding
 
     if FMT == 0:  # MXFP4
