@@ -74,7 +74,7 @@ def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.T
     if out is not None:
         xo, q, sc, rs = out
     if m:
-        rows = rows or (8 if m >= 1024 else 1)  # share the index loads when rows are plenty
+        rows = rows or 1  # 8 rows per program sharing the index loads measured slightly slower (docs/kernels.md)
         split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), main_idx, outlier_idx if k_out else main_idx, xo, q, sc, rs,
             m, main_idx.numel(), k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
