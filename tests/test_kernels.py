@@ -198,3 +198,20 @@ def test_kernels_compile_for_hopper_without_spills():
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("gemm") == 3 and "split" in r.stdout
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_whole_model_on_gpu_matches_the_reference(arch, monkeypatch):
+    from tiny import batches, tiny_model
+
+    from oscquant import OSCConfig, quantize
+
+    model = tiny_model(arch).to(DEV, torch.bfloat16)
+    quantize(model, OSCConfig.osc("mxfp4", 16), [b.to(DEV) for b in batches()], progress=False)
+    ids = batches(2, 40, seed=7)[0].to(DEV)
+    with torch.no_grad():
+        fast = model(ids).logits.float()
+        monkeypatch.setenv("OSCQUANT_BACKEND", "reference")
+        ref = model(ids).logits.float()
+    assert torch.isfinite(fast).all() and rel_err(fast, ref) <= 2e-2
