@@ -221,3 +221,51 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
                         continue
                     lines.append(f"| {name} {n}×{k_in} | {m} | " + " | ".join(str(v) for v in c) + f" | {t:.1f} |")
     return "\n".join(lines)
+
+
+FUSED_SWEEP = [(bn, w, st, ch, sk) for bn, w, st, ch, sk in  # bn, warps, stages, chunks per step, split-K
+               [(64, 4, 3, 2, 1), (64, 4, 4, 2, 1), (64, 4, 2, 4, 1), (64, 4, 3, 4, 1), (128, 4, 3, 2, 1),
+                (128, 8, 3, 2, 1), (32, 2, 3, 2, 1), (32, 2, 4, 4, 1), (32, 1, 4, 4, 1), (16, 1, 4, 4, 1),
+                (16, 1, 3, 2, 1), (64, 4, 3, 2, 2), (32, 2, 3, 2, 2), (64, 4, 3, 2, 4), (64, 4, 6, 1, 1)]]
+
+
+def sweep_fused(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
+    """The one-launch small-M kernel under several configs, beside BF16, cuBLAS FP8 and the
+    two-launch path (split-quantize + GEMM), in one run."""
+    from .config import LayerScheme
+    from .kernels.ops import GemmConfig, gemm_config, layer_weights, osc_fused, osc_gemm, split_quantize
+    from .kernels.triton_osc import MODE_F8, MODE_F16
+    from .linear import OSCLinear
+
+    lines = ["| shape | M | BF16 | FP8 | two launches | " + " | ".join(map(str, FUSED_SWEEP)) + " |",
+             "|" + "---|" * (5 + len(FUSED_SWEEP))]
+    for name, n, k_in in shapes or qwen3_shapes():
+        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
+        kw = layer_weights(layer)
+        w_f8 = lin.weight.to(torch.float8_e4m3fn)
+        sw = torch.ones(1, n, device="cuda")
+        for m in ms:
+            x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
+            x_f8 = x.to(torch.float8_e4m3fn)
+            sx = torch.ones(m, 1, device="cuda")
+            cells = [_graph_time(lambda: torch.matmul(x, lin.weight.T)),
+                     _graph_time(lambda: torch._scaled_mm(x_f8, w_f8.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16))]
+            old = gemm_config(m, n, kw.k_main, "int4")  # the two-launch choice for this M
+
+            def two_launches():
+                xo, a, sa = split_quantize(x, kw.main_idx, kw.outlier_idx, "mxfp4", MODE_F8 if old.op_f8 else MODE_F16,
+                                           kw.k_main)
+                return osc_gemm(a, sa, kw, xo, torch.bfloat16, old)
+
+            cells.append(_graph_time(two_launches))
+            for bn, w, st, ch, sk in FUSED_SWEEP:
+                cfg = GemmConfig(max(16, 1 << (m - 1).bit_length()), bn, sk, False, w, st, fused=True, ch=ch)
+                try:
+                    cells.append(_graph_time(lambda: osc_fused(x, kw, cfg)))
+                except Exception as e:  # a config the compiler rejects
+                    print(f"{name} M={m} {cfg}: {type(e).__name__}: {e}")
+                    cells.append(float("nan"))
+            lines.append(f"| {name} {n}×{k_in} | {m} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)

@@ -19,10 +19,11 @@ import triton
 
 from .layout import KernelWeights, kernel_weights
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
-                         osc_gemm_kernel, split_quantize_kernel)
+                         osc_decode_kernel, osc_gemm_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 16
+FUSED_MAX_M = 64
 MAX_K = 32768  # split_quantize keeps a whole row in registers
 
 
@@ -98,15 +99,19 @@ class GemmConfig:
     bk: int = 128  # K per step; the 4-bit path always steps 256 (4 chunks)
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
+    fused: bool = False  # MXFP4, few tokens: split-quantize inside the GEMM, one launch (bm = rows padded)
+    ch: int = 2  # fused: 64-column chunks per loop step
 
 
-def gemm_config(m: int, n: int, k_pad: int) -> GemmConfig:
+def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
     From the tile sweep on the H200 (``oscquant bench sweep``, docs/kernels.md): decode
     wants 64-column tiles when N alone gives enough of them, else 32 columns split four
     ways along K; prefill wants the largest FP8 tiles, smaller ones at a few hundred rows.
     """
+    if fmt == "mxfp4" and m <= FUSED_MAX_M:
+        return GemmConfig(max(16, triton.next_power_of_2(m)), 64, 1, False, 4, 3, fused=True, ch=2)
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         if n >= 16384:
@@ -148,6 +153,29 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     return out if out is not None else y
 
 
+def osc_fused(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole online path of an MXFP4 layer for a few tokens in one launch (``osc_decode_kernel``)."""
+    m, n = x.shape[0], kw.row_scale.numel()
+    if kw.fmt != "mxfp4" or m > cfg.bm:
+        raise ValueError(f"the fused kernel takes MXFP4 with M <= {cfg.bm}; got {kw.fmt}, M={m}")
+    k_out = kw.outlier_idx.numel()
+    bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    if cfg.split_k > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    osc_decode_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
+        x, kw.main_idx, kw.outlier_idx if k_out else kw.main_idx, kw.codes, kw.rel_exp, kw.row_scale,
+        kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
+        m, n, kw.main_idx.numel(), kw.k_main, k_out, x.stride(0), kw.codes.stride(0), y.stride(0),
+        HAS_BIAS=kw.bias is not None, MP=cfg.bm, BN=cfg.bn, BO=bo, CH=cfg.ch, SPLIT_K=cfg.split_k,
+        INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    if cfg.split_k > 1:
+        return y.to(x.dtype) if out is None else out.copy_(y)
+    return y
+
+
 def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
@@ -167,7 +195,9 @@ def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     m = x.shape[0]
-    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main)
+    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt)
+    if cfg.fused:
+        return osc_fused(x.contiguous(), kw, cfg)
     mode = MODE_F8 if cfg.op_f8 else MODE_F16
     xo, a, sa = split_quantize(x.contiguous(), kw.main_idx, kw.outlier_idx, kw.fmt, mode, kw.k_main)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)

@@ -380,3 +380,89 @@ def osc_gemm_kernel(
         tl.atomic_add(y, acc, mask=mm[:, None] & nm[None, :])
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _mx_exponent(amax):
+    """E8M0 block exponent ceil(log2(amax / 6)) from the bits of amax (-127 for an all-zero block)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+    e = tl.where(amax > 0, e, -127)
+    return tl.minimum(tl.maximum(e, -127), 127)
+
+
+@triton.jit
+def _mx_block_operand(x):
+    """x [rows, 32] FP32, one MX block per row -> (e2m1 values as FP16 [rows, 32], 2**e FP32 [rows])."""
+    e = tl.maximum(_mx_exponent(tl.max(tl.abs(x), axis=1)), -126)
+    v = x * _pow2(-e)[:, None]
+    return _e2m1_round(v).to(tl.float16), _pow2(e)
+
+
+@triton.jit
+def osc_decode_kernel(
+    x_ptr, main_idx_ptr, out_idx_ptr, b_ptr, be_ptr, sb_ptr, wo_ptr, bias_ptr, y_ptr,
+    M, N, K_MAIN, K_PAD, K_OUT, stride_xm, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, CH: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False,
+):
+    """The whole online path of an MXFP4 OSC layer for a few tokens (M <= MP), in one launch.
+
+    Computed transposed, y^T [BN, MP] = W · x^T, so that the weight tile, the large operand,
+    is the left one: Triton then loads its bytes straight into the MMA operand layout and
+    unpacks them there, with no shared-memory round trip of the unpacked values. Each
+    program quantizes the slice of x it needs itself (x is a few rows): per 64-column chunk
+    it gathers the main channels, rounds each 32-column MX block to e2m1 and keeps its 2**e
+    apart; each block's partial product is scaled in FP32, exact for any block exponent.
+    Then the BF16 branch on the outlier channels, the row scales and bias. CH chunks per
+    loop step; with SPLIT_K > 1 programs add FP32 partial sums atomically (y zeroed first).
+    """
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    split = tl.program_id(1)
+    nm = rn < N
+    rn64 = rn.to(tl.int64)
+    rm = tl.arange(0, MP)
+    mm = rm < M
+    xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    h = tl.arange(0, 32)
+    acc = tl.zeros((BN, MP), dtype=tl.float32)
+    chunks = K_PAD // 64
+    per_split = tl.cdiv(tl.cdiv(chunks, CH), SPLIT_K) * CH
+    c0 = split * per_split
+    c1 = tl.minimum(c0 + per_split, chunks)
+    for cs in range(c0, c1, CH):
+        for j in tl.static_range(CH):
+            ck = cs + j
+            p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, c1, stride_bn, K_PAD, 0)
+            c_lo = ck * 64 + h
+            c_hi = c_lo + 32
+            ok_lo = (c_lo < K_MAIN) & (ck < c1)
+            ok_hi = (c_hi < K_MAIN) & (ck < c1)
+            i_lo = tl.load(main_idx_ptr + c_lo, mask=ok_lo, other=0)
+            i_hi = tl.load(main_idx_ptr + c_hi, mask=ok_hi, other=0)
+            x_lo = tl.load(xrow + i_lo[None, :], mask=mm[:, None] & ok_lo[None, :], other=0.0).to(tl.float32)
+            x_hi = tl.load(xrow + i_hi[None, :], mask=mm[:, None] & ok_hi[None, :], other=0.0).to(tl.float32)
+            q_lo, s_lo = _mx_block_operand(x_lo)
+            q_hi, s_hi = _mx_block_operand(x_hi)
+            w_lo, w_hi = _decode_codes(p, e0, e1, 0, False, INTERPRET)
+            acc += tl.dot(w_lo, tl.trans(q_lo)) * s_lo[None, :]
+            acc += tl.dot(w_hi, tl.trans(q_hi)) * s_hi[None, :]
+    acc = acc * tl.load(sb_ptr + rn, mask=nm, other=0.0)[:, None]
+    if BO > 0 and split == 0:  # the BF16 branch: the outlier channels straight from x
+        o = tl.arange(0, BO)
+        for k0 in range(0, K_OUT, BO):
+            om = (k0 + o) < K_OUT
+            oi = tl.load(out_idx_ptr + k0 + o, mask=om, other=0)
+            xo = tl.load(xrow + oi[None, :], mask=mm[:, None] & om[None, :], other=0.0).to(tl.bfloat16)
+            wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :], other=0.0)
+            if INTERPRET:  # the CPU interpreter has no BF16 matmul
+                xo = xo.to(tl.float32)
+                wo = wo.to(tl.float32)
+            acc = tl.dot(wo, tl.trans(xo), acc)
+    if HAS_BIAS and split == 0:
+        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[:, None]
+    y = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn64[:, None]
+    if SPLIT_K > 1:
+        tl.atomic_add(y, acc, mask=nm[:, None] & mm[None, :])
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
