@@ -112,13 +112,12 @@ def mean_jaccard(sets: torch.Tensor, channels: int, pairs: int = 2000, seed: int
 
 
 def activation_error(x: torch.Tensor, fmt: str, keep: torch.Tensor | None = None, group_size=None) -> float:
-    """Relative error of 4-bit (or fp8) per-token quantization; ``keep`` channels stay exact."""
+    """Relative error of 4-bit (or fp8) per-token quantization; ``keep`` channels stay exact
+    (zeroed in the quantized input, as OSCLinear's main path does)."""
     x = x.float()
     main = x
     if keep is not None and keep.numel():
-        mask = torch.ones(x.shape[1], dtype=torch.bool)
-        mask[keep] = False
-        main = x[:, mask]
+        main = x.index_fill(1, keep, 0.0)
     block = formats.block_size(fmt, group_size) or 1
     padded = nn.functional.pad(main, (0, (-main.shape[1]) % block))
     q = formats.fake_quantize(padded, fmt, per_row_global=True,

@@ -112,7 +112,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
             kw = layer_weights(layer)
             cfg = gemm_config(m, n, kw.k_main)
             mode = MODE_F8 if cfg.op_f8 else MODE_F16
-            xo, a, sa = split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main)
+            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main)
             gemm = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
             full = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
             w_bytes = kw.codes.numel() + (kw.rel_exp.numel() if kw.rel_exp is not None else 0) + 4 * n + 2 * n * k
@@ -213,7 +213,7 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
                 cfg = GemmConfig(*c)
                 if m <= 16 or cfg.expand or m <= 1024:
                     mode = MODE_F8 if cfg.op_f8 else MODE_F16
-                    xo, a, sa = split_quantize(x, kw.main_idx, kw.outlier_idx, "mxfp4", mode, kw.k_main)
+                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", mode, kw.k_main)
                     try:
                         t = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
                     except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
@@ -223,10 +223,10 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     return "\n".join(lines)
 
 
-FUSED_SWEEP = [(bn, w, st, ch, sk) for bn, w, st, ch, sk in  # bn, warps, stages, chunks per step, split-K
-               [(64, 4, 3, 2, 1), (64, 4, 4, 2, 1), (64, 4, 2, 4, 1), (64, 4, 3, 4, 1), (128, 4, 3, 2, 1),
-                (128, 8, 3, 2, 1), (32, 2, 3, 2, 1), (32, 2, 4, 4, 1), (32, 1, 4, 4, 1), (16, 1, 4, 4, 1),
-                (16, 1, 3, 2, 1), (64, 4, 3, 2, 2), (32, 2, 3, 2, 2), (64, 4, 3, 2, 4), (64, 4, 6, 1, 1)]]
+FUSED_SWEEP = [  # bn, warps, stages, split-K
+    (64, 4, 3, 1), (64, 4, 4, 1), (64, 4, 6, 1), (128, 4, 3, 1), (128, 8, 4, 1), (32, 2, 3, 1), (32, 2, 5, 1),
+    (32, 1, 4, 1), (16, 1, 4, 1), (16, 1, 6, 1), (64, 4, 3, 2), (64, 4, 4, 4), (32, 2, 4, 2), (32, 2, 4, 4),
+    (16, 1, 4, 2)]
 
 
 def sweep_fused(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
@@ -254,13 +254,13 @@ def sweep_fused(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
             old = gemm_config(m, n, kw.k_main, "int4")  # the two-launch choice for this M
 
             def two_launches():
-                xo, a, sa = split_quantize(x, kw.main_idx, kw.outlier_idx, "mxfp4", MODE_F8 if old.op_f8 else MODE_F16,
+                xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8 if old.op_f8 else MODE_F16,
                                            kw.k_main)
                 return osc_gemm(a, sa, kw, xo, torch.bfloat16, old)
 
             cells.append(_graph_time(two_launches))
-            for bn, w, st, ch, sk in FUSED_SWEEP:
-                cfg = GemmConfig(max(16, 1 << (m - 1).bit_length()), bn, sk, False, w, st, fused=True, ch=ch)
+            for bn, w, st, sk in FUSED_SWEEP:
+                cfg = GemmConfig(max(16, 1 << (m - 1).bit_length()), bn, sk, False, w, st, fused=True)
                 try:
                     cells.append(_graph_time(lambda: osc_fused(x, kw, cfg)))
                 except Exception as e:  # a config the compiler rejects

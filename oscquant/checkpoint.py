@@ -32,7 +32,7 @@ from .config import LayerScheme, OSCConfig
 
 CONFIG_NAME = "osc_config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the main path spans all K channels, outlier columns zero (1 gathered K - k)
 
 
 class CheckpointError(ValueError):

@@ -1,6 +1,6 @@
 """The OSC linear layer: a 4-bit main path plus a BF16 branch for the outlier channels.
 
-    y = dequant(Q(x[:, main])) @ dequant(Wq)^T  +  bf16(x[:, outliers]) @ W_o^T  (+ bias)
+    y = dequant(Q(x with the outlier channels zeroed)) @ dequant(Wq)^T  +  bf16(x[:, outliers]) @ W_o^T  (+ bias)
 
 Buffers (all saved in checkpoints):
   outlier_idx  int64 [k]        the input channels kept in 16 bits, sorted
@@ -10,8 +10,11 @@ Buffers (all saved in checkpoints):
   wscale_global fp32 [1, 1]     NVFP4's per-tensor scale (1.0 for other formats)
   bias         optional
 
-The main path holds the other K - k channels, padded with zero columns up to a
-multiple of the format's block so that k only has to be a multiple of 16.
+The main path keeps all K channels in their own order with the outlier channels set to
+zero, in the weights (their codes are 0) and in each activation before it is quantized,
+so a channel's scaling block is the same 32 (or 16, or group) neighbours that the
+outlier selection looked at, and a kernel reads x with plain contiguous loads instead of
+gathering K - k channels. The price is k zero columns of 4-bit codes (k/K of the codes).
 ``forward`` asks :mod:`oscquant.backends` which implementation runs; the
 PyTorch reference here is the CPU path and the yardstick for every kernel.
 """
@@ -40,7 +43,7 @@ class OSCLinear(nn.Module):
         if not 0 <= k < in_features:
             raise ValueError(f"k={k} outlier channels do not fit a layer with {in_features} inputs")
         self.in_features, self.out_features, self.scheme, self.k = in_features, out_features, scheme, k
-        kp = padded_main_columns(fmt, in_features - k, g)
+        kp = padded_main_columns(fmt, in_features, g)
         self.main_columns = kp
         n = out_features
         self.register_buffer("outlier_idx", torch.zeros(k, dtype=torch.long))
@@ -70,7 +73,7 @@ class OSCLinear(nn.Module):
                     linear.bias.dtype if linear.bias is not None else torch.float32)
         layer.outlier_idx.copy_(idx)
         layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
-        q = formats.quantize(layer._pad(w[:, layer.main_idx(w.device)].float()), scheme.format, scheme.group_size)
+        q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size)
         layer.qweight.copy_(q.codes)
         layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
         if q.global_scale is not None:
@@ -80,11 +83,17 @@ class OSCLinear(nn.Module):
         return layer.to(w.device)
 
     # ------------------------------------------------------------------ helpers
-    def main_idx(self, device=None) -> torch.Tensor:
-        """The input channels of the 4-bit path: all but the outliers, in order."""
-        keep = torch.ones(self.in_features, dtype=torch.bool, device=self.outlier_idx.device)
-        keep[self.outlier_idx] = False
-        return keep.nonzero().squeeze(1).to(device or self.outlier_idx.device)
+    def zero_outliers(self, t: torch.Tensor) -> torch.Tensor:
+        """A float32 copy of ``t`` [..., in_features] with the outlier channels set to zero: the
+        main path's input (activations) or weight columns."""
+        return t.float().index_fill(-1, self.outlier_idx.to(t.device), 0.0)
+
+    def main_mask(self, device=None) -> torch.Tensor:
+        """uint8 [main_columns]: 1 for a channel of the 4-bit path, 0 for an outlier or padding."""
+        keep = torch.zeros(self.main_columns, dtype=torch.uint8, device=self.outlier_idx.device)
+        keep[:self.in_features] = 1
+        keep[self.outlier_idx] = 0
+        return keep.to(device or self.outlier_idx.device)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         extra = self.main_columns - x.shape[-1]
@@ -132,10 +141,11 @@ class OSCLinear(nn.Module):
         return linear_forward(self, x)
 
 
-def quantize_activation(layer: OSCLinear, x_main: torch.Tensor) -> QTensor:
-    """Per-token quantization of the main-path channels, as the kernel's split step does it."""
+def quantize_activation(layer: OSCLinear, x: torch.Tensor) -> QTensor:
+    """Per-token quantization of the main path's input (x [tokens, in_features], outlier
+    channels zeroed here), as the kernels' split step does it."""
     s = layer.scheme
-    return formats.quantize(layer._pad(x_main.float()), s.format, s.group_size, per_row_global=True)
+    return formats.quantize(layer._pad(layer.zero_outliers(x)), s.format, s.group_size, per_row_global=True)
 
 
 def reference_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
@@ -145,9 +155,8 @@ def reference_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     dev = x.device
-    main = layer.cached(("main", dev), lambda: layer.main_idx(dev))
     w_main = layer.cached(("w_main", dev), lambda: formats.dequantize(layer.weight_qtensor()).to(dev))
-    y = formats.dequantize(quantize_activation(layer, x2[:, main])) @ w_main.T
+    y = formats.dequantize(quantize_activation(layer, x2)) @ w_main.T
     if layer.k:
         w_o = layer.cached(("w_o", dev), lambda: layer.w_outlier.float())
         x_o = x2[:, layer.outlier_idx].to(torch.bfloat16).float()  # the BF16 sub-tensor

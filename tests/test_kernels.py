@@ -62,8 +62,8 @@ def test_split_quantize_packed_is_bit_exact(fmt, m, k_in, n):
               torch.full((m, kw.k_main // 2), 0xAB, dtype=torch.uint8, device=DEV),
               torch.full((m, kw.k_main // 32), 0xAB, dtype=torch.uint8, device=DEV),
               torch.full((m,), float("nan"), device=DEV))
-    xo, q, s = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, MODE_PACKED, kw.k_main, out=poison)
-    main = nn.functional.pad(x.float()[:, kw.main_idx.long()], (0, kw.k_main - kw.main_idx.numel()))
+    xo, q, s = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, MODE_PACKED, kw.k_main, out=poison)
+    main = nn.functional.pad(layer.zero_outliers(x), (0, kw.k_main - k_in))  # the 4-bit path's input
     ref = F.quantize(main.cpu(), fmt, per_row_global=True)
     assert torch.equal(xo.cpu(), x[:, kw.outlier_idx.long()].cpu())
     assert torch.equal(q.cpu(), ref.codes)
@@ -78,9 +78,9 @@ def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
     layer, idx = make_layer(k_in, n, fmt, 16)
     kw = ops.layer_weights(layer)
     x = activations(m, k_in, idx)
-    xo, a, rs = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+    xo, a, rs = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
     assert torch.equal(xo.cpu(), x[:, kw.outlier_idx.long()].cpu())
-    main = nn.functional.pad(x.float()[:, kw.main_idx.long()], (0, kw.k_main - kw.main_idx.numel()))
+    main = nn.functional.pad(layer.zero_outliers(x), (0, kw.k_main - k_in))  # the 4-bit path's input
     deq = F.fake_quantize(main.cpu(), fmt, per_row_global=True)
     got = a.float().cpu() * rs.cpu()[:, None]
     assert torch.equal(got, deq), (got - deq).abs().max()
@@ -120,7 +120,7 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
     mode = MODE_F8 if cfg.op_f8 else MODE_F16
-    xo, a, sa = ops.split_quantize(x, kw.main_idx, kw.outlier_idx, fmt, mode, kw.k_main)
+    xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
     y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
     ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())  # on the CPU, float32
@@ -128,8 +128,8 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
     assert rel_err(y.cpu(), ref) <= 1e-2
 
 
-FUSED = [ops.GemmConfig(16, 64, 1, False, 4, 2, fused=True, ch=2), ops.GemmConfig(16, 32, 2, False, 2, 3, fused=True, ch=4),
-         ops.GemmConfig(64, 16, 1, False, 1, 2, fused=True, ch=1)]
+FUSED = [ops.GemmConfig(16, 64, 1, False, 4, 2, fused=True), ops.GemmConfig(16, 32, 3, False, 2, 3, fused=True),
+         ops.GemmConfig(64, 16, 1, False, 1, 2, fused=True)]
 
 
 @pytest.mark.parametrize("k", [32, 0])
@@ -194,7 +194,7 @@ def test_bad_inputs_raise():
     layer, _ = make_layer(k_in, n, "mxfp4", 32)
     kw = ops.layer_weights(layer)
     with pytest.raises(ValueError, match="2-D input"):
-        ops.split_quantize(torch.zeros(k_in, device=DEV), kw.main_idx, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main)
+        ops.split_quantize(torch.zeros(k_in, device=DEV), kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main)
     assert "not on a CUDA device" in (ops.supported(layer, torch.zeros(2, k_in)) or "not on a CUDA device")
 
 

@@ -21,14 +21,14 @@ def make(k_in=128, n=48, bias=True, seed=0, planted=(3, 64, 65, 100)):
 
 
 def explicit(lin: nn.Linear, x: torch.Tensor, scheme: LayerScheme, idx: list[int]) -> torch.Tensor:
-    """The OSC math written out with nothing from OSCLinear."""
+    """The OSC math written out with nothing from OSCLinear: the main path is every channel in
+    its own order, the outlier channels zeroed in x and W."""
     k_in = lin.in_features
-    main = [c for c in range(k_in) if c not in set(idx)]
-    block = {"mxfp4": 32, "nvfp4": 16, "int4": scheme.group_size or 1, "fp8": 1}[scheme.format]
-    pad = (-len(main)) % block
     x2 = x.reshape(-1, k_in)
-    xm = nn.functional.pad(x2[:, main], (0, pad))
-    wm = nn.functional.pad(lin.weight[:, main].detach(), (0, pad))
+    xm = x2.clone()
+    wm = lin.weight.detach().clone()
+    xm[:, idx] = 0
+    wm[:, idx] = 0
     kw = {"group_size": scheme.group_size} if scheme.group_size else {}
     y = fake_quantize(xm, scheme.format, per_row_global=True, **kw) @ fake_quantize(wm, scheme.format, **kw).T
     if idx:
@@ -60,8 +60,9 @@ def test_forward_equals_explicit_math(scheme, bias):
 def test_buffers_have_the_documented_layout():
     lin, _ = make()
     layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16), torch.tensor(list(range(16))))
-    # 112 main channels pad to 128 = 4 MX blocks
+    # the main path spans all 128 channels = 4 MX blocks; the 16 outlier columns hold zero codes
     assert layer.qweight.shape == (48, 64) and layer.qweight.dtype == torch.uint8
+    assert (layer.qweight[:, :8] == 0).all() and (layer.qweight[:, 8:] != 0).any()
     assert layer.wscale.shape == (48, 4) and layer.wscale.dtype == torch.uint8
     assert layer.w_outlier.shape == (48, 16) and layer.w_outlier.dtype == torch.bfloat16
     assert torch.equal(layer.w_outlier, lin.weight[:, :16].to(torch.bfloat16))

@@ -17,8 +17,8 @@ GEMM_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr"
             ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"),
             ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
             ("stride_ym", "i32")]
-SPLIT_SIG = [("x_ptr", "*bf16"), ("stride_xm", "i32"), ("main_idx_ptr", "*i32"), ("out_idx_ptr", "*i32"),
-             ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("M", "i32"), ("K_MAIN", "i32"),
+SPLIT_SIG = [("x_ptr", "*bf16"), ("stride_xm", "i32"), ("keep_ptr", "*u8"), ("out_idx_ptr", "*i32"),
+             ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("M", "i32"), ("K_IN", "i32"),
              ("K_OUT", "i32"), ("K_PAD", "i32")]
 DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N", "i32"), ("K_PAD", "i32"),
               ("stride_bn", "i32")]

@@ -12,7 +12,8 @@ rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the 
 row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the int4 scale for INT4, the
         e4m3 scale for FP8.
 
-Kk is the main-path width rounded up to CHUNK with zero columns (zero codes decode to 0).
+Kk is K rounded up to two CHUNKs (128) with zero columns (zero codes decode to 0); the outlier
+channels' columns hold zero codes too (linear.py).
 An operand element is then value * 2**rel_exp, and y = acc * row_scale_x * row_scale_w.
 """
 
@@ -38,12 +39,13 @@ class KernelWeights:
     k_main: int  # Kk
     w_outlier: torch.Tensor  # bf16 [N, k]
     outlier_idx: torch.Tensor  # int32 [k]
-    main_idx: torch.Tensor  # int32 [K - k]
+    keep: torch.Tensor  # uint8 [Kk]: 1 where x feeds the 4-bit path, 0 for outlier channels and padding
     bias: torch.Tensor | None
 
 
 def padded_width(k: int) -> int:
-    return -(-k // CHUNK) * CHUNK
+    """K rounded up to whole chunk pairs: the fused kernel steps two chunks at a time."""
+    return -(-k // (2 * CHUNK)) * 2 * CHUNK
 
 
 def chunk_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,8 @@ def kernel_weights(layer) -> KernelWeights:
     dev = layer.qweight.device
     return KernelWeights(
         fmt, packed.contiguous(), None if rel is None else rel.contiguous(), row.contiguous(), kk,
-        layer.w_outlier.contiguous(), layer.outlier_idx.to(torch.int32), layer.main_idx(dev).to(torch.int32),
+        layer.w_outlier.contiguous(), layer.outlier_idx.to(torch.int32),
+        _pad_cols(layer.main_mask(dev)[None], kk)[0].contiguous(),
         None if layer.bias is None else layer.bias.float().contiguous(),
     )
 

@@ -50,7 +50,7 @@ def supported(layer, x: torch.Tensor) -> str | None:
 
 
 # ------------------------------------------------------------------ split-quantize
-def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
+def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
                    k_pad: int, out: tuple | None = None, rows: int | None = None):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
@@ -77,8 +77,8 @@ def split_quantize(x: torch.Tensor, main_idx: torch.Tensor, outlier_idx: torch.T
     if m:
         rows = rows or 1  # 8 rows per program sharing the index loads measured slightly slower (docs/kernels.md)
         split_quantize_kernel[(triton.cdiv(m, rows),)](
-            x, x.stride(0), main_idx, outlier_idx if k_out else main_idx, xo, q, sc, rs,
-            m, main_idx.numel(), k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
+            x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
+            m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
             INTERPRET=interpreting(),
             num_warps=8 if block >= 4096 else 4,
         )
@@ -100,7 +100,6 @@ class GemmConfig:
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
     fused: bool = False  # MXFP4, few tokens: split-quantize inside the GEMM, one launch (bm = rows padded)
-    ch: int = 2  # fused: 64-column chunks per loop step
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
@@ -111,7 +110,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     ways along K; prefill wants the largest FP8 tiles, smaller ones at a few hundred rows.
     """
     if fmt == "mxfp4" and m <= FUSED_MAX_M:
-        return GemmConfig(max(16, triton.next_power_of_2(m)), 64, 1, False, 4, 3, fused=True, ch=2)
+        return GemmConfig(max(16, triton.next_power_of_2(m)), 64, 1, False, 4, 3, fused=True)
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         if n >= 16384:
@@ -165,10 +164,10 @@ def osc_fused(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, out: torch.Te
     else:
         y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     osc_decode_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
-        x, kw.main_idx, kw.outlier_idx if k_out else kw.main_idx, kw.codes, kw.rel_exp, kw.row_scale,
+        x, kw.keep, kw.outlier_idx if k_out else kw.keep, kw.codes, kw.rel_exp, kw.row_scale,
         kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
-        m, n, kw.main_idx.numel(), kw.k_main, k_out, x.stride(0), kw.codes.stride(0), y.stride(0),
-        HAS_BIAS=kw.bias is not None, MP=cfg.bm, BN=cfg.bn, BO=bo, CH=cfg.ch, SPLIT_K=cfg.split_k,
+        m, n, x.shape[1], kw.k_main, k_out, x.stride(0), kw.codes.stride(0), kw.rel_exp.stride(0), y.stride(0),
+        HAS_BIAS=kw.bias is not None, EVEN_K=x.shape[1] % 128 == 0, MP=cfg.bm, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
         INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if cfg.split_k > 1:
@@ -199,7 +198,7 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     if cfg.fused:
         return osc_fused(x.contiguous(), kw, cfg)
     mode = MODE_F8 if cfg.op_f8 else MODE_F16
-    xo, a, sa = split_quantize(x.contiguous(), kw.main_idx, kw.outlier_idx, kw.fmt, mode, kw.k_main)
+    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, mode, kw.k_main)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 
@@ -210,20 +209,20 @@ def layer_weights(layer) -> KernelWeights:
 
 @torch.library.custom_op("oscquant::osc_linear", mutates_args=())
 def osc_linear_op(x: torch.Tensor, codes: torch.Tensor, rel_exp: torch.Tensor | None, row_scale: torch.Tensor,
-                  w_outlier: torch.Tensor, outlier_idx: torch.Tensor, main_idx: torch.Tensor,
+                  w_outlier: torch.Tensor, outlier_idx: torch.Tensor, keep: torch.Tensor,
                   bias: torch.Tensor | None, fmt: str, k_main: int) -> torch.Tensor:
-    kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, main_idx, bias)
+    kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias)
     return osc_linear_2d(x, kw)
 
 
 @osc_linear_op.register_fake
-def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, main_idx, bias, fmt, k_main):
+def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main):
     return x.new_empty(x.shape[0], row_scale.shape[0])
 
 
 def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
     kw = layer_weights(layer)
     x2 = x.reshape(-1, layer.in_features)
-    y = osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.main_idx, kw.bias,
+    y = osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias,
                       kw.fmt, kw.k_main)
     return y.reshape(*x.shape[:-1], layer.out_features)

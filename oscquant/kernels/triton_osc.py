@@ -64,32 +64,33 @@ def _e2m1_round(v):
 
 @triton.jit
 def split_quantize_kernel(
-    x_ptr, stride_xm, main_idx_ptr, out_idx_ptr,
+    x_ptr, stride_xm, keep_ptr, out_idx_ptr,
     xo_ptr, q_ptr, s_ptr, rs_ptr,
-    M, K_MAIN, K_OUT, K_PAD,
+    M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False,
 ):
     """ROWS token rows per program, one after the other; each row stays whole in registers
-    (BLOCK >= K_PAD). The channel index lists are read once per program, not once per row."""
+    (BLOCK >= K_PAD). The keep mask and outlier list are read once per program, not once per row."""
     c = tl.arange(0, BLOCK)
-    ci = tl.load(main_idx_ptr + c, mask=c < K_MAIN, other=0)
+    keep = tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0
     o = tl.arange(0, BLOCK_O)
     oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
     for r in range(ROWS):
         row = tl.program_id(0).to(tl.int64) * ROWS + r
         if row < M:
-            _split_row(x_ptr + row * stride_xm, row, c, ci, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_MAIN, K_OUT, K_PAD,
+            _split_row(x_ptr + row * stride_xm, row, c, keep, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_IN, K_OUT, K_PAD,
                        FMT, MODE, BLOCK, INTERPRET)
 
 
 @triton.jit
-def _split_row(x_row, row, c, ci, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_MAIN, K_OUT, K_PAD,
+def _split_row(x_row, row, c, keep, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_IN, K_OUT, K_PAD,
                FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     # the BF16 sub-tensor of the outlier channels (nothing when K_OUT is 0: all masked)
     xo = tl.load(x_row + oi, mask=o < K_OUT, other=0.0)
     tl.store(xo_ptr + row * K_OUT + o, xo.to(tl.bfloat16), mask=o < K_OUT)
-    x = tl.load(x_row + ci, mask=c < K_MAIN, other=0.0).to(tl.float32)  # zero beyond K_MAIN: the padding
+    x = tl.load(x_row + c, mask=c < K_IN, other=0.0).to(tl.float32)
+    x = tl.where(keep, x, 0.0)  # the outlier channels and the padding are zero on the 4-bit path
 
     if FMT == 0:  # MXFP4
         xb = tl.reshape(x, [BLOCK // 32, 32])
@@ -400,10 +401,18 @@ def _mx_block_operand(x):
 
 
 @triton.jit
+def _fused_block(acc, w, x, k):
+    """acc += w · q(x)^T * 2**e for one 32-column MX block: x [MP, 32] BF16 rows, the outlier
+    channels zeroed by the keep mask k [32], rounded to e2m1 with their block exponent e."""
+    q, s = _mx_block_operand(tl.where(k[None, :], x.to(tl.float32), 0.0))
+    return acc + tl.dot(w, tl.trans(q)) * s[None, :]
+
+
+@triton.jit
 def osc_decode_kernel(
-    x_ptr, main_idx_ptr, out_idx_ptr, b_ptr, be_ptr, sb_ptr, wo_ptr, bias_ptr, y_ptr,
-    M, N, K_MAIN, K_PAD, K_OUT, stride_xm, stride_bn, stride_ym,
-    HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, CH: tl.constexpr,
+    x_ptr, keep_ptr, out_idx_ptr, b_ptr, be_ptr, sb_ptr, wo_ptr, bias_ptr, y_ptr,
+    M, N, K_IN, K_PAD, K_OUT, stride_xm, stride_bn, stride_be, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False,
 ):
     """The whole online path of an MXFP4 OSC layer for a few tokens (M <= MP), in one launch.
@@ -411,11 +420,16 @@ def osc_decode_kernel(
     Computed transposed, y^T [BN, MP] = W · x^T, so that the weight tile, the large operand,
     is the left one: Triton then loads its bytes straight into the MMA operand layout and
     unpacks them there, with no shared-memory round trip of the unpacked values. Each
-    program quantizes the slice of x it needs itself (x is a few rows): per 64-column chunk
-    it gathers the main channels, rounds each 32-column MX block to e2m1 and keeps its 2**e
-    apart; each block's partial product is scaled in FP32, exact for any block exponent.
-    Then the BF16 branch on the outlier channels, the row scales and bias. CH chunks per
-    loop step; with SPLIT_K > 1 programs add FP32 partial sums atomically (y zeroed first).
+    program quantizes the slice of x it needs itself (x is a few rows): it zeroes the
+    outlier channels, rounds each 32-column MX block to e2m1 and keeps its 2**e apart; each
+    block's partial product is scaled in FP32, exact for any block exponent. Then the BF16
+    branch on the outlier channels, the row scales and bias.
+
+    Every load in the main loop is a contiguous tile at an address known ahead (two 64-column
+    chunks per step; both chunks' weight exponents in one int32 per row), so Triton's
+    pipeliner prefetches all of them asynchronously. EVEN_K (K % 128 == 0) drops the column
+    mask on x, which would otherwise cut its loads to single elements. With SPLIT_K > 1
+    programs add FP32 partial sums atomically into a zeroed y.
     """
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
@@ -426,27 +440,44 @@ def osc_decode_kernel(
     xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     h = tl.arange(0, 32)
     acc = tl.zeros((BN, MP), dtype=tl.float32)
-    chunks = K_PAD // 64
-    per_split = tl.cdiv(tl.cdiv(chunks, CH), SPLIT_K) * CH
-    c0 = split * per_split
-    c1 = tl.minimum(c0 + per_split, chunks)
-    for cs in range(c0, c1, CH):
-        for j in tl.static_range(CH):
-            ck = cs + j
-            p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, c1, stride_bn, K_PAD, 0)
-            c_lo = ck * 64 + h
-            c_hi = c_lo + 32
-            ok_lo = (c_lo < K_MAIN) & (ck < c1)
-            ok_hi = (c_hi < K_MAIN) & (ck < c1)
-            i_lo = tl.load(main_idx_ptr + c_lo, mask=ok_lo, other=0)
-            i_hi = tl.load(main_idx_ptr + c_hi, mask=ok_hi, other=0)
-            x_lo = tl.load(xrow + i_lo[None, :], mask=mm[:, None] & ok_lo[None, :], other=0.0).to(tl.float32)
-            x_hi = tl.load(xrow + i_hi[None, :], mask=mm[:, None] & ok_hi[None, :], other=0.0).to(tl.float32)
-            q_lo, s_lo = _mx_block_operand(x_lo)
-            q_hi, s_hi = _mx_block_operand(x_hi)
-            w_lo, w_hi = _decode_codes(p, e0, e1, 0, False, INTERPRET)
-            acc += tl.dot(w_lo, tl.trans(q_lo)) * s_lo[None, :]
-            acc += tl.dot(w_hi, tl.trans(q_hi)) * s_hi[None, :]
+    pairs = K_PAD // 128
+    per_split = tl.cdiv(pairs, SPLIT_K)
+    c0 = split * per_split * 2
+    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
+    for ck in range(c0, c1, 2):
+        # weight codes and exponents of chunks ck, ck + 1 (K_PAD is a multiple of 128: both exist)
+        wrow = b_ptr + rn64[:, None] * stride_bn + ck * 32
+        p0 = tl.load(wrow + h[None, :], mask=nm[:, None], other=0)
+        p1 = tl.load(wrow + 32 + h[None, :], mask=nm[:, None], other=0)
+        # the four block exponents of the pair as one little-endian int32 per row (4-byte loads
+        # can be asynchronous, 1-byte ones cannot): e(ck, lo), e(ck, hi), e(ck+1, lo), e(ck+1, hi)
+        ev = tl.load(be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4) + ck // 2, mask=nm, other=0)
+        e00 = (ev << 24) >> 24
+        e01 = (ev << 16) >> 24
+        e10 = (ev << 8) >> 24
+        e11 = ev >> 24
+        # x: four 32-column blocks and their keep masks (keep is padded to K_PAD)
+        c = ck * 64 + h
+        if EVEN_K:
+            x0 = tl.load(xrow + c[None, :], mask=mm[:, None], other=0.0)
+            x1 = tl.load(xrow + c[None, :] + 32, mask=mm[:, None], other=0.0)
+            x2 = tl.load(xrow + c[None, :] + 64, mask=mm[:, None], other=0.0)
+            x3 = tl.load(xrow + c[None, :] + 96, mask=mm[:, None], other=0.0)
+        else:
+            x0 = tl.load(xrow + c[None, :], mask=mm[:, None] & (c < K_IN)[None, :], other=0.0)
+            x1 = tl.load(xrow + c[None, :] + 32, mask=mm[:, None] & (c + 32 < K_IN)[None, :], other=0.0)
+            x2 = tl.load(xrow + c[None, :] + 64, mask=mm[:, None] & (c + 64 < K_IN)[None, :], other=0.0)
+            x3 = tl.load(xrow + c[None, :] + 96, mask=mm[:, None] & (c + 96 < K_IN)[None, :], other=0.0)
+        m0 = tl.load(keep_ptr + c) != 0
+        m1 = tl.load(keep_ptr + c + 32) != 0
+        m2 = tl.load(keep_ptr + c + 64) != 0
+        m3 = tl.load(keep_ptr + c + 96) != 0
+        w0, w1 = _decode_codes(p0, e00, e01, 0, False, INTERPRET)
+        acc = _fused_block(acc, w0, x0, m0)
+        acc = _fused_block(acc, w1, x1, m1)
+        w2, w3 = _decode_codes(p1, e10, e11, 0, False, INTERPRET)
+        acc = _fused_block(acc, w2, x2, m2)
+        acc = _fused_block(acc, w3, x3, m3)
     acc = acc * tl.load(sb_ptr + rn, mask=nm, other=0.0)[:, None]
     if BO > 0 and split == 0:  # the BF16 branch: the outlier channels straight from x
         o = tl.arange(0, BO)
