@@ -223,22 +223,22 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     return "\n".join(lines)
 
 
-FUSED_SWEEP = [  # bn, warps, stages, split-K
-    (64, 4, 3, 1), (64, 4, 4, 1), (64, 4, 6, 1), (128, 4, 3, 1), (128, 8, 4, 1), (32, 2, 3, 1), (32, 2, 5, 1),
-    (32, 1, 4, 1), (16, 1, 4, 1), (16, 1, 6, 1), (64, 4, 3, 2), (64, 4, 4, 4), (32, 2, 4, 2), (32, 2, 4, 4),
-    (16, 1, 4, 2)]
+SMALL_M_SWEEP = [  # kind, bn, warps, stages, split-K
+    ("swap", 64, 4, 4, 1), ("swap", 64, 4, 6, 1), ("swap", 64, 4, 4, 2), ("swap", 64, 4, 4, 4), ("swap", 128, 4, 4, 1),
+    ("swap", 128, 4, 4, 2), ("swap", 128, 8, 4, 1), ("swap", 32, 2, 4, 1), ("swap", 32, 2, 4, 2), ("swap", 32, 2, 6, 4),
+    ("swap", 16, 1, 4, 2), ("swap", 16, 1, 6, 4), ("fused", 64, 4, 4, 4), ("fused", 32, 2, 4, 4)]
 
 
-def sweep_fused(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
-    """The one-launch small-M kernel under several configs, beside BF16, cuBLAS FP8 and the
-    two-launch path (split-quantize + GEMM), in one run."""
+def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
+    """Small-M kernels under several configs, beside BF16, cuBLAS FP8, split-quantize alone and the
+    previous two-launch path, in one run. "swap" times split-quantize + the transposed GEMM."""
     from .config import LayerScheme
     from .kernels.ops import GemmConfig, gemm_config, layer_weights, osc_fused, osc_gemm, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
-    lines = ["| shape | M | BF16 | FP8 | two launches | " + " | ".join(map(str, FUSED_SWEEP)) + " |",
-             "|" + "---|" * (5 + len(FUSED_SWEEP))]
+    lines = ["| shape | M | BF16 | FP8 | split alone | previous | " + " | ".join(map(str, SMALL_M_SWEEP)) + " |",
+             "|" + "---|" * (6 + len(SMALL_M_SWEEP))]
     for name, n, k_in in shapes or qwen3_shapes():
         lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
         layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
@@ -250,19 +250,22 @@ def sweep_fused(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
             x_f8 = x.to(torch.float8_e4m3fn)
             sx = torch.ones(m, 1, device="cuda")
             cells = [_graph_time(lambda: torch.matmul(x, lin.weight.T)),
-                     _graph_time(lambda: torch._scaled_mm(x_f8, w_f8.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16))]
-            old = gemm_config(m, n, kw.k_main, "int4")  # the two-launch choice for this M
+                     _graph_time(lambda: torch._scaled_mm(x_f8, w_f8.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)),
+                     _graph_time(lambda: split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main))]
 
-            def two_launches():
-                xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8 if old.op_f8 else MODE_F16,
+            def two_launches(cfg):
+                xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8 if cfg.op_f8 else MODE_F16,
                                            kw.k_main)
-                return osc_gemm(a, sa, kw, xo, torch.bfloat16, old)
+                return osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg)
 
-            cells.append(_graph_time(two_launches))
-            for bn, w, st, sk in FUSED_SWEEP:
-                cfg = GemmConfig(max(16, 1 << (m - 1).bit_length()), bn, sk, False, w, st, fused=True)
+            old = gemm_config(m, n, kw.k_main, "int4")  # the previous choice for this M
+            cells.append(_graph_time(lambda: two_launches(old)))
+            mp = max(16, 1 << (m - 1).bit_length())
+            for kind, bn, w, st, sk in SMALL_M_SWEEP:
+                cfg = GemmConfig(mp, bn, sk, False, w, st, fused=kind == "fused", swap=kind == "swap")
                 try:
-                    cells.append(_graph_time(lambda: osc_fused(x, kw, cfg)))
+                    fn = (lambda: osc_fused(x, kw, cfg)) if cfg.fused else (lambda: two_launches(cfg))
+                    cells.append(_graph_time(fn))
                 except Exception as e:  # a config the compiler rejects
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {e}")
                     cells.append(float("nan"))

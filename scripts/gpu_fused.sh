@@ -4,5 +4,5 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py -p no:cacheprovider 2>&1 | tail -8
-python3 -c "from oscquant.bench import sweep_fused; print(sweep_fused())" > "$OUT/sweep_fused.md" 2>&1; tail -25 "$OUT/sweep_fused.md"
+python3 -m pytest -q -x tests/test_kernels.py -k "gemm_matches or fused" -p no:cacheprovider 2>&1 | tail -8
+python3 -c "from oscquant.bench import sweep_small; print(sweep_small())" > "$OUT/sweep_fused.md" 2>&1; tail -25 "$OUT/sweep_fused.md"

@@ -19,7 +19,7 @@ import triton
 
 from .layout import KernelWeights, kernel_weights
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
-                         osc_decode_kernel, osc_gemm_kernel, split_quantize_kernel)
+                         osc_decode_kernel, osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 16
@@ -100,6 +100,7 @@ class GemmConfig:
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
     fused: bool = False  # MXFP4, few tokens: split-quantize inside the GEMM, one launch (bm = rows padded)
+    swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
@@ -135,6 +136,27 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    if cfg.swap:
+        if fmt == "fp8" or m > cfg.bm:
+            raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {fmt}, M={m}")
+        osc_gemm_t_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
+            a, sa, codes, rel if rel is not None else codes, kw.row_scale, xo,
+            kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
+            m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), rel.stride(0) if rel is not None else 0, y.stride(0),
+            FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, MP=cfg.bm, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
+            INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
+        )
+    else:
+        _gemm_launch(a, sa, kw, xo, y, codes, rel, fmt, cfg, bo, atomic, sb_half)
+    if atomic:
+        if out is None:
+            return y.to(out_dtype)
+        out.copy_(y)
+    return out if out is not None else y
+
+
+def _gemm_launch(a, sa, kw, xo, y, codes, rel, fmt, cfg, bo, atomic, sb_half):
+    m, n, k_out = a.shape[0], kw.row_scale.numel(), xo.shape[1]
     bk = cfg.bk if fmt == "fp8" else 256
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     osc_gemm_kernel[grid](
@@ -145,11 +167,6 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         BM=cfg.bm, BN=cfg.bn, BK=bk, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SB_HALF=sb_half,
         INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    if atomic:
-        if out is None:
-            return y.to(out_dtype)
-        out.copy_(y)
-    return out if out is not None else y
 
 
 def osc_fused(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:

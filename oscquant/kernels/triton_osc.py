@@ -497,3 +497,73 @@ def osc_decode_kernel(
         tl.atomic_add(y, acc, mask=nm[:, None] & mm[None, :])
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+
+
+@triton.jit
+def osc_gemm_t_kernel(
+    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
+    M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
+    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False,
+):
+    """Few tokens (M <= MP): y^T [BN, MP] = deq(B) · A^T, A the FP16 operands of split_quantize.
+
+    The weight tile is the left operand, so Triton loads its bytes straight into the MMA
+    operand layout and unpacks them there (no shared-memory round trip of unpacked values);
+    A^T, small, goes to the MMA from shared memory. Two 64-column chunks per step, and every
+    load is a contiguous tile at an address known ahead, so the pipeliner prefetches them
+    all: codes, A, and the four MXFP4 block exponents of the pair as one little-endian int32
+    per row (1-byte loads could not be asynchronous). With SPLIT_K > 1 programs add FP32
+    partial sums atomically into a zeroed y.
+    """
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    split = tl.program_id(1)
+    nm = rn < N
+    rn64 = rn.to(tl.int64)
+    rm = tl.arange(0, MP)
+    mm = rm < M
+    h = tl.arange(0, 32)
+    acc = tl.zeros((BN, MP), dtype=tl.float32)
+    per_split = tl.cdiv(K_PAD // 128, SPLIT_K)
+    c0 = split * per_split * 2
+    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
+    arow = a_ptr + rm.to(tl.int64)[:, None] * stride_am + h[None, :]
+    for ck in range(c0, c1, 2):  # K_PAD is a multiple of 128: chunks ck and ck + 1 both exist
+        wrow = b_ptr + rn64[:, None] * stride_bn + ck * 32 + h[None, :]
+        p0 = tl.load(wrow, mask=nm[:, None], other=0)
+        p1 = tl.load(wrow + 32, mask=nm[:, None], other=0)
+        if FMT == 0:  # e(ck, lo), e(ck, hi), e(ck+1, lo), e(ck+1, hi), sign-extended from the bytes
+            ev = tl.load(be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4) + ck // 2, mask=nm, other=0)
+            e00, e01, e10, e11 = (ev << 24) >> 24, (ev << 16) >> 24, (ev << 8) >> 24, ev >> 24
+        else:  # unused by the int4 decode
+            e00, e01, e10, e11 = rn, rn, rn, rn
+        a0 = tl.load(arow + ck * 64, mask=mm[:, None], other=0.0)
+        a1 = tl.load(arow + ck * 64 + 32, mask=mm[:, None], other=0.0)
+        a2 = tl.load(arow + ck * 64 + 64, mask=mm[:, None], other=0.0)
+        a3 = tl.load(arow + ck * 64 + 96, mask=mm[:, None], other=0.0)
+        w0, w1 = _decode_codes(p0, e00, e01, FMT, False, INTERPRET)
+        acc = tl.dot(w0, tl.trans(a0), acc)
+        acc = tl.dot(w1, tl.trans(a1), acc)
+        w2, w3 = _decode_codes(p1, e10, e11, FMT, False, INTERPRET)
+        acc = tl.dot(w2, tl.trans(a2), acc)
+        acc = tl.dot(w3, tl.trans(a3), acc)
+    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+    acc = acc * sa[None, :] * tl.load(sb_ptr + rn, mask=nm, other=0.0)[:, None]
+    if BO > 0 and split == 0:  # the BF16 branch on the gathered outlier channels
+        o = tl.arange(0, BO)
+        for k0 in range(0, K_OUT, BO):
+            om = (k0 + o) < K_OUT
+            xo = tl.load(xo_ptr + rm.to(tl.int64)[:, None] * K_OUT + (k0 + o)[None, :], mask=mm[:, None] & om[None, :],
+                         other=0.0)
+            wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :], other=0.0)
+            if INTERPRET:  # the CPU interpreter has no BF16 matmul
+                xo = xo.to(tl.float32)
+                wo = wo.to(tl.float32)
+            acc = tl.dot(wo, tl.trans(xo), acc)
+    if HAS_BIAS and split == 0:
+        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[:, None]
+    y = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn64[:, None]
+    if SPLIT_K > 1:
+        tl.atomic_add(y, acc, mask=nm[:, None] & mm[None, :])
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
