@@ -223,21 +223,21 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     return "\n".join(lines)
 
 
-SMALL_M_SWEEP = [  # kind, bn, warps, stages, split-K
+SMALL_M_SWEEP = [  # kind, bn, warps, stages, split-K (the one-launch "fused" kernel was measured and dropped)
     ("swap", 64, 4, 4, 1), ("swap", 64, 4, 6, 1), ("swap", 64, 4, 4, 2), ("swap", 64, 4, 4, 4), ("swap", 128, 4, 4, 1),
     ("swap", 128, 4, 4, 2), ("swap", 128, 8, 4, 1), ("swap", 32, 2, 4, 1), ("swap", 32, 2, 4, 2), ("swap", 32, 2, 6, 4),
-    ("swap", 16, 1, 4, 2), ("swap", 16, 1, 6, 4), ("fused", 64, 4, 4, 4), ("fused", 32, 2, 4, 4)]
+    ("swap", 16, 1, 4, 2), ("swap", 16, 1, 6, 4)]
 
 
 def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
-    """Small-M kernels under several configs, beside BF16, cuBLAS FP8, split-quantize alone and the
-    previous two-launch path, in one run. "swap" times split-quantize + the transposed GEMM."""
+    """The transposed small-M GEMM under several configs (each timed with its split-quantize),
+    beside BF16, cuBLAS FP8, split-quantize alone and the untransposed decode GEMM, in one run."""
     from .config import LayerScheme
-    from .kernels.ops import GemmConfig, gemm_config, layer_weights, osc_fused, osc_gemm, split_quantize
+    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
-    lines = ["| shape | M | BF16 | FP8 | split alone | previous | " + " | ".join(map(str, SMALL_M_SWEEP)) + " |",
+    lines = ["| shape | M | BF16 | FP8 | split alone | untransposed | " + " | ".join(map(str, SMALL_M_SWEEP)) + " |",
              "|" + "---|" * (6 + len(SMALL_M_SWEEP))]
     for name, n, k_in in shapes or qwen3_shapes():
         lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -258,14 +258,13 @@ def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
                                            kw.k_main)
                 return osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg)
 
-            old = gemm_config(m, n, kw.k_main, "int4")  # the previous choice for this M
-            cells.append(_graph_time(lambda: two_launches(old)))
+            old = GemmConfig(16, 64, 2, False, 4, 3, bk=256) if n >= 16384 else GemmConfig(16, 32, 4, False, 2, 2, bk=256)
+            cells.append(_graph_time(lambda: two_launches(old)) if m <= 16 else float("nan"))
             mp = max(16, 1 << (m - 1).bit_length())
             for kind, bn, w, st, sk in SMALL_M_SWEEP:
-                cfg = GemmConfig(mp, bn, sk, False, w, st, fused=kind == "fused", swap=kind == "swap")
+                cfg = GemmConfig(mp, bn, sk, False, w, st, swap=True)
                 try:
-                    fn = (lambda: osc_fused(x, kw, cfg)) if cfg.fused else (lambda: two_launches(cfg))
-                    cells.append(_graph_time(fn))
+                    cells.append(_graph_time(lambda: two_launches(cfg)))
                 except Exception as e:  # a config the compiler rejects
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {e}")
                     cells.append(float("nan"))

@@ -135,43 +135,6 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
     assert rel_err(y.cpu(), ref) <= 1e-2
 
 
-FUSED = [ops.GemmConfig(16, 64, 1, False, 4, 2, fused=True), ops.GemmConfig(16, 32, 3, False, 2, 3, fused=True),
-         ops.GemmConfig(64, 16, 1, False, 1, 2, fused=True)]
-
-
-@pytest.mark.parametrize("k", [32, 0])
-@pytest.mark.parametrize("m,k_in,n", [s for s in SHAPES if s[0] <= 64])
-@pytest.mark.parametrize("cfg", FUSED, ids=["bn64", "bn32-splitk", "bn16-m64"])
-def test_fused_small_m_kernel_matches_reference(k, m, k_in, n, cfg):
-    """Split-quantize inside the GEMM (MXFP4, few tokens): the whole layer in one launch."""
-    if m > cfg.bm:
-        pytest.skip("more rows than the config's tile")
-    layer, idx = make_layer(k_in, n, "mxfp4", k)
-    x = activations(m, k_in, idx, seed=m)
-    kw = ops.layer_weights(layer)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
-    y = ops.osc_fused(x, kw, cfg, out=out)
-    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
-    assert torch.isfinite(y).all()
-    assert rel_err(y.cpu(), ref) <= 1e-2
-
-
-def test_fused_kernel_is_exact_at_any_activation_scale():
-    """Each MX block's 2**e is applied in FP32, so scaling x by a power of two scales y by the
-    same power bit for bit, far outside FP16's range (an operand-folding kernel would flush)."""
-    m, k_in, n = SHAPES[1]
-    layer, idx = make_layer(k_in, n, "mxfp4", 16, bias=False)
-    kw = ops.layer_weights(layer)
-    x = activations(m, k_in, idx)
-    cfg = ops.GemmConfig(16, 32, 1, False, 2, 2, fused=True)
-    y = ops.osc_fused(x, kw, cfg).float()
-    for p in (-60, 40):
-        ys = ops.osc_fused(x * 2.0 ** p, kw, cfg).float()
-        assert torch.equal(ys * 2.0 ** -p, y)
-    with pytest.raises(ValueError, match="MXFP4 with M <="):
-        ops.osc_fused(torch.zeros(17, k_in, dtype=torch.bfloat16, device=DEV), kw, cfg)
-
-
 def test_default_configs_and_the_layer_backend(monkeypatch):
     m, k_in, n = SHAPES[1]
     layer, idx = make_layer(k_in, n, "mxfp4", 32)
@@ -206,12 +169,13 @@ def test_bad_inputs_raise():
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
-    assert ops.gemm_config(1, 4096, 4096).fused and ops.gemm_config(64, 4096, 4096).fused  # MXFP4, few tokens
-    assert not ops.gemm_config(1, 4096, 4096, "int4").fused  # per-token scales need the whole row first
-    assert not ops.gemm_config(16, 4096, 4096, "int4").op_f8
-    assert ops.gemm_config(17, 4096, 4096, "int4").op_f8
-    assert ops.gemm_config(1, 4096, 4096, "int4").split_k > 1  # 128 column tiles alone cannot fill 132 SMs
-    assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).fused
+    for fmt in ("mxfp4", "int4"):  # few tokens: the transposed GEMM on 4-bit weights
+        assert ops.gemm_config(1, 4096, 4096, fmt).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
+        assert not ops.gemm_config(65, 4096, 4096, fmt).swap and ops.gemm_config(65, 4096, 4096, fmt).op_f8
+    assert ops.gemm_config(1, 4096, 4096).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
+    assert ops.gemm_config(1, 24576, 4096).split_k == 1
+    assert not ops.gemm_config(1, 4096, 4096, "fp8").swap  # FP8 weights: the plain GEMM
+    assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -242,7 +206,7 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 3 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 6 and "split" in r.stdout
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

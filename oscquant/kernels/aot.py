@@ -20,6 +20,10 @@ GEMM_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr"
 SPLIT_SIG = [("x_ptr", "*bf16"), ("stride_xm", "i32"), ("keep_ptr", "*u8"), ("out_idx_ptr", "*i32"),
              ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("M", "i32"), ("K_IN", "i32"),
              ("K_OUT", "i32"), ("K_PAD", "i32")]
+GEMM_T_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr", "*i8"), ("sb_ptr", "*fp32"),
+              ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"),
+              ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
+              ("stride_be", "i32"), ("stride_ym", "i32")]
 DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N", "i32"), ("K_PAD", "i32"),
               ("stride_bn", "i32")]
 
@@ -42,6 +46,12 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                           dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, ATOMIC=split_k > 1, BM=bm, BN=bn, BK=bk, BO=64,
                                GROUP_M=8, SPLIT_K=split_k, SB_HALF=op_f8 and fmt == K.FMT_MXFP4, INTERPRET=False),
                           warps, stages, {"a_ptr": a, "b_ptr": b, "y_ptr": "*fp32" if split_k > 1 else "*bf16"})
+
+
+def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4):
+    return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
+                          dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, INTERPRET=False),
+                          warps, stages, {"y_ptr": "*fp32" if split_k > 1 else "*bf16"})
 
 
 def split(fmt: int, mode: int, block: int = 4096):
@@ -94,7 +104,10 @@ def sass(c) -> str:
 def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack."""
     spills = 0
-    for name, c in [("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
+    for name, c in [("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
+                    ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),
+                    ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
+                    ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
                     ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),

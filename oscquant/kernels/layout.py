@@ -44,7 +44,7 @@ class KernelWeights:
 
 
 def padded_width(k: int) -> int:
-    """K rounded up to whole chunk pairs: the fused kernel steps two chunks at a time."""
+    """K rounded up to whole chunk pairs: the transposed small-M GEMM steps two chunks at a time."""
     return -(-k // (2 * CHUNK)) * 2 * CHUNK
 
 

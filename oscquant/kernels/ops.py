@@ -1,12 +1,15 @@
 """Host side of the Triton kernels: launch, per-shape configs (one place), custom ops.
 
 Regimes, chosen in :func:`gemm_config` only:
-  decode  (M <= 16):  FP16 operands on mma, tiles thin in M, split-K when N alone cannot fill
-                      the GPU; the run time is the 4-bit weight stream.
-  prefill (M > 16):   FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
+  small M (<= 64):    split-quantize to FP16 operands, then the transposed GEMM
+                      (``osc_gemm_t_kernel``: y^T = W · A^T, the 4-bit weights the left MMA
+                      operand, unpacked where they land); split-K when N alone gives too few
+                      weight tiles. The run time is the 4-bit weight stream plus launch latency.
+  prefill (M > 64):   FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
                       workspace (one memory-bound pass, exact for blocks within 2**-9 of their
                       row's largest), then a plain FP8 GEMM with the BF16 branch fused runs:
                       unpacking inside the main loop would make it ALU-bound.
+FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import triton
 
 from .layout import KernelWeights, kernel_weights
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
-                         osc_decode_kernel, osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
+                         osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 16
-FUSED_MAX_M = 64
+SWAP_MAX_M = 64
 MAX_K = 32768  # split_quantize keeps a whole row in registers
 
 
@@ -99,19 +102,27 @@ class GemmConfig:
     bk: int = 128  # K per step; the 4-bit path always steps 256 (4 chunks)
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
-    fused: bool = False  # MXFP4, few tokens: split-quantize inside the GEMM, one launch (bm = rows padded)
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
-    From the tile sweep on the H200 (``oscquant bench sweep``, docs/kernels.md): decode
-    wants 64-column tiles when N alone gives enough of them, else 32 columns split four
-    ways along K; prefill wants the largest FP8 tiles, smaller ones at a few hundred rows.
+    From the small-M sweep on the H200 (``bench.sweep_small``, docs/kernels.md): up to 64
+    tokens the transposed GEMM (4-bit weights as the left operand) wins; 32-row weight
+    tiles up to 16 tokens, 64 above (128 for very wide layers), and split-K when N alone
+    gives too few tiles for the length of K. Prefill wants the largest FP8 tiles, smaller
+    ones at a few hundred rows (``bench.sweep``).
     """
-    if fmt == "mxfp4" and m <= FUSED_MAX_M:
-        return GemmConfig(max(16, triton.next_power_of_2(m)), 64, 1, False, 4, 3, fused=True)
+    if fmt != "fp8" and m <= SWAP_MAX_M:
+        mp = max(16, triton.next_power_of_2(m))
+        if m <= DECODE_MAX_M:
+            tiles = triton.cdiv(n, 32)
+            split = 1 if tiles >= 512 or k_pad <= 2048 else (2 if tiles >= 192 else 4)
+            return GemmConfig(mp, 32, split, False, 2, 6 if split == 4 else 4, swap=True)
+        if n >= 16384:
+            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True)
+        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True)
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         if n >= 16384:
@@ -169,29 +180,6 @@ def _gemm_launch(a, sa, kw, xo, y, codes, rel, fmt, cfg, bo, atomic, sb_half):
     )
 
 
-def osc_fused(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole online path of an MXFP4 layer for a few tokens in one launch (``osc_decode_kernel``)."""
-    m, n = x.shape[0], kw.row_scale.numel()
-    if kw.fmt != "mxfp4" or m > cfg.bm:
-        raise ValueError(f"the fused kernel takes MXFP4 with M <= {cfg.bm}; got {kw.fmt}, M={m}")
-    k_out = kw.outlier_idx.numel()
-    bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
-    if cfg.split_k > 1:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    else:
-        y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    osc_decode_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
-        x, kw.keep, kw.outlier_idx if k_out else kw.keep, kw.codes, kw.rel_exp, kw.row_scale,
-        kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
-        m, n, x.shape[1], kw.k_main, k_out, x.stride(0), kw.codes.stride(0), kw.rel_exp.stride(0), y.stride(0),
-        HAS_BIAS=kw.bias is not None, EVEN_K=x.shape[1] % 128 == 0, MP=cfg.bm, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
-        INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
-    )
-    if cfg.split_k > 1:
-        return y.to(x.dtype) if out is None else out.copy_(y)
-    return y
-
-
 def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
@@ -212,8 +200,6 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     m = x.shape[0]
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt)
-    if cfg.fused:
-        return osc_fused(x.contiguous(), kw, cfg)
     mode = MODE_F8 if cfg.op_f8 else MODE_F16
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, mode, kw.k_main)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
