@@ -198,7 +198,7 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
           k: int = 128) -> str:
     """Time the OSC GEMM alone under several tile configs; prints one line per (shape, M, config)."""
     from .config import LayerScheme
-    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize
+    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, osc_linear_2d, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
@@ -229,16 +229,17 @@ SMALL_M_SWEEP = [  # kind, bn, warps, stages, split-K (the one-launch "fused" ke
     ("swap", 16, 1, 4, 2), ("swap", 16, 1, 6, 4)]
 
 
-def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
+def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
     """The transposed small-M GEMM under several configs (each timed with its split-quantize),
     beside BF16, cuBLAS FP8, split-quantize alone and the untransposed decode GEMM, in one run."""
     from .config import LayerScheme
-    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize
+    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, osc_linear_2d, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
-    lines = ["| shape | M | BF16 | FP8 | split alone | untransposed | " + " | ".join(map(str, SMALL_M_SWEEP)) + " |",
-             "|" + "---|" * (6 + len(SMALL_M_SWEEP))]
+    configs = configs or SMALL_M_SWEEP
+    lines = ["| shape | M | BF16 | FP8 | split alone | untransposed (M <= 16) or default | " + " | ".join(map(str, configs)) + " |",
+             "|" + "---|" * (6 + len(configs))]
     for name, n, k_in in shapes or qwen3_shapes():
         lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
         layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
@@ -259,9 +260,10 @@ def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128) -> str:
                 return osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg)
 
             old = GemmConfig(16, 64, 2, False, 4, 3, bk=256) if n >= 16384 else GemmConfig(16, 32, 4, False, 2, 2, bk=256)
-            cells.append(_graph_time(lambda: two_launches(old)) if m <= 16 else float("nan"))
+            # up to 16 rows the untransposed decode GEMM, above it the default path for this M
+            cells.append(_graph_time(lambda: two_launches(old) if m <= 16 else osc_linear_2d(x, kw)))
             mp = max(16, 1 << (m - 1).bit_length())
-            for kind, bn, w, st, sk in SMALL_M_SWEEP:
+            for kind, bn, w, st, sk in configs:
                 cfg = GemmConfig(mp, bn, sk, False, w, st, swap=True)
                 try:
                     cells.append(_graph_time(lambda: two_launches(cfg)))
