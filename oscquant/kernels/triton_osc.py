@@ -451,3 +451,59 @@ def osc_gemm_t_kernel(
         tl.atomic_add(y, acc, mask=nm[:, None] & mm[None, :])
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+
+
+@triton.jit
+def osc_gemv_kernel(
+    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
+    N, K_PAD, K_OUT, stride_bn, stride_be,
+    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr, INTERPRET: tl.constexpr = False,
+):
+    """One token (M = 1): y [N] = deq(B) · a on the CUDA cores, no MMA.
+
+    Each thread multiplies the weights it unpacked by the activation in FP32 and keeps
+    [BN, 32] running sums in registers; one reduction over the 32 columns at the end. No
+    shared memory and no barrier in the main loop, so nothing but the weight stream waits.
+    """
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    split = tl.program_id(1)
+    nm = rn < N
+    rn64 = rn.to(tl.int64)
+    h = tl.arange(0, 32)
+    acc = tl.zeros((BN, 32), dtype=tl.float32)
+    per_split = tl.cdiv(K_PAD // 128, SPLIT_K)
+    c0 = split * per_split * 2
+    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
+    for ck in tl.range(c0, c1, 2, num_stages=STAGES):  # the loop has no dot: ask for its pipelining
+        wrow = b_ptr + rn64[:, None] * stride_bn + ck * 32 + h[None, :]
+        p0 = tl.load(wrow, mask=nm[:, None], other=0)
+        p1 = tl.load(wrow + 32, mask=nm[:, None], other=0)
+        if FMT == 0:
+            ev = tl.load(be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4) + ck // 2, mask=nm, other=0)
+            e00, e01, e10, e11 = (ev << 24) >> 24, (ev << 16) >> 24, (ev << 8) >> 24, ev >> 24
+        else:  # unused by the int4 decode
+            e00, e01, e10, e11 = rn, rn, rn, rn
+        a = a_ptr + ck * 64 + h
+        a0 = tl.load(a).to(tl.float32)
+        a1 = tl.load(a + 32).to(tl.float32)
+        a2 = tl.load(a + 64).to(tl.float32)
+        a3 = tl.load(a + 96).to(tl.float32)
+        w0, w1 = _decode_codes(p0, e00, e01, FMT, False, INTERPRET)
+        w2, w3 = _decode_codes(p1, e10, e11, FMT, False, INTERPRET)
+        acc += w0.to(tl.float32) * a0[None, :] + w1.to(tl.float32) * a1[None, :]
+        acc += w2.to(tl.float32) * a2[None, :] + w3.to(tl.float32) * a3[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(sa_ptr) * tl.load(sb_ptr + rn, mask=nm, other=0.0)
+    if BO > 0 and split == 0:  # the BF16 branch on the gathered outlier channels
+        o = tl.arange(0, BO)
+        for k0 in range(0, K_OUT, BO):
+            om = (k0 + o) < K_OUT
+            xo = tl.load(xo_ptr + k0 + o, mask=om, other=0.0).to(tl.float32)
+            wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :], other=0.0)
+            y += tl.sum(wo.to(tl.float32) * xo[None, :], axis=1)
+    if HAS_BIAS and split == 0:
+        y += tl.load(bias_ptr + rn, mask=nm, other=0.0)
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptr + rn, y, mask=nm)
+    else:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nm)
