@@ -264,8 +264,7 @@ def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
             cells.append(_graph_time(lambda: two_launches(old) if m <= 16 else osc_linear_2d(x, kw)))
             mp = max(16, 1 << (m - 1).bit_length())
             for kind, bn, w, st, sk in configs:
-                cfg = GemmConfig(1 if kind == "gemv" else mp, bn, sk, False, w, st, swap=kind == "swap",
-                                 gemv=kind == "gemv")
+                cfg = GemmConfig(mp, bn, sk, False, w, st, swap=True)
                 try:
                     cells.append(_graph_time(lambda: two_launches(cfg)))
                 except Exception as e:  # a config the compiler rejects

@@ -24,9 +24,6 @@ GEMM_T_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_pt
               ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"),
               ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
               ("stride_be", "i32"), ("stride_ym", "i32")]
-GEMV_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr", "*i8"), ("sb_ptr", "*fp32"),
-            ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("N", "i32"),
-            ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_bn", "i32"), ("stride_be", "i32")]
 DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N", "i32"), ("K_PAD", "i32"),
               ("stride_bn", "i32")]
 
@@ -54,12 +51,6 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4):
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
                           dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, INTERPRET=False),
-                          warps, stages, {"y_ptr": "*fp32" if split_k > 1 else "*bf16"})
-
-
-def gemv(fmt: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4):
-    return compile_kernel(K.osc_gemv_kernel, GEMV_SIG,
-                          dict(FMT=fmt, HAS_BIAS=True, BN=bn, BO=64, SPLIT_K=split_k, STAGES=stages, INTERPRET=False),
                           warps, stages, {"y_ptr": "*fp32" if split_k > 1 else "*bf16"})
 
 

@@ -22,7 +22,7 @@ import triton
 
 from .layout import KernelWeights, kernel_weights
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
-                         osc_gemm_kernel, osc_gemm_t_kernel, osc_gemv_kernel, split_quantize_kernel)
+                         osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 16
@@ -103,7 +103,6 @@ class GemmConfig:
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
-    gemv: bool = False  # one token: CUDA-core dot products, no MMA
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
@@ -148,17 +147,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
-    if cfg.gemv:
-        if fmt == "fp8" or m != 1:
-            raise ValueError(f"the GEMV kernel takes 4-bit weights and M = 1; got {fmt}, M={m}")
-        osc_gemv_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
-            a, sa, codes, rel if rel is not None else codes, kw.row_scale, xo,
-            kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
-            n, kw.k_main, k_out, codes.stride(0), rel.stride(0) if rel is not None else 0,
-            FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
-            INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
-        )
-    elif cfg.swap:
+    if cfg.swap:
         if fmt == "fp8" or m > cfg.bm:
             raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {fmt}, M={m}")
         osc_gemm_t_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
