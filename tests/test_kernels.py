@@ -72,7 +72,7 @@ def test_split_quantize_packed_is_bit_exact(fmt, m, k_in, n):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8"])
 @pytest.mark.parametrize("mode", [MODE_F16, MODE_F8])
-@pytest.mark.parametrize("rows", [1, 3])  # rows per program; 7 rows leave the last program short
+@pytest.mark.parametrize("rows", [1, 4])  # rows per program; 7 rows leave the last program short
 def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
     m, k_in, n = SHAPES[1]
     layer, idx = make_layer(k_in, n, fmt, 16)
@@ -165,6 +165,9 @@ def test_bad_inputs_raise():
     kw = ops.layer_weights(layer)
     with pytest.raises(ValueError, match="2-D input"):
         ops.split_quantize(torch.zeros(k_in, device=DEV), kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main)
+    with pytest.raises(ValueError, match="power of two"):
+        ops.split_quantize(torch.zeros(3, k_in, device=DEV), kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main,
+                           rows=3)
     assert "not on a CUDA device" in (ops.supported(layer, torch.zeros(2, k_in)) or "not on a CUDA device")
 
 

@@ -78,7 +78,10 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     if out is not None:
         xo, q, sc, rs = out
     if m:
-        rows = rows or 1  # 8 rows per program sharing the index loads measured slightly slower (docs/kernels.md)
+        # rows loaded together per program: about 16K elements in flight each (docs/kernels.md)
+        rows = rows or min(max(1, 16384 // block), 8, triton.next_power_of_2(m))
+        if rows & (rows - 1):
+            raise ValueError(f"rows={rows} per program must be a power of two")
         split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,

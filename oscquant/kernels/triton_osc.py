@@ -70,86 +70,80 @@ def split_quantize_kernel(
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False,
 ):
-    """ROWS token rows per program, one after the other; each row stays whole in registers
-    (BLOCK >= K_PAD). The keep mask and outlier list are read once per program, not once per row."""
+    """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
+    rows stay whole in registers), so that each program keeps ROWS rows of loads in flight."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rm = r < M
     c = tl.arange(0, BLOCK)
     keep = tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0
-    o = tl.arange(0, BLOCK_O)
-    oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
-    for r in range(ROWS):
-        row = tl.program_id(0).to(tl.int64) * ROWS + r
-        if row < M:
-            _split_row(x_ptr + row * stride_xm, row, c, keep, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_IN, K_OUT, K_PAD,
-                       FMT, MODE, BLOCK, INTERPRET)
-
-
-@triton.jit
-def _split_row(x_row, row, c, keep, o, oi, xo_ptr, q_ptr, s_ptr, rs_ptr, K_IN, K_OUT, K_PAD,
-               FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     # the BF16 sub-tensor of the outlier channels (nothing when K_OUT is 0: all masked)
-    xo = tl.load(x_row + oi, mask=o < K_OUT, other=0.0)
-    tl.store(xo_ptr + row * K_OUT + o, xo.to(tl.bfloat16), mask=o < K_OUT)
-    x = tl.load(x_row + c, mask=c < K_IN, other=0.0).to(tl.float32)
-    x = tl.where(keep, x, 0.0)  # the outlier channels and the padding are zero on the 4-bit path
+    o = tl.arange(0, BLOCK_O)
+    om = rm[:, None] & (o < K_OUT)[None, :]
+    oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
+    xo = tl.load(x_ptr + r[:, None] * stride_xm + oi[None, :], mask=om, other=0.0)
+    tl.store(xo_ptr + r[:, None] * K_OUT + o[None, :], xo.to(tl.bfloat16), mask=om)
+    x = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :], other=0.0)
+    x = tl.where(keep[None, :], x.to(tl.float32), 0.0)  # outlier channels and padding are zero on the 4-bit path
+    cm = rm[:, None] & (c < K_PAD)[None, :]
+    out = r[:, None] * K_PAD + c[None, :]  # where operands (MODE_F16 / MODE_F8) go
 
     if FMT == 0:  # MXFP4
-        xb = tl.reshape(x, [BLOCK // 32, 32])
-        amax = tl.max(tl.abs(xb), axis=1)
+        xb = tl.reshape(x, [ROWS, BLOCK // 32, 32])
+        amax = tl.max(tl.abs(xb), axis=2)
         bits = amax.to(tl.int32, bitcast=True)
         ex = ((bits >> 23) & 0xFF) - 127
         e = ex - 2 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
         e = tl.where(amax > 0, e, -127)
         e = tl.minimum(tl.maximum(e, -127), 127)
-        v = xb * _pow2(-tl.maximum(e, -126))[:, None]
+        v = xb * _pow2(-tl.maximum(e, -126))[:, :, None]
         nb = tl.arange(0, BLOCK // 32)
         if MODE == 0:
             code = _e2m1_code(v)
-            pairs = tl.reshape(code, [BLOCK // 2, 2])
-            lo, hi = tl.split(pairs)
-            byte = (lo | (hi << 4)).to(tl.uint8)
+            lo, hi = tl.split(tl.reshape(code, [ROWS, BLOCK // 2, 2]))
             h = tl.arange(0, BLOCK // 2)
-            tl.store(q_ptr + row * (K_PAD // 2) + h, byte, mask=h < K_PAD // 2)
-            tl.store(s_ptr + row * (K_PAD // 32) + nb, (e + 127).to(tl.uint8), mask=nb < K_PAD // 32)
+            tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
+                     mask=rm[:, None] & (h < K_PAD // 2)[None, :])
+            tl.store(s_ptr + r[:, None] * (K_PAD // 32) + nb[None, :], (e + 127).to(tl.uint8),
+                     mask=rm[:, None] & (nb < K_PAD // 32)[None, :])
         else:
-            top = tl.max(e, axis=0)
-            d = tl.maximum(e - top, -60)
+            top = tl.max(e, axis=1)
+            d = tl.maximum(e - top[:, None], -60)
             if MODE == 1:
-                val = _e2m1_round(v) * tl.exp2(d.to(tl.float32))[:, None]
-                tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float16), mask=c < K_PAD)
-                tl.store(rs_ptr + row, _pow2(tl.maximum(top, -126)))
+                val = _e2m1_round(v) * tl.exp2(d.to(tl.float32))[:, :, None]
+                tl.store(q_ptr + out, tl.reshape(val, [ROWS, BLOCK]).to(tl.float16), mask=cm)
+                tl.store(rs_ptr + r, _pow2(tl.maximum(top, -126)), mask=rm)
             else:  # e4m3 holds e2m1 * 2**(d + 5) exactly down to d = -13
-                val = _e2m1_round(v) * tl.exp2((d + 5).to(tl.float32))[:, None]
-                tl.store(q_ptr + row * K_PAD + c, tl.reshape(val, [BLOCK]).to(tl.float8e4nv), mask=c < K_PAD)
-                tl.store(rs_ptr + row, _pow2(tl.maximum(top - 5, -126)))
+                val = _e2m1_round(v) * tl.exp2((d + 5).to(tl.float32))[:, :, None]
+                tl.store(q_ptr + out, tl.reshape(val, [ROWS, BLOCK]).to(tl.float8e4nv), mask=cm)
+                tl.store(rs_ptr + r, _pow2(tl.maximum(top - 5, -126)), mask=rm)
     elif FMT == 1:  # INT4, one scale per token
-        amax = tl.max(tl.abs(x), axis=0)
+        amax = tl.max(tl.abs(x), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
-        q = _round_even(tl.math.div_rn(x, scale))
+        q = _round_even(tl.math.div_rn(x, scale[:, None]))
         q = tl.minimum(tl.maximum(q, -8.0), 7.0)
         if MODE == 0:
-            code = q.to(tl.int32) & 0xF
-            pairs = tl.reshape(code, [BLOCK // 2, 2])
-            lo, hi = tl.split(pairs)
+            lo, hi = tl.split(tl.reshape(q.to(tl.int32) & 0xF, [ROWS, BLOCK // 2, 2]))
             h = tl.arange(0, BLOCK // 2)
-            tl.store(q_ptr + row * (K_PAD // 2) + h, (lo | (hi << 4)).to(tl.uint8), mask=h < K_PAD // 2)
+            tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
+                     mask=rm[:, None] & (h < K_PAD // 2)[None, :])
         elif MODE == 1:
-            tl.store(q_ptr + row * K_PAD + c, q.to(tl.float16), mask=c < K_PAD)
+            tl.store(q_ptr + out, q.to(tl.float16), mask=cm)
         else:
-            tl.store(q_ptr + row * K_PAD + c, q.to(tl.float16).to(tl.float8e4nv), mask=c < K_PAD)
-        tl.store(rs_ptr + row, scale)
+            tl.store(q_ptr + out, q.to(tl.float16).to(tl.float8e4nv), mask=cm)
+        tl.store(rs_ptr + r, scale, mask=rm)
     else:  # FP8 e4m3, one scale per token
-        amax = tl.max(tl.abs(x), axis=0)
+        amax = tl.max(tl.abs(x), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -448.0), 448.0)
         if INTERPRET:  # the CPU interpreter's float -> e4m3 cast carries wrongly into the next binade
             q8 = _round_e4m3(v).to(tl.float8e4nv)
         else:
             q8 = v.to(tl.float8e4nv)
         if MODE == 1:
-            tl.store(q_ptr + row * K_PAD + c, q8.to(tl.float16), mask=c < K_PAD)
+            tl.store(q_ptr + out, q8.to(tl.float16), mask=cm)
         else:
-            tl.store(q_ptr + row * K_PAD + c, q8, mask=c < K_PAD)
-        tl.store(rs_ptr + row, scale)
+            tl.store(q_ptr + out, q8, mask=cm)
+        tl.store(rs_ptr + r, scale, mask=rm)
 
 
 @triton.jit
