@@ -78,9 +78,10 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     if out is not None:
         xo, q, sc, rs = out
     if m:
-        # rows loaded together per program, about 16K elements: 4 rows of 4096 measured best, 8 of 2048
-        # slower than 4, and 12288 wants 1 (docs/kernels.md)
-        rows = rows or min(max(1, 16384 // block), 4, triton.next_power_of_2(m))
+        # rows loaded together per program, about 16K elements, once M fills the GPU anyway: at M = 4096
+        # 4 rows of 4096 measured best, 8 of 2048 slower than 4, 12288 wants 1; at M = 16, 4 rows
+        # per program (4 programs) cost 2-3 µs (docs/kernels.md)
+        rows = rows or (1 if m < 1024 else min(max(1, 16384 // block), 4))
         if rows & (rows - 1):
             raise ValueError(f"rows={rows} per program must be a power of two")
         split_quantize_kernel[(triton.cdiv(m, rows),)](
