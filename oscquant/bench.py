@@ -61,6 +61,12 @@ class Row:
     vs_bf16: float
 
 
+def _need_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"oscquant bench {what} needs a CUDA GPU; none is visible (run it on a GPU machine, "
+                           "e.g. scripts/gpu.sh)")
+
+
 def _graph_time(fn, warmup: int = 3) -> float:
     """Median µs of replaying a CUDA graph of ``fn`` (L2 flushed before each replay)."""
     import triton
@@ -135,8 +141,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
 def bench_gemm(ms=(1, 8, 16, 64, 256, 1024, 4096, 16384), k_outs=(64, 128), shapes=None, progress=True) -> list[Row]:
     from tqdm.auto import tqdm
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("oscquant bench gemm needs a CUDA GPU; none is visible")
+    _need_cuda("gemm")
     rows = []
     for name, n, k in tqdm(shapes or qwen3_shapes(), desc="bench gemm", disable=not progress):
         rows += bench_shape(name, n, k, list(ms), list(k_outs))
@@ -197,6 +202,7 @@ SWEEP_CONFIGS = {  # GemmConfig fields: bm, bn, split_k, op_f8, warps, stages, b
 def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down", 4096, 12288)), ms=(1, 16),
           k: int = 128) -> str:
     """Time the OSC GEMM alone under several tile configs; prints one line per (shape, M, config)."""
+    _need_cuda("sweep")
     from .config import LayerScheme
     from .kernels.ops import GemmConfig, layer_weights, osc_gemm, osc_linear_2d, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16
@@ -232,6 +238,7 @@ SMALL_M_SWEEP = [  # kind, bn, warps, stages, split-K (the one-launch "fused" ke
 def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
     """The transposed small-M GEMM under several configs (each timed with its split-quantize),
     beside BF16, cuBLAS FP8, split-quantize alone and the untransposed decode GEMM, in one run."""
+    _need_cuda("small")
     from .config import LayerScheme
     from .kernels.ops import GemmConfig, layer_weights, osc_gemm, osc_linear_2d, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16

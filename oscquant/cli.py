@@ -148,10 +148,13 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import bench_gemm, markdown, save, sweep, targets
+    from .bench import bench_gemm, markdown, save, sweep, sweep_small, targets
 
     if a.what == "sweep":
         print(sweep())
+        return 0
+    if a.what == "small":
+        print(sweep_small())
         return 0
     rows = bench_gemm([int(v) for v in a.m.split(",")], [int(v) for v in a.k.split(",")])
     save(rows, a.json, a.md)
@@ -228,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     an.set_defaults(fn=cmd_analyze)
 
     b = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
-    b.add_argument("what", choices=["gemm", "sweep"],
-                   help="gemm: OSC against BF16 and W8A8 at Qwen3 layer shapes; sweep: tile configs of the OSC GEMM")
+    b.add_argument("what", choices=["gemm", "sweep", "small"],
+                   help="gemm: OSC against BF16 and W8A8 at Qwen3 layer shapes; sweep: tile configs of the prefill "
+                        "and untransposed decode GEMMs; small: configs of the transposed small-M GEMM")
     b.add_argument("--m", default="1,8,16,64,256,1024,4096,16384", help="token counts, comma-separated")
     b.add_argument("--k", default="64,128", help="outlier channel counts, comma-separated")
     b.add_argument("--json", default=None, help="write the rows as JSON here")

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -m pytest -q -x tests/test_kernels.py -k "gemm_matches" -p no:cacheprovider 2>&1 | tail -3
-python3 -c "from oscquant.bench import sweep_small; print(sweep_small())" > "$OUT/sweep_small.md" 2>&1; tail -25 "$OUT/sweep_small.md"
+python3 -m oscquant.cli bench small > "$OUT/sweep_small.md" 2>&1; tail -25 "$OUT/sweep_small.md"

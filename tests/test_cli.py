@@ -82,3 +82,13 @@ def test_split_never_overlaps():
     text = "line\n" * 1000
     a, b = split_text(text, "calib"), split_text(text, "heldout")
     assert a + b == text and len(b) < 0.11 * len(text)
+
+
+@pytest.mark.parametrize("what", ["gemm", "sweep", "small"])
+def test_bench_without_a_gpu_says_so(capsys, what):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    code, out, err = run(capsys, "bench", what, "--m", "1", "--k", "64")
+    assert code != 0 and f"oscquant bench {what} needs a CUDA GPU" in err
