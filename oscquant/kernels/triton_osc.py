@@ -1,19 +1,21 @@
 """Triton kernels for the two online steps of an OSC linear layer.
 
-split_quantize   one pass over a BF16 activation row: gathers the outlier channels into
-                 x_o [M, k] BF16, and quantizes the other channels per token to
+split_quantize   one pass over BF16 activation rows: gathers the outlier channels into
+                 x_o [M, k] BF16, zeroes them on the main path (all K channels, linear.py)
+                 and quantizes that per token to
                    - canonical packed codes + E8M0 scales (MODE_PACKED, bit-exact with formats.py), or
                    - ready-to-multiply operands (MODE_F16 / MODE_F8): the 4-bit values with each
                      MX block's exponent folded in relative to the row's largest, plus one FP32
                      scale per row. e2m1 * 2**d is exact in FP16 for d >= -24 and in e4m3 for d >= -14.
-osc_gemm         y = (A @ B^T) * sx * sw + x_o @ W_o^T (+ bias), one launch.
+osc_gemm         y = (A @ B^T) * sx * sw + x_o @ W_o^T (+ bias), one launch (prefill, FP8 weights).
+osc_gemm_t       the same for up to 64 tokens, computed as y^T = B @ A^T (4-bit weights the left operand).
                  B is read as 4-bit codes (chunk layout of layout.py) and unpacked in registers:
                  e2m1 code -> FP16 by placing its three magnitude bits at FP16 bits 9-11 and its
                  sign at bit 15 (that FP16 number is the e2m1 value times 2**-14, subnormals
                  included), then one multiply by 2**(d + 14) per block; int4 -> FP16 by the
-                 0x6400 trick. FP16 operands feed mma for small M; FP8 ones (cast after the
-                 unpack) feed wgmma for large M. The BF16 branch accumulates into the same
-                 FP32 accumulator after the main loop.
+                 0x6400 trick. FP16 operands feed mma/wgmma for small M; FP8 ones (4-bit
+                 weights expanded to e4m3 first, ops.py) feed wgmma for large M. The BF16
+                 branch accumulates into the same FP32 accumulator after the main loop.
 """
 
 from __future__ import annotations
