@@ -229,10 +229,9 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     return "\n".join(lines)
 
 
-SMALL_M_SWEEP = [  # kind, bn, warps, stages, split-K (the one-launch "fused" kernel was measured and dropped)
-    ("swap", 64, 4, 4, 1), ("swap", 64, 4, 6, 1), ("swap", 64, 4, 4, 2), ("swap", 64, 4, 4, 4), ("swap", 128, 4, 4, 1),
-    ("swap", 128, 4, 4, 2), ("swap", 128, 8, 4, 1), ("swap", 32, 2, 4, 1), ("swap", 32, 2, 4, 2), ("swap", 32, 2, 6, 4),
-    ("swap", 16, 1, 4, 2), ("swap", 16, 1, 6, 4)]
+SMALL_M_SWEEP = [  # transposed GEMM: bn, warps, stages, split-K
+    (64, 4, 4, 1), (64, 4, 6, 1), (64, 4, 4, 2), (64, 4, 4, 4), (128, 4, 4, 1), (128, 4, 4, 2), (128, 8, 4, 1),
+    (32, 2, 4, 1), (32, 2, 4, 2), (32, 2, 6, 4), (16, 1, 4, 2), (16, 1, 6, 4)]
 
 
 def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
@@ -240,8 +239,8 @@ def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
     beside BF16, cuBLAS FP8, split-quantize alone and the untransposed decode GEMM, in one run."""
     _need_cuda("small")
     from .config import LayerScheme
-    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, osc_linear_2d, split_quantize
-    from .kernels.triton_osc import MODE_F8, MODE_F16
+    from .kernels.ops import GemmConfig, layer_weights, osc_linear_2d, split_quantize
+    from .kernels.triton_osc import MODE_F16
     from .linear import OSCLinear
 
     configs = configs or SMALL_M_SWEEP
@@ -260,20 +259,14 @@ def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
             cells = [_graph_time(lambda: torch.matmul(x, lin.weight.T)),
                      _graph_time(lambda: torch._scaled_mm(x_f8, w_f8.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)),
                      _graph_time(lambda: split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main))]
-
-            def two_launches(cfg):
-                xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8 if cfg.op_f8 else MODE_F16,
-                                           kw.k_main)
-                return osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg)
-
-            old = GemmConfig(16, 64, 2, False, 4, 3, bk=256) if n >= 16384 else GemmConfig(16, 32, 4, False, 2, 2, bk=256)
             # up to 16 rows the untransposed decode GEMM, above it the default path for this M
-            cells.append(_graph_time(lambda: two_launches(old) if m <= 16 else osc_linear_2d(x, kw)))
+            old = GemmConfig(16, 64, 2, False, 4, 3, bk=256) if n >= 16384 else GemmConfig(16, 32, 4, False, 2, 2, bk=256)
+            cells.append(_graph_time(lambda: osc_linear_2d(x, kw, old if m <= 16 else None)))
             mp = max(16, 1 << (m - 1).bit_length())
-            for kind, bn, w, st, sk in configs:
+            for bn, w, st, sk in configs:
                 cfg = GemmConfig(mp, bn, sk, False, w, st, swap=True)
-                try:
-                    cells.append(_graph_time(lambda: two_launches(cfg)))
+                try:  # osc_linear_2d: split-quantize, then the GEMM under cfg
+                    cells.append(_graph_time(lambda: osc_linear_2d(x, kw, cfg)))
                 except Exception as e:  # a config the compiler rejects
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {e}")
                     cells.append(float("nan"))

@@ -140,6 +140,8 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
 
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = a.shape[0], kw.row_scale.numel()
+    if cfg.swap and (kw.fmt == "fp8" or m > cfg.bm):
+        raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {kw.fmt}, M={m}")
     dev = a.device
     atomic = cfg.split_k > 1
     if atomic:
@@ -152,37 +154,24 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    weights = (codes, rel if rel is not None else codes, kw.row_scale, xo, kw.w_outlier,
+               kw.bias if kw.bias is not None else kw.row_scale, y)
+    common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
+                  INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.swap:
-        if fmt == "fp8" or m > cfg.bm:
-            raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {fmt}, M={m}")
         osc_gemm_t_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
-            a, sa, codes, rel if rel is not None else codes, kw.row_scale, xo,
-            kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
-            m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), rel.stride(0) if rel is not None else 0, y.stride(0),
-            FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, MP=cfg.bm, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
-            INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
-        )
+            a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0),
+            rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, **common)
     else:
-        _gemm_launch(a, sa, kw, xo, y, codes, rel, fmt, cfg, bo, atomic, sb_half)
+        osc_gemm_kernel[(triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)](
+            a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
+            OP_F8=cfg.op_f8, ATOMIC=atomic, BM=cfg.bm, BK=cfg.bk if fmt == "fp8" else 256, GROUP_M=cfg.group_m,
+            SB_HALF=sb_half, **common)
     if atomic:
         if out is None:
             return y.to(out_dtype)
         out.copy_(y)
     return out if out is not None else y
-
-
-def _gemm_launch(a, sa, kw, xo, y, codes, rel, fmt, cfg, bo, atomic, sb_half):
-    m, n, k_out = a.shape[0], kw.row_scale.numel(), xo.shape[1]
-    bk = cfg.bk if fmt == "fp8" else 256
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
-    osc_gemm_kernel[grid](
-        a, sa, codes, rel if rel is not None else codes, kw.row_scale, xo,
-        kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y,
-        m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
-        FMT=FMT_IDS[fmt], OP_F8=cfg.op_f8, HAS_BIAS=kw.bias is not None, ATOMIC=atomic,
-        BM=cfg.bm, BN=cfg.bn, BK=bk, BO=bo, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SB_HALF=sb_half,
-        INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
-    )
 
 
 def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
