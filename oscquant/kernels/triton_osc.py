@@ -267,6 +267,26 @@ def _chunk_dot(acc, a_ptr, rm64, mm, stride_am, ck, limit, p, e0, e1, FMT: tl.co
 
 
 @triton.jit
+def _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO: tl.constexpr, TRANSPOSED: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """acc += x_o · W_o^T, the BF16 branch on the gathered outlier channels, BO columns a step;
+    TRANSPOSED: acc is y^T [N rows, M rows] (the small-M GEMM), so acc += W_o · x_o^T."""
+    o = tl.arange(0, BO)
+    for k0 in range(0, K_OUT, BO):
+        om = (k0 + o) < K_OUT
+        xo = tl.load(xo_ptr + rm64[:, None] * K_OUT + (k0 + o)[None, :], mask=mm[:, None] & om[None, :], other=0.0)
+        wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :], other=0.0)
+        if INTERPRET:  # the CPU interpreter has no BF16 matmul
+            xo = xo.to(tl.float32)
+            wo = wo.to(tl.float32)
+        if TRANSPOSED:
+            acc = tl.dot(wo, tl.trans(xo), acc)
+        else:
+            acc = tl.dot(xo, tl.trans(wo), acc)
+    return acc
+
+
+@triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
                           FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr = False):
     """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
@@ -358,18 +378,8 @@ def osc_gemm_kernel(
         sb = sb * 0.5
     acc = acc * sa[:, None] * sb[None, :]
     if split == 0:
-        if BO > 0:  # the BF16 branch on the gathered outlier channels
-            o = tl.arange(0, BO)
-            for k0 in range(0, K_OUT, BO):
-                om = (k0 + o) < K_OUT
-                xo = tl.load(xo_ptr + rm64[:, None] * K_OUT + (k0 + o)[None, :], mask=mm[:, None] & om[None, :],
-                             other=0.0)
-                wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :],
-                             other=0.0)
-                if INTERPRET:  # the CPU interpreter has no BF16 matmul
-                    xo = xo.to(tl.float32)
-                    wo = wo.to(tl.float32)
-                acc = tl.dot(xo, tl.trans(wo), acc)
+        if BO > 0:
+            acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO, False, INTERPRET)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
     y = y_ptr + rm64[:, None] * stride_ym + rn64[None, :]
@@ -429,17 +439,8 @@ def osc_gemm_t_kernel(
         acc = tl.dot(w3, tl.trans(a3), acc)
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     acc = acc * sa[None, :] * tl.load(sb_ptr + rn, mask=nm, other=0.0)[:, None]
-    if BO > 0 and split == 0:  # the BF16 branch on the gathered outlier channels
-        o = tl.arange(0, BO)
-        for k0 in range(0, K_OUT, BO):
-            om = (k0 + o) < K_OUT
-            xo = tl.load(xo_ptr + rm.to(tl.int64)[:, None] * K_OUT + (k0 + o)[None, :], mask=mm[:, None] & om[None, :],
-                         other=0.0)
-            wo = tl.load(wo_ptr + rn64[:, None] * K_OUT + (k0 + o)[None, :], mask=nm[:, None] & om[None, :], other=0.0)
-            if INTERPRET:  # the CPU interpreter has no BF16 matmul
-                xo = xo.to(tl.float32)
-                wo = wo.to(tl.float32)
-            acc = tl.dot(wo, tl.trans(xo), acc)
+    if BO > 0 and split == 0:
+        acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
     if HAS_BIAS and split == 0:
         acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[:, None]
     y = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn64[:, None]
