@@ -92,3 +92,18 @@ def test_bench_without_a_gpu_says_so(capsys, what):
         pytest.skip("a GPU is visible")
     code, out, err = run(capsys, "bench", what, "--m", "1", "--k", "64")
     assert code != 0 and f"oscquant bench {what} needs a CUDA GPU" in err
+
+
+def test_bench_tables_and_targets_from_rows():
+    from oscquant.bench import Row, markdown, targets
+
+    def row(m, osc, b2b_osc=None):
+        return Row("8B o", 4096, 4096, m, 64, 20.0, None, 18.0, osc - 3, osc, 21.0, 1.0, 1.0, 50.0, 60.0,
+                   18.0 / osc, 20.0 / osc, *((14.0, 15.0, b2b_osc) if b2b_osc else ()))
+    rows = [row(1, 10.0, 7.5), row(16, 20.0, 10.0), row(4096, 100.0)]
+    md = markdown(rows)
+    assert md.count("\n| 8B o 4096×4096 |") == 5  # three rows, then two back-to-back rows
+    assert "| 7.5 | 2.00 | 1.87 |" in md  # FP8 15 / OSC 7.5, BF16 14 / 7.5
+    t = targets(rows)
+    assert "M <= 16, OSC+split >= 1.8x best W8A8: 1/2 rows" in t[0]
+    assert t[-1].startswith("M <= 16 back to back, OSC+split >= 1.8x cuBLAS FP8: 1/2")

@@ -14,14 +14,14 @@ from . import triton_osc as K
 HOPPER = GPUTarget("cuda", 90, 32)
 
 GEMM_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr", "*i8"), ("sb_ptr", "*fp32"),
-            ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"),
+            ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("ws_ptr", "*fp32"), ("cnt_ptr", "*i32"), ("M", "i32"),
             ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
             ("stride_ym", "i32")]
 SPLIT_SIG = [("x_ptr", "*bf16"), ("stride_xm", "i32"), ("keep_ptr", "*u8"), ("out_idx_ptr", "*i32"),
              ("xo_ptr", "*bf16"), ("q_ptr", "*fp16"), ("s_ptr", "*u8"), ("rs_ptr", "*fp32"), ("M", "i32"), ("K_IN", "i32"),
              ("K_OUT", "i32"), ("K_PAD", "i32")]
 GEMM_T_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("b_ptr", "*u8"), ("be_ptr", "*i8"), ("sb_ptr", "*fp32"),
-              ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"),
+              ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("ws_ptr", "*fp32"), ("cnt_ptr", "*i32"), ("M", "i32"),
               ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"),
               ("stride_be", "i32"), ("stride_ym", "i32")]
 DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N", "i32"), ("K_PAD", "i32"),
@@ -43,15 +43,15 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
     a = "*fp8e4nv" if op_f8 else "*fp16"
     b = "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"
     return compile_kernel(K.osc_gemm_kernel, GEMM_SIG,
-                          dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, ATOMIC=split_k > 1, BM=bm, BN=bn, BK=bk, BO=64,
+                          dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, BO=64,
                                GROUP_M=8, SPLIT_K=split_k, SB_HALF=op_f8 and fmt == K.FMT_MXFP4, INTERPRET=False),
-                          warps, stages, {"a_ptr": a, "b_ptr": b, "y_ptr": "*fp32" if split_k > 1 else "*bf16"})
+                          warps, stages, {"a_ptr": a, "b_ptr": b})
 
 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4):
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
                           dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, INTERPRET=False),
-                          warps, stages, {"y_ptr": "*fp32" if split_k > 1 else "*bf16"})
+                          warps, stages)
 
 
 def split(fmt: int, mode: int, block: int = 4096):

@@ -138,40 +138,55 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
 
 
+_SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
+
+
+def split_workspace(device, numel: int, tiles: int):
+    """The split-K workspace of a device: the kernels leave it zeroed, so one is shared by every layer
+    (calls on one device must not overlap across streams). None while a CUDA graph is being
+    captured and none is large enough yet: a buffer zeroed inside a capture is only zeroed on replay."""
+    ws, cnt = _SPLIT_WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        ws = torch.zeros(max(numel, 1 << 20, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 4096, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _SPLIT_WORKSPACE[device] = ws, cnt
+    return ws, cnt
+
+
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = a.shape[0], kw.row_scale.numel()
     if cfg.swap and (kw.fmt == "fp8" or m > cfg.bm):
         raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {kw.fmt}, M={m}")
     dev = a.device
-    atomic = cfg.split_k > 1
-    if atomic:
-        y = torch.zeros(m, n, dtype=torch.float32, device=dev)
-    else:
-        y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
     fmt, codes, rel = kw.fmt, kw.codes, kw.rel_exp
     sb_half = cfg.op_f8 and fmt == "mxfp4"
     if cfg.expand and fmt != "fp8":
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
+    grid = (triton.cdiv(n, cfg.bn), cfg.split_k) if cfg.swap else \
+        (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
+    ws = cnt = y
+    if cfg.split_k > 1:  # while capturing with no workspace yet, a fresh zeroed one for this call alone
+        ws, cnt = split_workspace(dev, m * n, grid[0]) or (torch.zeros(m * n, dtype=torch.float32, device=dev),
+                                                            torch.zeros(grid[0], dtype=torch.int32, device=dev))
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
     weights = (codes, rel if rel is not None else codes, kw.row_scale, xo, kw.w_outlier,
-               kw.bias if kw.bias is not None else kw.row_scale, y)
+               kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt)
     common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.swap:
-        osc_gemm_t_kernel[(triton.cdiv(n, cfg.bn), cfg.split_k)](
+        osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0),
             rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, **common)
     else:
-        osc_gemm_kernel[(triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)](
+        osc_gemm_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
-            OP_F8=cfg.op_f8, ATOMIC=atomic, BM=cfg.bm, BK=cfg.bk if fmt == "fp8" else 256, GROUP_M=cfg.group_m,
+            OP_F8=cfg.op_f8, BM=cfg.bm, BK=cfg.bk if fmt == "fp8" else 256, GROUP_M=cfg.group_m,
             SB_HALF=sb_half, **common)
-    if atomic:
-        if out is None:
-            return y.to(out_dtype)
-        out.copy_(y)
-    return out if out is not None else y
+    return y
 
 
 def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:

@@ -287,6 +287,27 @@ def _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO: tl.constexp
 
 
 @triton.jit
+def _store_tile(acc, y, ws, mask, cnt, SPLIT_K: tl.constexpr):
+    """Write a program's tile. With SPLIT_K > 1 its partial sum goes into the FP32 workspace ``ws``
+    (same indexing as y, all zero between calls), and the last of the tile's SPLIT_K programs, told
+    by the tile's counter ``cnt``, takes the sum out (leaving zeros), writes y and re-arms the
+    counter: no zero-fill and no conversion launch around the GEMM. The tile's atomics are relaxed
+    (one fence each would serialise them); the barrier and the counter's acquire-release order
+    them, as in CUTLASS's split-K semaphore."""
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT_K - 1:
+            # read and zero as int32 bits (the CPU interpreter exchanges no floats)
+            bits = tl.atomic_xchg(ws.to(tl.pointer_type(tl.int32)), tl.zeros_like(acc).to(tl.int32), mask=mask,
+                                  sem="relaxed")
+            tl.store(y, bits.to(tl.float32, bitcast=True).to(y.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt, 0, sem="relaxed")
+
+
+@triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
                           FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr = False):
     """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
@@ -304,10 +325,10 @@ def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
 
 @triton.jit
 def osc_gemm_kernel(
-    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
+    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT,
     stride_am, stride_bn, stride_ym,
-    FMT: tl.constexpr, OP_F8: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    FMT: tl.constexpr, OP_F8: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, SB_HALF: tl.constexpr, INTERPRET: tl.constexpr = False,
 ):
@@ -315,8 +336,8 @@ def osc_gemm_kernel(
 
     A: [M, K_PAD] FP16 or FP8 operands from split_quantize. B: 4-bit codes in chunk layout
     ([N, K_PAD/2] bytes, FMT 0/1, BK/64 chunks per step) or e4m3 ([N, K_PAD], FMT 2, BK
-    columns per step). be: MXFP4 relative exponents [N, K_PAD/32]. With SPLIT_K > 1 each
-    program adds its share with atomics into an FP32 y that the caller zeroed.
+    columns per step). be: MXFP4 relative exponents [N, K_PAD/32]. SPLIT_K > 1: see _store_tile
+    (ws [M, N] FP32, cnt one int32 per output tile).
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -382,16 +403,13 @@ def osc_gemm_kernel(
             acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO, False, INTERPRET)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
-    y = y_ptr + rm64[:, None] * stride_ym + rn64[None, :]
-    if ATOMIC:
-        tl.atomic_add(y, acc, mask=mm[:, None] & nm[None, :])
-    else:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+    _store_tile(acc, y_ptr + rm64[:, None] * stride_ym + rn64[None, :], ws_ptr + rm64[:, None] * N + rn64[None, :],
+                mm[:, None] & nm[None, :], cnt_ptr + pid, SPLIT_K)
 
 
 @triton.jit
 def osc_gemm_t_kernel(
-    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
+    a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False,
@@ -403,8 +421,7 @@ def osc_gemm_t_kernel(
     A^T, small, goes to the MMA from shared memory. Two 64-column chunks per step, and every
     load is a contiguous tile at an address known ahead, so the pipeliner prefetches them
     all: codes, A, and the four MXFP4 block exponents of the pair as one little-endian int32
-    per row (1-byte loads could not be asynchronous). With SPLIT_K > 1 programs add FP32
-    partial sums atomically into a zeroed y.
+    per row (1-byte loads could not be asynchronous). SPLIT_K > 1: see _store_tile.
     """
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
@@ -443,8 +460,6 @@ def osc_gemm_t_kernel(
         acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
     if HAS_BIAS and split == 0:
         acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[:, None]
-    y = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn64[:, None]
-    if SPLIT_K > 1:
-        tl.atomic_add(y, acc, mask=nm[:, None] & mm[None, :])
-    else:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+    _store_tile(acc, y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn64[:, None],
+                ws_ptr + rm.to(tl.int64)[None, :] * N + rn64[:, None], nm[:, None] & mm[None, :],
+                cnt_ptr + tl.program_id(0), SPLIT_K)
