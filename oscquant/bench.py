@@ -244,7 +244,7 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     """Time the OSC GEMM alone under several tile configs; prints one line per (shape, M, config)."""
     _need_cuda("sweep")
     from .config import LayerScheme
-    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, osc_linear_2d, split_quantize
+    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize
     from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
