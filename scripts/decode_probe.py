@@ -91,8 +91,9 @@ def main():
             row(m, "BF16 cuBLAS", "", lambda w: torch.matmul(x, w.T), lin.weight.clone, 2 * n * k)
             row(m, "FP8 cuBLAS", "", lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw,
                                                                out_dtype=torch.bfloat16), w_f8.clone, n * k)
-            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", T.MODE_F16, kw.k_main)
             cfg = gemm_config(m, n, kw.k_main)
+            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", T.MODE_F8 if cfg.op_f8 else T.MODE_F16,
+                                       kw.k_main)
             row(m, "osc_gemm as shipped", (cfg.bn, cfg.warps, cfg.stages, cfg.split_k),
                 lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg),
                 lambda: replace(kw, codes=kw.codes.clone(), rel_exp=kw.rel_exp.clone()),

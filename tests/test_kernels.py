@@ -101,6 +101,21 @@ def test_weight_unpacking_is_bit_exact(fmt, k, op_f8):
     assert torch.equal((got * scale)[:, :deq.shape[1]], deq)
 
 
+def test_e4m3_unpack_is_bit_exact():
+    """The e4m3 variant's unpack (bits moved, no arithmetic) gives every e2m1 value times 2**-6 exactly."""
+    _, k_in, n = SHAPES[1]
+    layer, _ = make_layer(k_in, n, "mxfp4", 32)
+    kw = ops.layer_weights(layer)
+    kw.codes[:, :16] = torch.arange(16, dtype=torch.uint8, device=kw.codes.device) * 0x11  # all 16 codes, both nibbles
+    got = ops.decode_weights(kw, False, raw_e4m3=True)
+    assert got.dtype == torch.float8_e4m3fn
+    want = F.e2m1_decode(chunk_unpack(kw.codes.cpu())) * 2.0 ** -6
+    assert torch.equal(got.float().cpu(), want)
+    assert set(got[:, :16].float().cpu().unique().tolist()) >= {0.5 / 64, 6 / 64, -6 / 64}  # subnormal and extremes
+    with pytest.raises(ValueError, match="MXFP4 unpack"):
+        ops.decode_weights(ops.layer_weights(make_layer(k_in, n, "int4", 16)[0]), False, raw_e4m3=True)
+
+
 def test_chunk_layout_roundtrip():
     codes = torch.randint(0, 16, (5, 256), dtype=torch.uint8)
     packed = chunk_pack(codes)
@@ -110,12 +125,15 @@ def test_chunk_layout_roundtrip():
 
 CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, False, 4, 2, bk=256),
            ops.GemmConfig(64, 64, 1, True, 4, 2), ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True),
-           ops.GemmConfig(16, 64, 1, False, 4, 3, swap=True), ops.GemmConfig(64, 32, 3, False, 2, 2, swap=True)]
+           ops.GemmConfig(16, 64, 1, False, 4, 3, swap=True), ops.GemmConfig(64, 32, 3, False, 2, 2, swap=True),
+           ops.GemmConfig(8, 32, 1, True, 2, 4, swap=True), ops.GemmConfig(1, 32, 2, True, 2, 4, swap=True),
+           ops.GemmConfig(16, 64, 1, True, 4, 4, swap=True), ops.GemmConfig(8, 32, 4, False, 2, 4, swap=True)]
 
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("m,k_in,n", SHAPES)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "swap", "swap-splitk-m64"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "swap", "swap-splitk-m64",
+                                          "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk"])
 def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
     if cfg.swap and (fmt == "fp8" or m > cfg.bm):
         with pytest.raises(ValueError, match="takes 4-bit weights and M <="):
@@ -174,6 +192,10 @@ def test_bad_inputs_raise():
         ops.split_quantize(torch.zeros(3, k_in, device=DEV), kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main,
                            rows=3)
     assert "not on a CUDA device" in (ops.supported(layer, torch.zeros(2, k_in)) or "not on a CUDA device")
+    xo, a, sa = ops.split_quantize(torch.ones(1, k_in, device=DEV), kw.keep, kw.outlier_idx, "mxfp4", MODE_F16,
+                                   kw.k_main)
+    with pytest.raises(ValueError, match="e4m3fn activation operands.*MODE_F8"):  # operands of the wrong mode
+        ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, ops.GemmConfig(1, 32, 1, True, 2, 4, swap=True))
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
@@ -181,7 +203,9 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
         assert ops.gemm_config(1, 4096, 4096, fmt).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
         assert not ops.gemm_config(65, 4096, 4096, fmt).swap and ops.gemm_config(65, 4096, 4096, fmt).op_f8
     assert ops.gemm_config(1, 4096, 4096).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
-    assert ops.gemm_config(1, 24576, 4096).split_k == 1
+    wide = ops.gemm_config(1, 24576, 4096)  # the widest layers: e4m3 operands, A padded to M only
+    assert wide.op_f8 and wide.bm == 1 and ops.gemm_config(16, 24576, 4096).bm == 16
+    assert ops.gemm_config(8, 4096, 12288).bm == 16 and not ops.gemm_config(8, 4096, 12288).op_f8
     assert not ops.gemm_config(1, 4096, 4096, "fp8").swap  # FP8 weights: the plain GEMM
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
 
@@ -214,7 +238,7 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 6 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 7 and "split" in r.stdout
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

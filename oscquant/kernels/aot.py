@@ -48,10 +48,11 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                           warps, stages, {"a_ptr": a, "b_ptr": b})
 
 
-def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4):
+def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False):
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
-                          dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, INTERPRET=False),
-                          warps, stages)
+                          dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8,
+                               INTERPRET=False),
+                          warps, stages, {"a_ptr": "*fp8e4nv" if op_f8 else "*fp16"})
 
 
 def split(fmt: int, mode: int, block: int = 4096):
@@ -105,6 +106,7 @@ def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack."""
     spills = 0
     for name, c in [("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
+                    ("gemm-t mxfp4 e4m3 M=1", gemm_t(K.FMT_MXFP4, 1, 32, split_k=2, op_f8=True)),
                     ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),

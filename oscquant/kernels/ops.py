@@ -1,7 +1,7 @@
 """Host side of the Triton kernels: launch, per-shape configs (one place), custom ops.
 
 Regimes, chosen in :func:`gemm_config` only:
-  small M (<= 64):    split-quantize to FP16 operands, then the transposed GEMM
+  small M (<= 64):    split-quantize to FP16 (or e4m3) operands, then the transposed GEMM
                       (``osc_gemm_t_kernel``: y^T = W · A^T, the 4-bit weights the left MMA
                       operand, unpacked where they land); split-K when N alone gives too few
                       weight tiles. The run time is the 4-bit weight stream plus launch latency.
@@ -113,18 +113,21 @@ class GemmConfig:
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
-    From the small-M sweep on the H200 (``bench.sweep_small``, docs/kernels.md): up to 64
-    tokens the transposed GEMM (4-bit weights as the left operand) wins; 32-row weight
-    tiles up to 16 tokens, 64 above (128 for very wide layers), and split-K when N alone
-    gives too few tiles for the length of K. Prefill wants the largest FP8 tiles, smaller
+    From the small-M sweeps on the H200 (``bench.sweep_small``, ``scripts/decode_sweep.py``,
+    docs/kernels.md): up to 64 tokens the transposed GEMM (4-bit weights as the left
+    operand) wins; 32-row weight tiles up to 16 tokens, 64 above (128 for very wide layers).
+    Up to 16 tokens: e4m3 operands for the widest layers (>= 512 weight tiles; their
+    cheaper unpack wins there), FP16 elsewhere with split-K 4; the A tile padded only to
+    the next power of two of M where N > K. Prefill wants the largest FP8 tiles, smaller
     ones at a few hundred rows (``bench.sweep``).
     """
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
         if m <= DECODE_MAX_M:
-            tiles = triton.cdiv(n, 32)
-            split = 1 if tiles >= 512 or k_pad <= 2048 else (2 if tiles >= 192 else 4)
-            return GemmConfig(mp, 32, split, False, 2, 6 if split == 4 else 4, swap=True)
+            mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
+            if triton.cdiv(n, 32) >= 512:
+                return GemmConfig(mp, 32, 2, True, 2, 4, swap=True)
+            return GemmConfig(mp, 32, 4, False, 2, 6 if k_pad >= 4096 and n <= k_pad else 4, swap=True)
         if n >= 16384:
             return GemmConfig(mp, 128, 1, False, 4, 4, swap=True)
         return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True)
@@ -159,6 +162,10 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     m, n = a.shape[0], kw.row_scale.numel()
     if cfg.swap and (kw.fmt == "fp8" or m > cfg.bm):
         raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {kw.fmt}, M={m}")
+    want = torch.float8_e4m3fn if cfg.op_f8 else torch.float16
+    if a.dtype != want:
+        raise ValueError(f"this GemmConfig multiplies {want} activation operands, got {a.dtype}: split_quantize "
+                         f"with mode={'MODE_F8' if cfg.op_f8 else 'MODE_F16'}")
     dev = a.device
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
     fmt, codes, rel = kw.fmt, kw.codes, kw.rel_exp
@@ -180,7 +187,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     if cfg.swap:
         osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0),
-            rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, **common)
+            rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, **common)
     else:
         osc_gemm_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
@@ -189,19 +196,24 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     return y
 
 
-def decode_weights(kw: KernelWeights, op_f8: bool) -> torch.Tensor:
+def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
     FP16: value * 2**rel_exp (MXFP4), the int4 value, or the e4m3 value. FP8 (MXFP4): twice that.
+    raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
+    block factors go on the partial products).
     """
     n = kw.row_scale.numel()
-    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 else torch.float16, device=kw.codes.device)
+    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 else torch.float16,
+                      device=kw.codes.device)
     if kw.fmt == "fp8":
         return kw.codes if op_f8 else kw.codes.to(torch.float16)
+    if raw_e4m3 and kw.fmt != "mxfp4":
+        raise ValueError(f"raw_e4m3 is the MXFP4 unpack; got {kw.fmt}")
     bn = 64
     decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
         kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
-        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, INTERPRET=interpreting(), num_warps=4)
+        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, INTERPRET=interpreting(), num_warps=4)
     return out
 
 

@@ -186,6 +186,31 @@ shr.b32 t, b, 4; and.b32 t, t, 0x000F000F; xor.b32 t, t, 0x64086408; sub.rn.f16x
 """)
 
 
+# e2m1 -> e4m3 without arithmetic: a nibble's three magnitude bits at e4m3 bits 2-4 and its sign at
+# bit 7 make the e4m3 number e2m1 value * 2**-6 (0.5 lands on the subnormal 2**-7), four values per
+# 32-bit operation. Four packed bytes in; their low and high nibbles out as e4m3 quadruples.
+_E2M1_E4M3_ASM = tl.constexpr("""
+{
+.reg .b32 t, u;
+shl.b32 t, $2, 2; and.b32 t, t, 0x1C1C1C1C; shl.b32 u, $2, 4; and.b32 u, u, 0x80808080; or.b32 $0, t, u;
+shr.b32 t, $2, 2; and.b32 t, t, 0x1C1C1C1C; and.b32 u, $2, 0x80808080; or.b32 $1, t, u;
+}
+""")
+
+
+@triton.jit
+def _unpack_e4m3(packed, INTERPRET: tl.constexpr):
+    """uint8 tile of e2m1 code pairs -> (low nibbles, high nibbles) as e4m3 = e2m1 value * 2**-6, exactly."""
+    if INTERPRET:
+        c = packed.to(tl.int32)
+        lo = ((c & 7) << 2) | ((c & 8) << 4)
+        hi = ((c >> 2) & 0x1C) | (c & 0x80)
+        return lo.to(tl.uint8).to(tl.float8e4nv, bitcast=True), hi.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        return tl.inline_asm_elementwise(_E2M1_E4M3_ASM, "=r,=r,r", [packed], dtype=(tl.float8e4nv, tl.float8e4nv),
+                                         is_pure=True, pack=4)
+
+
 @triton.jit
 def _nibble_f16(c, FMT: tl.constexpr):
     """A 4-bit code (0..15, int16) -> FP16: e2m1 value * 2**-14 (FMT 0) or the int4 value (FMT 1)."""
@@ -232,10 +257,10 @@ def _decode_codes(p, e0, e1, FMT: tl.constexpr, OP_F8: tl.constexpr, INTERPRET: 
     (FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 for d >= -9; the GEMM takes the 2 back).
     """
     b_lo, b_hi = _unpack_f16(p, FMT, INTERPRET)
-    if FMT == 0:
+    if FMT == 0:  # FP16 2**(e + off) from its bits (e >= -24 keeps the exponent field in 5..30)
         off = 15 if OP_F8 else 14
-        b_lo = b_lo * tl.exp2(e0.to(tl.float32) + off).to(tl.float16)[:, None]
-        b_hi = b_hi * tl.exp2(e1.to(tl.float32) + off).to(tl.float16)[:, None]
+        b_lo = b_lo * (((e0 + off + 15) << 10).to(tl.int16).to(tl.float16, bitcast=True))[:, None]
+        b_hi = b_hi * (((e1 + off + 15) << 10).to(tl.int16).to(tl.float16, bitcast=True))[:, None]
     if OP_F8:
         b_lo = b_lo.to(tl.float8e4nv)
         b_hi = b_hi.to(tl.float8e4nv)
@@ -264,6 +289,33 @@ def _chunk_dot(acc, a_ptr, rm64, mm, stride_am, ck, limit, p, e0, e1, FMT: tl.co
         b_lo, b_hi = b_lo.to(tl.float16), b_hi.to(tl.float16)
     acc = tl.dot(a_lo, tl.trans(b_lo), acc)
     return tl.dot(a_hi, tl.trans(b_hi), acc)
+
+
+@triton.jit
+def _dot_f8(w, a, INTERPRET: tl.constexpr):
+    """w · a^T on e4m3 tiles, a fresh FP32 result (the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact)."""
+    if INTERPRET:
+        return tl.dot(w.to(tl.float16), tl.trans(a.to(tl.float16)))
+    return tl.dot(w, tl.trans(a))
+
+
+@triton.jit
+def _chunk_t_f8(acc, p, e0, e1, a_lo, a_hi, FMT: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += W · A^T for one 64-column chunk on e4m3 operands (the transposed GEMM's FP8 variant).
+
+    MXFP4: the weights unpack to e2m1 * 2**-6 by moving bits, and each 32-column block's factor
+    2**(d + 6) multiplies its FP32 partial product: exact at any block exponent, and no operand
+    arithmetic. INT4: FP16 (0x6400 trick) -> e4m3, exact for -8..7.
+    """
+    if FMT == 0:
+        w_lo, w_hi = _unpack_e4m3(p, INTERPRET)
+        acc += _dot_f8(w_lo, a_lo, INTERPRET) * _pow2(e0 + 6)[:, None]
+        acc += _dot_f8(w_hi, a_hi, INTERPRET) * _pow2(e1 + 6)[:, None]
+    else:
+        w_lo, w_hi = _decode_codes(p, e0, e1, FMT, True, INTERPRET)
+        acc += _dot_f8(w_lo, a_lo, INTERPRET)
+        acc += _dot_f8(w_hi, a_hi, INTERPRET)
+    return acc
 
 
 @triton.jit
@@ -309,14 +361,20 @@ def _store_tile(acc, y, ws, mask, cnt, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
-                          FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr = False):
+                          FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, RAW_E4M3: tl.constexpr = False,
+                          INTERPRET: tl.constexpr = False):
     """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
-    expansion of 4-bit weights ahead of a large-M GEMM."""
+    expansion of 4-bit weights ahead of a large-M GEMM. RAW_E4M3 (MXFP4, for tests): the e4m3
+    operands of the transposed GEMM's e4m3 variant, before their block factors (e2m1 * 2**-6)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     ck = tl.program_id(1)
     nm = rn < N
     rn64 = rn.to(tl.int64)
-    b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
+    if RAW_E4M3:
+        p, _, _ = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
+        b_lo, b_hi = _unpack_e4m3(p, INTERPRET)
+    else:
+        b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
     h = tl.arange(0, 32)
     base = out_ptr + rn64[:, None] * K_PAD + ck * 64 + h[None, :]
     tl.store(base, b_lo, mask=nm[:, None])
@@ -408,13 +466,48 @@ def osc_gemm_kernel(
 
 
 @triton.jit
+def _t_loads(wrow, erow, arow, nm, mm, ck, FMT: tl.constexpr):
+    """Step ``ck`` of the transposed GEMM (chunks ck, ck + 1): code bytes [BN, 32] x 2, the four MXFP4
+    block exponents of each row as one int32, and A's four [MP, 32] tiles."""
+    p0 = tl.load(wrow + ck * 32, mask=nm[:, None], other=0)
+    p1 = tl.load(wrow + ck * 32 + 32, mask=nm[:, None], other=0)
+    ev = tl.load(erow + ck // 2, mask=nm, other=0) if FMT == 0 else p0
+    a0 = tl.load(arow + ck * 64, mask=mm[:, None], other=0.0)
+    a1 = tl.load(arow + ck * 64 + 32, mask=mm[:, None], other=0.0)
+    a2 = tl.load(arow + ck * 64 + 64, mask=mm[:, None], other=0.0)
+    a3 = tl.load(arow + ck * 64 + 96, mask=mm[:, None], other=0.0)
+    return p0, p1, ev, a0, a1, a2, a3
+
+
+@triton.jit
+def _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT: tl.constexpr, OP_F8: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += W · A^T over one step's two chunks."""
+    if FMT == 0:  # e(ck, lo), e(ck, hi), e(ck+1, lo), e(ck+1, hi), sign-extended from the bytes
+        e00, e01, e10, e11 = (ev << 24) >> 24, (ev << 16) >> 24, (ev << 8) >> 24, ev >> 24
+    else:  # unused by the int4 decode
+        e00, e01, e10, e11 = rn, rn, rn, rn
+    if OP_F8:
+        acc = _chunk_t_f8(acc, p0, e00, e01, a0, a1, FMT, INTERPRET)
+        acc = _chunk_t_f8(acc, p1, e10, e11, a2, a3, FMT, INTERPRET)
+    else:
+        w0, w1 = _decode_codes(p0, e00, e01, FMT, False, INTERPRET)
+        acc = tl.dot(w0, tl.trans(a0), acc)
+        acc = tl.dot(w1, tl.trans(a1), acc)
+        w2, w3 = _decode_codes(p1, e10, e11, FMT, False, INTERPRET)
+        acc = tl.dot(w2, tl.trans(a2), acc)
+        acc = tl.dot(w3, tl.trans(a3), acc)
+    return acc
+
+
+@triton.jit
 def osc_gemm_t_kernel(
     a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
-    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False,
+    SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
-    """Few tokens (M <= MP): y^T [BN, MP] = deq(B) · A^T, A the FP16 operands of split_quantize.
+    """Few tokens (M <= MP): y^T [BN, MP] = deq(B) · A^T, A the FP16 (OP_F8: e4m3) operands of
+    split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and A's tile shrinks.
 
     The weight tile is the left operand, so Triton loads its bytes straight into the MMA
     operand layout and unpacks them there (no shared-memory round trip of unpacked values);
@@ -435,25 +528,11 @@ def osc_gemm_t_kernel(
     c0 = split * per_split * 2
     c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
     arow = a_ptr + rm.to(tl.int64)[:, None] * stride_am + h[None, :]
+    wrow = b_ptr + rn64[:, None] * stride_bn + h[None, :]
+    erow = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4)
     for ck in range(c0, c1, 2):  # K_PAD is a multiple of 128: chunks ck and ck + 1 both exist
-        wrow = b_ptr + rn64[:, None] * stride_bn + ck * 32 + h[None, :]
-        p0 = tl.load(wrow, mask=nm[:, None], other=0)
-        p1 = tl.load(wrow + 32, mask=nm[:, None], other=0)
-        if FMT == 0:  # e(ck, lo), e(ck, hi), e(ck+1, lo), e(ck+1, hi), sign-extended from the bytes
-            ev = tl.load(be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4) + ck // 2, mask=nm, other=0)
-            e00, e01, e10, e11 = (ev << 24) >> 24, (ev << 16) >> 24, (ev << 8) >> 24, ev >> 24
-        else:  # unused by the int4 decode
-            e00, e01, e10, e11 = rn, rn, rn, rn
-        a0 = tl.load(arow + ck * 64, mask=mm[:, None], other=0.0)
-        a1 = tl.load(arow + ck * 64 + 32, mask=mm[:, None], other=0.0)
-        a2 = tl.load(arow + ck * 64 + 64, mask=mm[:, None], other=0.0)
-        a3 = tl.load(arow + ck * 64 + 96, mask=mm[:, None], other=0.0)
-        w0, w1 = _decode_codes(p0, e00, e01, FMT, False, INTERPRET)
-        acc = tl.dot(w0, tl.trans(a0), acc)
-        acc = tl.dot(w1, tl.trans(a1), acc)
-        w2, w3 = _decode_codes(p1, e10, e11, FMT, False, INTERPRET)
-        acc = tl.dot(w2, tl.trans(a2), acc)
-        acc = tl.dot(w3, tl.trans(a3), acc)
+        p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
+        acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, INTERPRET)
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     acc = acc * sa[None, :] * tl.load(sb_ptr + rn, mask=nm, other=0.0)[:, None]
     if BO > 0 and split == 0:

@@ -1,0 +1,80 @@
+"""Decode (M <= 16) configs of the transposed GEMM on the H200, side by side in one process.
+
+Each config is (operands, MP, BN, warps, stages, split-K): operands f16 (FP16 A, weights unpacked
+to FP16 with the block factor folded in) or f8 (e4m3 A, weights moved bit-wise to e4m3 and each
+block's factor applied to its FP32 partial product); MP the padded token count of the A tile
+("min": M's power of two); None: gemm_config's choice. Columns: the GEMM alone back to back
+(bench._b2b_time, µs per call on distinct weight copies) and split-quantize + GEMM flushed
+(bench._graph_time), beside cuBLAS. Results: docs/bench/h200_decode_sweeps_2026-11-29.md.
+Usage on the device: python3 scripts/decode_sweep.py > $OUT/decode_sweep.md
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+
+from oscquant.bench import _b2b_time, _graph_time, qwen3_shapes
+from oscquant.config import LayerScheme
+from oscquant.kernels.ops import gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
+from oscquant.kernels.triton_osc import MODE_F8, MODE_F16
+from oscquant.linear import OSCLinear
+
+CONFIGS = [  # (operands, MP, BN, warps, stages, split-K); None: gemm_config's value
+    ("f16", 16, None, None, None, None), ("f16", "min", None, None, None, None), ("f16", "min", None, None, None, 4),
+    ("f8", "min", None, None, None, None), ("f8", "min", None, None, None, 1), ("f8", "min", None, None, None, 2),
+    ("f8", "min", None, None, None, 4), ("f8", "min", None, None, 3, None), ("f8", 16, None, None, None, None),
+    ("f8", "min", 64, 4, 4, None), ("f8", "min", 16, 1, 4, None)]
+
+
+def config(m, n, k_pad, ops_, mp, bn, warps, stages, split):
+    base = gemm_config(m, n, k_pad)
+    mp = (1 << (m - 1).bit_length()) if mp == "min" else mp
+    return replace(base, bm=mp, op_f8=ops_ == "f8", bn=bn or base.bn, warps=warps or base.warps,
+                   stages=stages or base.stages, split_k=split or base.split_k)
+
+
+def main(ms=(1, 8, 16), k=128):
+    out = sys.stdout
+    out.write("| shape | M | config (ops, MP, BN, warps, stages, split) | GEMM b2b µs | split+GEMM flush µs | "
+              "weight TB/s b2b |\n|---|---|---|---|---|---|\n")
+    for name, n, k_in in qwen3_shapes():
+        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
+        kw = layer_weights(layer)
+        w_f8 = lin.weight.to(torch.float8_e4m3fn)
+        sw = torch.ones(1, n, device="cuda")
+        w_bytes = kw.codes.numel() + kw.rel_exp.numel() + 2 * n * k + 4 * n
+        clone = lambda: replace(kw, codes=kw.codes.clone(), rel_exp=kw.rel_exp.clone(),  # noqa: E731
+                                w_outlier=kw.w_outlier.clone())
+        for m in ms:
+            x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
+            x_f8 = x.to(torch.float8_e4m3fn)
+            sx = torch.ones(m, 1, device="cuda")
+            b = _b2b_time(lambda w: torch.matmul(x, w.T), lin.weight.clone, 2 * n * k_in)
+            out.write(f"| {name} | {m} | cuBLAS BF16 | {b:.1f} | {_graph_time(lambda: torch.matmul(x, lin.weight.T)):.1f} | |\n")
+            f8 = lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)  # noqa: E731
+            out.write(f"| {name} | {m} | cuBLAS FP8 | {_b2b_time(f8, w_f8.clone, n * k_in):.1f} | "
+                      f"{_graph_time(lambda: f8(w_f8)):.1f} | |\n")
+            for c in CONFIGS:
+                cfg = config(m, n, kw.k_main, *c)
+                if cfg.bm < m:
+                    continue
+                try:
+                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8 if cfg.op_f8 else MODE_F16,
+                                               kw.k_main)
+                    t = _b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), clone, w_bytes)
+                    f = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
+                except Exception as e:  # a config the compiler rejects
+                    out.write(f"| {name} | {m} | {c} | failed: {type(e).__name__}: {str(e)[:80]} | | |\n")
+                    continue
+                out.write(f"| {name} | {m} | {c[0]}, {cfg.bm}, {cfg.bn}, {cfg.warps}, {cfg.stages}, {cfg.split_k} | "
+                          f"{t:.1f} | {f:.1f} | {w_bytes / t / 1e6:.2f} |\n")
+                out.flush()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
