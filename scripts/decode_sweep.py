@@ -26,7 +26,8 @@ CONFIGS = [  # (operands, MP, BN, warps, stages, split-K); None: gemm_config's v
     ("f16", 16, None, None, None, None), ("f16", "min", None, None, None, None), ("f16", "min", None, None, None, 4),
     ("f8", "min", None, None, None, None), ("f8", "min", None, None, None, 1), ("f8", "min", None, None, None, 2),
     ("f8", "min", None, None, None, 4), ("f8", "min", None, None, 3, None), ("f8", 16, None, None, None, None),
-    ("f8", "min", 64, 4, 4, None), ("f8", "min", 16, 1, 4, None)]
+    ("f8", "min", 64, 4, 4, None), ("f8", "min", 16, 1, 4, None), ("f16", "min", None, None, 2, None),
+    ("f16", "min", None, None, 5, None), ("f16", "min", None, None, 3, 8), ("f8", "min", None, None, 2, None)]
 
 
 def config(m, n, k_pad, ops_, mp, bn, warps, stages, split):

@@ -117,17 +117,19 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     docs/kernels.md): up to 64 tokens the transposed GEMM (4-bit weights as the left
     operand) wins; 32-row weight tiles up to 16 tokens, 64 above (128 for very wide layers).
     Up to 16 tokens: e4m3 operands for the widest layers (>= 512 weight tiles; their
-    cheaper unpack wins there), FP16 elsewhere with split-K 4; the A tile padded only to
-    the next power of two of M where N > K. Prefill wants the largest FP8 tiles, smaller
-    ones at a few hundred rows (``bench.sweep``).
+    cheaper unpack wins there), FP16 elsewhere with split-K 4 (8 for one token where N > K);
+    the A tile padded only to the next power of two of M where N > K; 3 pipeline stages,
+    6 where K > N. Prefill wants the largest FP8 tiles, smaller ones at a few hundred rows
+    (``bench.sweep``).
     """
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
         if m <= DECODE_MAX_M:
             mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
             if triton.cdiv(n, 32) >= 512:
-                return GemmConfig(mp, 32, 2, True, 2, 4, swap=True)
-            return GemmConfig(mp, 32, 4, False, 2, 6 if k_pad >= 4096 and n <= k_pad else 4, swap=True)
+                return GemmConfig(mp, 32, 2, True, 2, 3, swap=True)
+            split = 8 if m == 1 and n > k_pad else 4
+            return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
         if n >= 16384:
             return GemmConfig(mp, 128, 1, False, 4, 4, swap=True)
         return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True)
