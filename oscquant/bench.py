@@ -102,10 +102,15 @@ def _b2b_time(call, weights, nbytes: int) -> float:
     return _graph_time(run) / len(copies)
 
 
+def clone_weights(kw):
+    """A copy of a layer's kernel weights in fresh memory (what the GEMM streams), for back-to-back timing."""
+    return replace(kw, codes=kw.codes.clone(), rel_exp=None if kw.rel_exp is None else kw.rel_exp.clone(),
+                   w_outlier=kw.w_outlier.clone())
+
+
 def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], fmt: str = "mxfp4") -> list[Row]:
     from .config import LayerScheme
     from .kernels.ops import gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
-    from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
     dev = "cuda"
@@ -137,8 +142,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
             layer = OSCLinear.from_linear(lin, LayerScheme(fmt, k), planted[:k])
             kw = layer_weights(layer)
             cfg = gemm_config(m, n, kw.k_main)
-            mode = MODE_F8 if cfg.op_f8 else MODE_F16
-            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main)
+            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, cfg.mode, kw.k_main)
             gemm = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
             full = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
             w_bytes = kw.codes.numel() + (kw.rel_exp.numel() if kw.rel_exp is not None else 0) + 4 * n + 2 * n * k
@@ -157,9 +161,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
                     b2b_bf16_us=_b2b_time(lambda w: torch.matmul(x, w.T), lin.weight.clone, 2 * n * k_in),
                     b2b_fp8_us=_b2b_time(lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw_row,
                                                                     out_dtype=torch.bfloat16), w_f8.clone, n * k_in),
-                    b2b_osc_us=_b2b_time(lambda w: osc_linear_2d(x, w, cfg), lambda: replace(
-                        kw, codes=kw.codes.clone(), rel_exp=None if kw.rel_exp is None else kw.rel_exp.clone(),
-                        w_outlier=kw.w_outlier.clone()), w_bytes))
+                    b2b_osc_us=_b2b_time(lambda w: osc_linear_2d(x, w, cfg), lambda: clone_weights(kw), w_bytes))
             rows.append(Row(name, n, k_in, m, k, bf16, int8, fp8, gemm, full, fb,
                             full_bytes / (full * 1e-6) / 1e12, ops / (full * 1e-6) / 1e12,
                             100 * floor_s / (full * 1e-6), 100 * gemm_floor_s / (gemm * 1e-6),
@@ -245,7 +247,6 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     _need_cuda("sweep")
     from .config import LayerScheme
     from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize
-    from .kernels.triton_osc import MODE_F8, MODE_F16
     from .linear import OSCLinear
 
     lines = ["| shape | M | BM | BN | split-K | FP8 ops | warps | stages | µs |", "|" + "---|" * 9]
@@ -258,8 +259,7 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
             for c in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
                 cfg = GemmConfig(*c)
                 if m <= 16 or cfg.expand or m <= 1024:
-                    mode = MODE_F8 if cfg.op_f8 else MODE_F16
-                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", mode, kw.k_main)
+                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
                     try:
                         t = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
                     except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)

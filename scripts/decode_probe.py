@@ -23,7 +23,6 @@ import triton.language as tl
 
 from oscquant.bench import _b2b_time, _graph_time
 from oscquant.config import LayerScheme
-from oscquant.kernels import triton_osc as T
 from oscquant.kernels.ops import gemm_config, layer_weights, osc_gemm, split_quantize
 from oscquant.linear import OSCLinear
 
@@ -92,8 +91,7 @@ def main():
             row(m, "FP8 cuBLAS", "", lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw,
                                                                out_dtype=torch.bfloat16), w_f8.clone, n * k)
             cfg = gemm_config(m, n, kw.k_main)
-            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", T.MODE_F8 if cfg.op_f8 else T.MODE_F16,
-                                       kw.k_main)
+            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
             row(m, "osc_gemm as shipped", (cfg.bn, cfg.warps, cfg.stages, cfg.split_k),
                 lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg),
                 lambda: replace(kw, codes=kw.codes.clone(), rel_exp=kw.rel_exp.clone()),

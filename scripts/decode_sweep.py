@@ -16,10 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from oscquant.bench import _b2b_time, _graph_time, qwen3_shapes
+from oscquant.bench import _b2b_time, _graph_time, clone_weights, qwen3_shapes
 from oscquant.config import LayerScheme
 from oscquant.kernels.ops import gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
-from oscquant.kernels.triton_osc import MODE_F8, MODE_F16
 from oscquant.linear import OSCLinear
 
 CONFIGS = [  # (operands, MP, BN, warps, stages, split-K); None: gemm_config's value
@@ -48,8 +47,6 @@ def main(ms=(1, 8, 16), k=128):
         w_f8 = lin.weight.to(torch.float8_e4m3fn)
         sw = torch.ones(1, n, device="cuda")
         w_bytes = kw.codes.numel() + kw.rel_exp.numel() + 2 * n * k + 4 * n
-        clone = lambda: replace(kw, codes=kw.codes.clone(), rel_exp=kw.rel_exp.clone(),  # noqa: E731
-                                w_outlier=kw.w_outlier.clone())
         for m in ms:
             x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
             x_f8 = x.to(torch.float8_e4m3fn)
@@ -64,9 +61,8 @@ def main(ms=(1, 8, 16), k=128):
                 if cfg.bm < m:
                     continue
                 try:
-                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8 if cfg.op_f8 else MODE_F16,
-                                               kw.k_main)
-                    t = _b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), clone, w_bytes)
+                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
+                    t = _b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), lambda: clone_weights(kw), w_bytes)
                     f = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
                 except Exception as e:  # a config the compiler rejects
                     out.write(f"| {name} | {m} | {c} | failed: {type(e).__name__}: {str(e)[:80]} | | |\n")

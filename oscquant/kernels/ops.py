@@ -109,6 +109,11 @@ class GemmConfig:
     group_m: int = 8
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
 
+    @property
+    def mode(self) -> int:
+        """The split_quantize mode whose activation operands this config multiplies."""
+        return MODE_F8 if self.op_f8 else MODE_F16
+
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
@@ -122,14 +127,14 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     6 where K > N. Prefill wants the largest FP8 tiles, smaller ones at a few hundred rows
     (``bench.sweep``).
     """
+    if fmt != "fp8" and m <= DECODE_MAX_M:
+        mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
+        if triton.cdiv(n, 32) >= 512:
+            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True)
+        split = 8 if m == 1 and n > k_pad else 4
+        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
-        if m <= DECODE_MAX_M:
-            mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
-            if triton.cdiv(n, 32) >= 512:
-                return GemmConfig(mp, 32, 2, True, 2, 3, swap=True)
-            split = 8 if m == 1 and n > k_pad else 4
-            return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
         if n >= 16384:
             return GemmConfig(mp, 128, 1, False, 4, 4, swap=True)
         return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True)
@@ -205,13 +210,13 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False) -> to
     raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
     block factors go on the partial products).
     """
-    n = kw.row_scale.numel()
-    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 else torch.float16,
-                      device=kw.codes.device)
     if kw.fmt == "fp8":
         return kw.codes if op_f8 else kw.codes.to(torch.float16)
     if raw_e4m3 and kw.fmt != "mxfp4":
         raise ValueError(f"raw_e4m3 is the MXFP4 unpack; got {kw.fmt}")
+    n = kw.row_scale.numel()
+    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 else torch.float16,
+                      device=kw.codes.device)
     bn = 64
     decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
         kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
@@ -223,8 +228,7 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     m = x.shape[0]
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt)
-    mode = MODE_F8 if cfg.op_f8 else MODE_F16
-    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, mode, kw.k_main)
+    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 
