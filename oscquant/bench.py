@@ -104,8 +104,9 @@ def _b2b_time(call, weights, nbytes: int) -> float:
 
 def clone_weights(kw):
     """A copy of a layer's kernel weights in fresh memory (what the GEMM streams), for back-to-back timing."""
+    frag = kw.frag and replace(kw.frag, words=kw.frag.words.clone(), exps=kw.frag.exps.clone())
     return replace(kw, codes=kw.codes.clone(), rel_exp=None if kw.rel_exp is None else kw.rel_exp.clone(),
-                   w_outlier=kw.w_outlier.clone())
+                   w_outlier=kw.w_outlier.clone(), frag=frag)
 
 
 def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], fmt: str = "mxfp4") -> list[Row]:

@@ -1,9 +1,10 @@
-"""Decode (M <= 16) configs of the transposed GEMM on the H200, side by side in one process.
+"""Decode (M <= 16) configs on the H200, side by side in one process.
 
-Each config is (operands, MP, BN, warps, stages, split-K): operands f16 (FP16 A, weights unpacked
-to FP16 with the block factor folded in) or f8 (e4m3 A, weights moved bit-wise to e4m3 and each
-block's factor applied to its FP32 partial product); MP the padded token count of the A tile
-("min": M's power of two); None: gemm_config's choice. Columns: the GEMM alone back to back
+Each config is (operands, MP, BN, warps, stages, split-K): operands f16 / f8 for the transposed
+GEMM (FP16 A, weights unpacked to FP16 with the block factor folded in; or e4m3 A, weights moved
+bit-wise to e4m3 and each block's factor applied to its FP32 partial product), MP the padded
+token count of the A tile ("min": M's power of two); operands "frag" for the fragment GEMM
+(frag_gemm.py; only warps and split-K apply); None: gemm_config's choice. Columns: the GEMM alone back to back
 (bench._b2b_time, µs per call on distinct weight copies) and split-quantize + GEMM flushed
 (bench._graph_time), beside cuBLAS. Results: docs/bench/h200_decode_sweeps_2026-11-29.md.
 Usage on the device: python3 scripts/decode_sweep.py > $OUT/decode_sweep.md
@@ -18,19 +19,19 @@ import torch
 
 from oscquant.bench import _b2b_time, _graph_time, clone_weights, qwen3_shapes
 from oscquant.config import LayerScheme
-from oscquant.kernels.ops import gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
+from oscquant.kernels.ops import frag_config, gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
 from oscquant.linear import OSCLinear
 
-CONFIGS = [  # (operands, MP, BN, warps, stages, split-K); None: gemm_config's value
-    ("f16", 16, None, None, None, None), ("f16", "min", None, None, None, None), ("f16", "min", None, None, None, 4),
-    ("f8", "min", None, None, None, None), ("f8", "min", None, None, None, 1), ("f8", "min", None, None, None, 2),
-    ("f8", "min", None, None, None, 4), ("f8", "min", None, None, 3, None), ("f8", 16, None, None, None, None),
-    ("f8", "min", 64, 4, 4, None), ("f8", "min", 16, 1, 4, None), ("f16", "min", None, None, 2, None),
-    ("f16", "min", None, None, 5, None), ("f16", "min", None, None, 3, 8), ("f8", "min", None, None, 2, None)]
+CONFIGS = [("old", None, None, None, None, None), ("frag", None, None, None, None, None)] + [
+    ("frag", None, None, w, None, s) for w in (1, 2, 4) for s in (1, 2, 4, 8, 16)]  # (operands, MP, BN, warps, stages, split-K)
 
 
 def config(m, n, k_pad, ops_, mp, bn, warps, stages, split):
-    base = gemm_config(m, n, k_pad)
+    if ops_ == "old":  # the transposed GEMM's config, as before the fragment GEMM
+        return gemm_config(m, n, k_pad, frag=False)
+    if ops_ == "frag":
+        return frag_config(m, n, k_pad, warps, split)
+    base = gemm_config(m, n, k_pad, frag=False)
     mp = (1 << (m - 1).bit_length()) if mp == "min" else mp
     return replace(base, bm=mp, op_f8=ops_ == "f8", bn=bn or base.bn, warps=warps or base.warps,
                    stages=stages or base.stages, split_k=split or base.split_k)
@@ -63,7 +64,7 @@ def main(ms=(1, 8, 16), k=128):
                 try:
                     xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
                     t = _b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), lambda: clone_weights(kw), w_bytes)
-                    f = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
+                    f = _graph_time(lambda: osc_linear_2d(x, kw, cfg)) if c[3] is None else float("nan")
                 except Exception as e:  # a config the compiler rejects
                     out.write(f"| {name} | {m} | {c} | failed: {type(e).__name__}: {str(e)[:80]} | | |\n")
                     continue
@@ -74,4 +75,4 @@ def main(ms=(1, 8, 16), k=128):
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(int(m) for m in sys.argv[1].split(",")) if len(sys.argv) > 1 else (1, 8, 16))

@@ -19,7 +19,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from oscquant import formats as F  # noqa: E402
 from oscquant.config import LayerScheme  # noqa: E402
 from oscquant.kernels import ops  # noqa: E402
-from oscquant.kernels.layout import chunk_pack, chunk_unpack, reference_operand  # noqa: E402
+from oscquant.kernels.layout import (FRAG_REL_MIN, chunk_pack, chunk_unpack, fragment_codes, fragment_pack,  # noqa: E402
+                                     fragment_unpack, reference_operand)
 from oscquant.kernels.triton_osc import MODE_F8, MODE_F16, MODE_PACKED  # noqa: E402
 from oscquant.linear import OSCLinear, reference_forward  # noqa: E402
 
@@ -123,6 +124,78 @@ def test_chunk_layout_roundtrip():
     assert packed[0, 0] == codes[0, 0] | (codes[0, 32] << 4)
 
 
+def test_fragment_layout_unpacks_bit_exact():
+    """The fragment GEMM's integer unpack recipe (byte tables from the block exponent, prmt, sign
+    ORs), run on the CPU over its word layout, gives every weight as e4m3 exactly: all 16 codes,
+    block exponents across the table's range, rows and columns past the tile and step edges.
+    Blocks below the table's range come back re-rounded, within half their smallest step."""
+    g = torch.Generator().manual_seed(3)
+    layer, _ = make_layer(416, 72, "mxfp4", 16, bias=False)
+    kw = copy.copy(ops.layer_weights(layer))
+    n = kw.row_scale.numel()
+    kw.codes = kw.codes.cpu().clone()
+    kw.codes[:, :8] = torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)
+    kw.rel_exp = torch.randint(FRAG_REL_MIN - 3, 1, kw.rel_exp.shape, generator=g, dtype=torch.int8)
+    kw.rel_exp[::2, 0], kw.rel_exp[1::2, 0] = 0, FRAG_REL_MIN  # the table's two ends
+    kw.row_scale = kw.row_scale.cpu()
+    fw = fragment_pack(kw)
+    assert fw.words.shape == (kw.k_main // 128, 8, 32, 8) and fw.exps.dtype == torch.int32  # 72 rows -> 8 tiles
+    got = fragment_unpack(fw, n).float()
+    vals = F.e2m1_decode(chunk_unpack(kw.codes)) * torch.exp2(kw.rel_exp.float() + 6).repeat_interleave(32, 1)
+    inside = (kw.rel_exp >= FRAG_REL_MIN).repeat_interleave(32, 1)
+    assert torch.equal(got[inside], vals[inside])
+    assert (got[~inside] - vals[~inside]).abs().max() <= 2.0 ** (FRAG_REL_MIN + 6 - 2)
+    assert set(got[:, :16].abs().unique().tolist()) >= {0.0, 6 * 2.0 ** 6, 2.0 ** -6}
+    codes, e = fragment_codes(kw)
+    assert int(e.min()) >= -5 and int(e.max()) <= 6  # what the e4m3 table can shift to
+    assert torch.equal(fw.row_scale, kw.row_scale / 64)
+
+
+@pytest.mark.skipif(not CUDA, reason="the fragment GEMM is inline PTX (no interpreter)")
+@pytest.mark.parametrize("m,k_in,n", [s for s in SHAPES if s[0] <= 16])
+@pytest.mark.parametrize("k", [32, 16, 0])
+@pytest.mark.parametrize("warps,split_k", [(4, 1), (2, 3), (8, 8), (1, 2)])
+def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k):
+    layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
+    x = activations(m, k_in, idx, seed=m)
+    kw = ops.layer_weights(layer)
+    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k)
+    assert cfg.frag and cfg.bm == (8 if m <= 8 else 16)
+    xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
+    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
+    assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2
+    if split_k > 1:
+        ws, cnt = ops._SPLIT_WORKSPACE[y.device]
+        assert not ws.any() and not cnt.any()
+        again = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=torch.full_like(out, float("nan")))
+        assert rel_err(again.cpu(), ref) <= 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="the fragment GEMM is inline PTX (no interpreter)")
+def test_fragment_gemm_unpack_is_bit_exact_on_the_gpu():
+    """One-hot activation rows pick single weight columns: y[m, n] = w[n, col_m] * row scale, exact
+    in BF16 (a few significant bits times a power of two), so every column position of a step
+    (lane, word, nibble) is checked against the CPU recipe, and that against the reference."""
+    _, k_in, n = SHAPES[1]
+    layer, _ = make_layer(k_in, n, "mxfp4", 0, bias=False)
+    kw = ops.layer_weights(layer)
+    kw.codes[:, :8] = (torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)).to(DEV)
+    kw.frag = fragment_pack(kw)
+    want = fragment_unpack(copy.copy(kw.frag), n).float().cpu() * kw.frag.row_scale.cpu()[:, None]
+    cfg = ops.frag_config(16, n, kw.k_main, split_k=1)
+    cols = torch.cat((torch.arange(128), kw.k_main - 128 + torch.arange(128)))
+    xo = torch.zeros(16, 0, dtype=torch.bfloat16, device=DEV)
+    for i in range(0, cols.numel(), 16):
+        c = cols[i:i + 16]
+        a = torch.zeros(16, kw.k_main, dtype=torch.float16, device=DEV)
+        a[torch.arange(16), c.to(DEV)] = 1.0
+        y = ops.osc_gemm(a, torch.ones(16, device=DEV), kw, xo, torch.bfloat16, cfg,
+                         out=torch.full((16, n), float("nan"), dtype=torch.bfloat16, device=DEV))
+        assert torch.equal(y.float().cpu().T, want[:, c]), f"columns {c.tolist()}"
+
+
 CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, False, 4, 2, bk=256),
            ops.GemmConfig(64, 64, 1, True, 4, 2), ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True),
            ops.GemmConfig(16, 64, 1, False, 4, 3, swap=True), ops.GemmConfig(64, 32, 3, False, 2, 2, swap=True),
@@ -196,16 +269,30 @@ def test_bad_inputs_raise():
                                    kw.k_main)
     with pytest.raises(ValueError, match="e4m3fn activation operands.*MODE_F8"):  # operands of the wrong mode
         ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, ops.GemmConfig(1, 32, 1, True, 2, 4, swap=True))
+    frag = ops.frag_config(1, n, kw.k_main)
+    with pytest.raises(ValueError, match="float16 activation operands.*MODE_F16"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, frag)
+    with pytest.raises(ValueError, match="fragment layout and M <= 8"):
+        ops.osc_gemm(torch.zeros(9, kw.k_main, dtype=torch.float16, device=DEV), sa, kw, xo, torch.bfloat16, frag)
+    int4 = ops.layer_weights(make_layer(k_in, n, "int4", 16)[0])
+    with pytest.raises(ValueError, match="got int4 \\(without fragment layout\\)"):
+        ops.osc_gemm(a, sa, int4, xo, torch.bfloat16, frag)
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
+    frag = [ops.gemm_config(m, 4096, 4096) for m in (1, 8, 9)]  # MXFP4 decode: the fragment GEMM up to 8 tokens
+    assert frag[0].frag and frag[1].frag and frag[0].bm == 8 and not frag[2].frag
+    assert ops.frag_config(16, 4096, 4096).bm == 16  # two token groups, for callers that ask
+    assert ops.gemm_config(1, 5120, 2048).frag and not ops.gemm_config(8, 5120, 2048).frag  # the measured exception
+    assert ops.gemm_config(1, 4096, 4096).split_k > ops.gemm_config(1, 24576, 4096).split_k  # fewer tiles, more splits
+    assert not ops.gemm_config(17, 4096, 4096).frag and not ops.gemm_config(1, 4096, 4096, "int4").frag
     for fmt in ("mxfp4", "int4"):  # few tokens: the transposed GEMM on 4-bit weights
-        assert ops.gemm_config(1, 4096, 4096, fmt).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
+        assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
         assert not ops.gemm_config(65, 4096, 4096, fmt).swap and ops.gemm_config(65, 4096, 4096, fmt).op_f8
-    assert ops.gemm_config(1, 4096, 4096).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
-    wide = ops.gemm_config(1, 24576, 4096)  # the widest layers: e4m3 operands, A padded to M only
-    assert wide.op_f8 and wide.bm == 1 and ops.gemm_config(16, 24576, 4096).bm == 16
-    assert ops.gemm_config(8, 4096, 12288).bm == 16 and not ops.gemm_config(8, 4096, 12288).op_f8
+    assert ops.gemm_config(1, 4096, 4096, frag=False).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
+    wide = ops.gemm_config(1, 24576, 4096, frag=False)  # the widest layers: e4m3 operands, A padded to M only
+    assert wide.op_f8 and wide.bm == 1 and ops.gemm_config(16, 24576, 4096, frag=False).bm == 16
+    assert ops.gemm_config(8, 4096, 12288, frag=False).bm == 16 and not ops.gemm_config(8, 4096, 12288, frag=False).op_f8
     assert not ops.gemm_config(1, 4096, 4096, "fp8").swap  # FP8 weights: the plain GEMM
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
 
@@ -238,7 +325,7 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 7 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 9 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

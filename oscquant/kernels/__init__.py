@@ -1,7 +1,9 @@
 """GPU kernels (Triton) for OSC layers, registered with backends.py when Triton can run them.
 
 Triton compiles them on first use; there is no build step. On a machine without CUDA
-they still run under ``TRITON_INTERPRET=1`` (slowly), which is how CPU CI tests them.
+they still run under ``TRITON_INTERPRET=1`` (slowly), which is how CPU CI tests them; the
+one kernel in inline PTX (frag_gemm.py, Gluon) is left out there, its recipe replayed on
+the CPU by layout.fragment_unpack and its build checked by aot.py.
 """
 
 from __future__ import annotations

@@ -28,14 +28,15 @@ DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N"
               ("stride_bn", "i32")]
 
 
-def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, types: dict | None = None):
+def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, types: dict | None = None,
+                   source=ASTSource):
     s = {n: (types or {}).get(n, t) for n, t in sig}
     s.update({k: "constexpr" for k in const})
     names = list(s)
     # as Triton's JIT does for the real calls: pointers and strides divisible by 16
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig
                if t.startswith("*") or n.startswith("stride") or n in ("K_PAD", "K_OUT")}
-    src = ASTSource(fn, s, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned)
+    src = source(fn, s, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned)
     return triton.compile(src, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
 
 
@@ -53,6 +54,21 @@ def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages:
                           dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8,
                                INTERPRET=False),
                           warps, stages, {"a_ptr": "*fp8e4nv" if op_f8 else "*fp16"})
+
+
+FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr", "*i32"), ("sw_ptr", "*fp32"),
+             ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"), ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("ws_ptr", "*fp32"),
+             ("cnt_ptr", "*i32"), ("M", "i32"), ("N", "i32"), ("STEPS", "i32"), ("TILES", "i32"), ("K_OUT", "i32"),
+             ("stride_am", "i32"), ("stride_ym", "i32")]
+
+
+def frag(nt: int, warps: int = 4, split_k: int = 1, stages: int = 6):
+    """The fragment GEMM (Gluon + inline PTX)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from .frag_gemm import osc_frag_gemm_kernel
+    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, STAGES=stages)
+    return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 
 def split(fmt: int, mode: int, block: int = 4096):
@@ -105,7 +121,8 @@ def sass(c) -> str:
 def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack."""
     spills = 0
-    for name, c in [("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
+    for name, c in [("frag gemm mxfp4 M<=8", frag(1, split_k=4)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
+                    ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t mxfp4 e4m3 M=1", gemm_t(K.FMT_MXFP4, 1, 32, split_k=2, op_f8=True)),
                     ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),

@@ -28,6 +28,9 @@ from .. import formats
 CHUNK = 64
 HALF = CHUNK // 2
 REL_EXP_MIN = -24  # below this a block is < 2**-24 of its row maximum: it decodes to zero
+FRAG_REL_MIN = -11  # the fragment GEMM's e4m3 lookup holds blocks down to 2**-11 of the row's largest
+FRAG_ROWS = 16  # weight rows per warp (one MMA tile)
+FRAG_TILE_PAD = 8  # tiles padded to a multiple of this, the most warps a program takes
 
 
 @dataclass
@@ -41,6 +44,7 @@ class KernelWeights:
     outlier_idx: torch.Tensor  # int32 [k]
     keep: torch.Tensor  # uint8 [Kk]: 1 where x feeds the 4-bit path, 0 for outlier channels and padding
     bias: torch.Tensor | None
+    frag: FragWeights | None = None  # mxfp4: the same weights for the decode fragment GEMM
 
 
 def padded_width(k: int) -> int:
@@ -92,12 +96,15 @@ def kernel_weights(layer) -> KernelWeights:
     else:
         raise NotImplementedError(f"no kernel layout for {fmt} (group_size={layer.scheme.group_size})")
     dev = layer.qweight.device
-    return KernelWeights(
+    kw = KernelWeights(
         fmt, packed.contiguous(), None if rel is None else rel.contiguous(), row.contiguous(), kk,
         layer.w_outlier.contiguous(), layer.outlier_idx.to(torch.int32),
         _pad_cols(layer.main_mask(dev)[None], kk)[0].contiguous(),
         None if layer.bias is None else layer.bias.float().contiguous(),
     )
+    if fmt == "mxfp4":
+        kw.frag = fragment_pack(kw)
+    return kw
 
 
 def reference_operand(kw: KernelWeights) -> torch.Tensor:
@@ -110,3 +117,92 @@ def reference_operand(kw: KernelWeights) -> torch.Tensor:
         return torch.where(c >= 8, c - 16, c).float()
     vals = formats.e2m1_decode(codes)
     return vals * torch.exp2(kw.rel_exp.float()).repeat_interleave(32, dim=1)
+
+
+# ------------------------------------------------------------------ fragment layout (frag_gemm.py)
+@dataclass
+class FragWeights:
+    """MXFP4 weights in the register order of the fragment GEMM (frag_gemm.py).
+
+    words [steps, tiles, 32, 8] int32 (step-major, so that programs working on neighbouring tiles
+    read neighbouring memory): for step s (columns 128s..128s+127), weight tile t (rows
+    16t..16t+15) and lane l = 4g + q, the 8 words thread l needs: word 4h + b holds the codes of
+    row 16t + g + 8h, columns 128s + 32q + 8b + (0..7); magnitude j in nibble j, the sign of column
+    j < 4 in bit 3 of nibble 2j + 1 and of column 4 + j in bit 3 of nibble 2j (where the two
+    sign ORs of the unpack want them). Each thread's 32 columns are one MX block per row.
+    exps [steps, tiles, 32] int32: the two rows' block exponents e = rel + 6 in [-5, 6] (byte 0
+    row g, byte 1 row g + 8, bytes 2-3 unused), the shift of the e4m3 lookup table.
+    row_scale [N] fp32: the row's largest block scale times 2**-6.
+    """
+
+    words: torch.Tensor
+    exps: torch.Tensor
+    row_scale: torch.Tensor
+    steps: int
+
+
+_SIGN_BIT = (7, 15, 23, 31, 3, 11, 19, 27)  # where column j's sign goes in its word
+
+
+def fragment_codes(kw: KernelWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, Kk] uint8, exponents rel + 6 [N, Kk/32]) with blocks below FRAG_REL_MIN
+    re-rounded onto the smallest table's grid (values under 2**-11 of the row's largest block scale:
+    they lose bits, as the e4m3 expansion of the prefill path does below 2**-9)."""
+    codes = chunk_unpack(kw.codes)
+    rel = kw.rel_exp.to(torch.int32)
+    low = rel < FRAG_REL_MIN
+    if bool(low.any()):
+        vals = formats.e2m1_decode(codes) * torch.exp2((rel - FRAG_REL_MIN).float()).repeat_interleave(32, dim=1)
+        lowc = low.repeat_interleave(32, dim=1)
+        codes = torch.where(lowc, formats.e2m1_encode(vals), codes)
+        rel = rel.clamp(min=FRAG_REL_MIN)
+    return codes, rel + 6
+
+
+def fragment_pack(kw: KernelWeights) -> FragWeights:
+    """Re-encode MXFP4 kernel weights for the fragment GEMM (once per layer, cached)."""
+    if kw.fmt != "mxfp4":
+        raise ValueError(f"the fragment GEMM takes mxfp4 weights, got {kw.fmt}")
+    codes, e = fragment_codes(kw)
+    n, kk = codes.shape
+    tiles = -(-n // (FRAG_ROWS * FRAG_TILE_PAD)) * FRAG_TILE_PAD
+    steps = kk // 128
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, tiles * FRAG_ROWS - n))
+    e = torch.nn.functional.pad(e, (0, 0, 0, tiles * FRAG_ROWS - n))
+    # [tiles, h, g, steps, q, b, j] -> [steps, tiles, g, q, h, b, j]
+    c = codes.reshape(tiles, 2, 8, steps, 4, 4, 8).permute(3, 0, 2, 4, 1, 5, 6).to(torch.int64)
+    j = torch.arange(8, device=c.device)
+    sign_at = torch.tensor(_SIGN_BIT, device=c.device)
+    word = (((c & 7) << (4 * j)) | ((c >> 3) << sign_at)).sum(-1)
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)  # the same 32 bits, signed
+    ex = e.reshape(tiles, 2, 8, steps, 4).permute(3, 0, 2, 4, 1).to(torch.int32)  # [steps, tiles, g, q, h]
+    ex = (ex[..., 0] & 0xFF) | ((ex[..., 1] & 0xFF) << 8)  # 4 bytes: cp.async copies no less
+    return FragWeights(word.reshape(steps, tiles, 32, 8).contiguous(), ex.reshape(steps, tiles, 32).contiguous(),
+                       (kw.row_scale * 2.0**-6).contiguous(), steps)
+
+
+_LUT = (0x3C383000, 0x4C484440, 0x08080800, 0x08080808)
+
+
+def fragment_unpack(fw: FragWeights, n: int) -> torch.Tensor:
+    """What the fragment GEMM's lookup unpack makes of the words, as e4m3 [n, Kk], following its
+    integer recipe step by step (byte tables, prmt, sign ORs) on the CPU: tests check it bit-exact
+    against the reference dequantization, and the GPU kernel against it."""
+    w = fw.words.to(torch.int64) & 0xFFFFFFFF  # [steps, tiles, 32, 8]
+    ex = fw.exps.to(torch.int64)
+    e = torch.stack((((ex & 0xFF) ^ 0x80) - 0x80, (((ex >> 8) & 0xFF) ^ 0x80) - 0x80), dim=-1)  # [.., 32, 2]
+    e = e.repeat_interleave(4, dim=-1)  # word 4h + b uses row h's exponent
+    lut0 = (e * _LUT[2] + _LUT[0]) & 0xFFFFFFFF
+    lut1 = (e * _LUT[3] + _LUT[1]) & 0xFFFFFFFF
+    table = torch.stack([(lut0 >> (8 * i)) & 0xFF for i in range(4)] + [(lut1 >> (8 * i)) & 0xFF for i in range(4)], -1)
+    mag = w & 0x77777777
+    out = []
+    for half, (sel, sign) in enumerate(((mag, w & 0x80808080), (mag >> 16, (w << 4) & 0x80808080))):
+        for i in range(4):  # prmt: selector nibble i picks byte i of the 8-byte table
+            byte = torch.gather(table, -1, ((sel >> (4 * i)) & 7)[..., None])[..., 0]
+            out.append(byte | ((sign >> (8 * i)) & 0x80))
+    b = torch.stack(out, -1)  # [steps, tiles, 32, 8 words, 8 columns]
+    steps, tiles = b.shape[:2]
+    # back from [steps, tiles, g, q, h, b, j] to rows and columns
+    b = b.reshape(steps, tiles, 8, 4, 2, 4, 8).permute(1, 4, 2, 0, 3, 5, 6).reshape(tiles * 16, steps * 128)
+    return b[:n].to(torch.uint8).view(torch.float8_e4m3fn)

@@ -1,6 +1,8 @@
 """Host side of the Triton kernels: launch, per-shape configs (one place), custom ops.
 
 Regimes, chosen in :func:`gemm_config` only:
+  MXFP4, M <= 8:      split-quantize to FP16 operands, then the fragment GEMM (frag_gemm.py: the
+                      weights stored in MMA fragment order, unpacked by byte lookups).
   small M (<= 64):    split-quantize to FP16 (or e4m3) operands, then the transposed GEMM
                       (``osc_gemm_t_kernel``: y^T = W · A^T, the 4-bit weights the left MMA
                       operand, unpacked where they land); split-K when N alone gives too few
@@ -20,12 +22,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .layout import KernelWeights, kernel_weights
+from .layout import FragWeights, KernelWeights, kernel_weights
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
                          osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 16
+FRAG_MAX_M = 8  # the fragment GEMM's one token group; at 9-16 tokens the transposed GEMM measured faster
 SWAP_MAX_M = 64
 MAX_K = 32768  # split_quantize keeps a whole row in registers
 
@@ -108,6 +111,7 @@ class GemmConfig:
     expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
     group_m: int = 8
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
+    frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
 
     @property
     def mode(self) -> int:
@@ -115,10 +119,12 @@ class GemmConfig:
         return MODE_F8 if self.op_f8 else MODE_F16
 
 
-def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
+def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True) -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
-    From the small-M sweeps on the H200 (``bench.sweep_small``, ``scripts/decode_sweep.py``,
+    MXFP4 up to 8 tokens: the fragment GEMM (``frag``: False where it cannot run, i.e. the
+    CPU interpreter or weights without the fragment layout). Otherwise, from the small-M sweeps
+    on the H200 (``bench.sweep_small``, ``scripts/decode_sweep.py``,
     docs/kernels.md): up to 64 tokens the transposed GEMM (4-bit weights as the left
     operand) wins; 32-row weight tiles up to 16 tokens, 64 above (128 for very wide layers).
     Up to 16 tokens: e4m3 operands for the widest layers (>= 512 weight tiles; their
@@ -127,6 +133,10 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     6 where K > N. Prefill wants the largest FP8 tiles, smaller ones at a few hundred rows
     (``bench.sweep``).
     """
+    # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
+    # the transposed GEMM faster (7.9 against 8.4 µs back to back)
+    if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
+        return frag_config(m, n, k_pad)
     if fmt != "fp8" and m <= DECODE_MAX_M:
         mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
         if triton.cdiv(n, 32) >= 512:
@@ -148,6 +158,22 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4") -> GemmConfig:
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
 
 
+def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None) -> GemmConfig:
+    """The fragment GEMM's config: one weight tile (16 rows) per warp, 2 warps a program; split-K
+    (a power of two up to 16, at least 2 steps of 128 columns each) until the tiles times the
+    splits reach 4096 for one token, 2048 for more (more tokens load more activation bytes per
+    step). From the H200 sweeps (scripts/decode_sweep.py, docs/kernels.md)."""
+    tiles = triton.cdiv(n, 16)
+    steps = k_pad // 128
+    if split_k is None:
+        budget = 4096 if m <= 1 else 2048
+        split_k = 1
+        while split_k < 16 and tiles * split_k * 2 <= budget and steps // (split_k * 2) >= 2:
+            split_k *= 2
+    warps = warps or 2
+    return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True)
+
+
 _SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
 
 
@@ -167,6 +193,8 @@ def split_workspace(device, numel: int, tiles: int):
 
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = a.shape[0], kw.row_scale.numel()
+    if cfg.frag:
+        return _frag_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.swap and (kw.fmt == "fp8" or m > cfg.bm):
         raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {kw.fmt}, M={m}")
     want = torch.float8_e4m3fn if cfg.op_f8 else torch.float16
@@ -203,6 +231,40 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     return y
 
 
+def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
+    """The fragment GEMM's launch. probe (scripts/frag_probe.py only): 1 skips the e4m3 -> FP16
+    conversions, 2 all arithmetic after the loads; both give wrong values, for timing."""
+    from .frag_gemm import osc_frag_gemm_kernel
+
+    m, n = a.shape[0], kw.row_scale.numel()
+    fw = kw.frag
+    if fw is None or m > cfg.bm or m > 16:
+        raise ValueError(f"the fragment GEMM takes MXFP4 weights with their fragment layout and M <= {min(cfg.bm, 16)}; "
+                         f"got {kw.fmt} ({'with' if fw is not None else 'without'} fragment layout), M={m}")
+    if a.dtype != torch.float16:
+        raise ValueError(f"the fragment GEMM multiplies torch.float16 activation operands, got {a.dtype}: "
+                         "split_quantize with mode=MODE_F16")
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return y
+    tiles = fw.words.shape[1]
+    grid = (tiles // cfg.warps, cfg.split_k)
+    ws = cnt = y
+    if cfg.split_k > 1:
+        ws, cnt = split_workspace(a.device, m * n, grid[0]) or (
+            torch.zeros(m * n, dtype=torch.float32, device=a.device), torch.zeros(grid[0], dtype=torch.int32, device=a.device))
+    k_out = xo.shape[1]
+    if k_out % 8 or (k_out and xo.stride(0) != k_out):
+        raise ValueError(f"x_o needs contiguous rows of a multiple of 8 channels (LayerScheme keeps 16s), got {k_out}")
+    osc_frag_gemm_kernel[grid](
+        a, sa, fw.words, fw.exps, fw.row_scale, xo, kw.w_outlier,
+        kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
+        m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
+        NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
+        PROBE=probe, num_warps=cfg.warps)
+    return y
+
+
 def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
@@ -227,7 +289,8 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False) -> to
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     m = x.shape[0]
-    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt)
+    # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
+    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED)
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
@@ -240,19 +303,23 @@ def layer_weights(layer) -> KernelWeights:
 @torch.library.custom_op("oscquant::osc_linear", mutates_args=())
 def osc_linear_op(x: torch.Tensor, codes: torch.Tensor, rel_exp: torch.Tensor | None, row_scale: torch.Tensor,
                   w_outlier: torch.Tensor, outlier_idx: torch.Tensor, keep: torch.Tensor,
-                  bias: torch.Tensor | None, fmt: str, k_main: int) -> torch.Tensor:
-    kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias)
+                  bias: torch.Tensor | None, fmt: str, k_main: int, frag_words: torch.Tensor | None = None,
+                  frag_exps: torch.Tensor | None = None, frag_scale: torch.Tensor | None = None) -> torch.Tensor:
+    frag = None if frag_words is None else FragWeights(frag_words, frag_exps, frag_scale, k_main // 128)
+    kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias, frag)
     return osc_linear_2d(x, kw)
 
 
 @osc_linear_op.register_fake
-def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main):
+def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main, frag_words=None, frag_exps=None,
+      frag_scale=None):
     return x.new_empty(x.shape[0], row_scale.shape[0])
 
 
 def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
     kw = layer_weights(layer)
     x2 = x.reshape(-1, layer.in_features)
+    fw = kw.frag
     y = osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias,
-                      kw.fmt, kw.k_main)
+                      kw.fmt, kw.k_main, *((fw.words, fw.exps, fw.row_scale) if fw is not None else ()))
     return y.reshape(*x.shape[:-1], layer.out_features)
