@@ -6,7 +6,8 @@ bit-wise to e4m3 and each block's factor applied to its FP32 partial product), M
 token count of the A tile ("min": M's power of two); operands "frag" for the fragment GEMM
 (frag_gemm.py; only warps and split-K apply); None: gemm_config's choice. Columns: the GEMM alone back to back
 (bench._b2b_time, µs per call on distinct weight copies) and split-quantize + GEMM flushed
-(bench._graph_time), beside cuBLAS. Results: docs/bench/h200_decode_sweeps_2026-11-29.md.
+(bench._graph_time; only for configs that keep gemm_config's warps), beside cuBLAS. Results:
+docs/bench/h200_decode_sweeps_2026-11-29.md, docs/bench/h200_frag_sweeps_2026-11-29.md.
 Usage on the device: python3 scripts/decode_sweep.py > $OUT/decode_sweep.md
 """
 

@@ -5,6 +5,7 @@ same checks run compiled, on larger shapes, plus CUDA-graph and torch.compile ca
 """
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -29,6 +30,9 @@ DEV = "cuda" if CUDA else "cpu"
 SHAPES = ([(1, 4160, 1000), (7, 4160, 1000), (16, 2080, 3000), (33, 4160, 1000), (128, 2080, 1000),
            (1000, 4160, 3000)] if CUDA else [(1, 160, 40), (7, 416, 72), (33, 160, 40)])
 FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("int4", 16), ("fp8", 0), ("fp8", 16)]
+
+
+ALL_CODES = torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)  # 8 bytes
 
 
 def make_layer(k_in, n, fmt, k, seed=0, bias=True):
@@ -134,7 +138,7 @@ def test_fragment_layout_unpacks_bit_exact():
     kw = copy.copy(ops.layer_weights(layer))
     n = kw.row_scale.numel()
     kw.codes = kw.codes.cpu().clone()
-    kw.codes[:, :8] = torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)
+    kw.codes[:, :8] = ALL_CODES
     kw.rel_exp = torch.randint(FRAG_REL_MIN - 3, 1, kw.rel_exp.shape, generator=g, dtype=torch.int8)
     kw.rel_exp[::2, 0], kw.rel_exp[1::2, 0] = 0, FRAG_REL_MIN  # the table's two ends
     kw.row_scale = kw.row_scale.cpu()
@@ -181,7 +185,7 @@ def test_fragment_gemm_unpack_is_bit_exact_on_the_gpu():
     _, k_in, n = SHAPES[1]
     layer, _ = make_layer(k_in, n, "mxfp4", 0, bias=False)
     kw = ops.layer_weights(layer)
-    kw.codes[:, :8] = (torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)).to(DEV)
+    kw.codes[:, :8] = ALL_CODES.to(DEV)
     kw.frag = fragment_pack(kw)
     want = fragment_unpack(copy.copy(kw.frag), n).float().cpu() * kw.frag.row_scale.cpu()[:, None]
     cfg = ops.frag_config(16, n, kw.k_main, split_k=1)
@@ -272,6 +276,8 @@ def test_bad_inputs_raise():
     frag = ops.frag_config(1, n, kw.k_main)
     with pytest.raises(ValueError, match="float16 activation operands.*MODE_F16"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, frag)
+    with pytest.raises(ValueError, match="pads the tokens to 8 or 16"):  # the kernel has one or two token groups
+        ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(frag, bm=32))
     with pytest.raises(ValueError, match="fragment layout and M <= 8"):
         ops.osc_gemm(torch.zeros(9, kw.k_main, dtype=torch.float16, device=DEV), sa, kw, xo, torch.bfloat16, frag)
     int4 = ops.layer_weights(make_layer(k_in, n, "int4", 16)[0])

@@ -26,6 +26,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from .layout import FRAG_LUT
+
 
 def _main_step_asm(nt: int, probe: int = 0) -> str:
     """PTX for one 128-column step of one thread: 8 code words ($8-$15), the two rows' block
@@ -38,8 +40,8 @@ def _main_step_asm(nt: int, probe: int = 0) -> str:
     # lookup tables: byte c = e4m3 of e2m1 magnitude c times 2**e (c = 0 stays 0)
     for h, (l0, l1) in enumerate((("la0", "la1"), ("lb0", "lb1"))):
         ins += [f"bfe.s32 e, $16, {8 * h}, 8;",
-                f"mad.lo.s32 {l0}, e, 0x08080800, 0x3C383000;",
-                f"mad.lo.s32 {l1}, e, 0x08080808, 0x4C484440;"]
+                f"mad.lo.s32 {l0}, e, 0x{FRAG_LUT[2]:08X}, 0x{FRAG_LUT[0]:08X};",
+                f"mad.lo.s32 {l1}, e, 0x{FRAG_LUT[3]:08X}, 0x{FRAG_LUT[1]:08X};"]
     for h in range(2):
         l0, l1 = ("la0", "la1") if h == 0 else ("lb0", "lb1")
         for b in range(4):
@@ -138,7 +140,7 @@ def osc_frag_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, e_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, STEPS, TILES, K_OUT, stride_am, stride_ym,
     NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BRANCH: gl.constexpr,
-    STAGES: gl.constexpr = 1, PROBE: gl.constexpr = 0,
+    PROBE: gl.constexpr = 0,
 ):
     """a: FP16 operands [M, 128 * STEPS] (split_quantize MODE_F16), sa [M]; w: int32 words
     [STEPS, TILES, 32, 8] and e: int32 [STEPS, TILES, 32] of layout.fragment_pack; sw [N];

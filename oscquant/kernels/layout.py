@@ -138,7 +138,10 @@ class FragWeights:
     words: torch.Tensor
     exps: torch.Tensor
     row_scale: torch.Tensor
-    steps: int
+
+    @property
+    def steps(self) -> int:
+        return self.words.shape[0]
 
 
 _SIGN_BIT = (7, 15, 23, 31, 3, 11, 19, 27)  # where column j's sign goes in its word
@@ -176,12 +179,14 @@ def fragment_pack(kw: KernelWeights) -> FragWeights:
     word = (((c & 7) << (4 * j)) | ((c >> 3) << sign_at)).sum(-1)
     word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)  # the same 32 bits, signed
     ex = e.reshape(tiles, 2, 8, steps, 4).permute(3, 0, 2, 4, 1).to(torch.int32)  # [steps, tiles, g, q, h]
-    ex = (ex[..., 0] & 0xFF) | ((ex[..., 1] & 0xFF) << 8)  # 4 bytes: cp.async copies no less
+    ex = (ex[..., 0] & 0xFF) | ((ex[..., 1] & 0xFF) << 8)  # int32 as measured; int16 would hold both bytes
     return FragWeights(word.reshape(steps, tiles, 32, 8).contiguous(), ex.reshape(steps, tiles, 32).contiguous(),
-                       (kw.row_scale * 2.0**-6).contiguous(), steps)
+                       (kw.row_scale * 2.0**-6).contiguous())
 
 
-_LUT = (0x3C383000, 0x4C484440, 0x08080800, 0x08080808)
+# the lookup tables of a row: bytes 0-3 / 4-7 = e4m3 of e2m1 magnitudes 0-3 / 4-7, plus e times the
+# per-byte exponent step (magnitude 0 stays 0); frag_gemm.py's PTX builds them from these constants
+FRAG_LUT = (0x3C383000, 0x4C484440, 0x08080800, 0x08080808)
 
 
 def fragment_unpack(fw: FragWeights, n: int) -> torch.Tensor:
@@ -192,12 +197,12 @@ def fragment_unpack(fw: FragWeights, n: int) -> torch.Tensor:
     ex = fw.exps.to(torch.int64)
     e = torch.stack((((ex & 0xFF) ^ 0x80) - 0x80, (((ex >> 8) & 0xFF) ^ 0x80) - 0x80), dim=-1)  # [.., 32, 2]
     e = e.repeat_interleave(4, dim=-1)  # word 4h + b uses row h's exponent
-    lut0 = (e * _LUT[2] + _LUT[0]) & 0xFFFFFFFF
-    lut1 = (e * _LUT[3] + _LUT[1]) & 0xFFFFFFFF
+    lut0 = (e * FRAG_LUT[2] + FRAG_LUT[0]) & 0xFFFFFFFF
+    lut1 = (e * FRAG_LUT[3] + FRAG_LUT[1]) & 0xFFFFFFFF
     table = torch.stack([(lut0 >> (8 * i)) & 0xFF for i in range(4)] + [(lut1 >> (8 * i)) & 0xFF for i in range(4)], -1)
     mag = w & 0x77777777
     out = []
-    for half, (sel, sign) in enumerate(((mag, w & 0x80808080), (mag >> 16, (w << 4) & 0x80808080))):
+    for sel, sign in ((mag, w & 0x80808080), (mag >> 16, (w << 4) & 0x80808080)):
         for i in range(4):  # prmt: selector nibble i picks byte i of the 8-byte table
             byte = torch.gather(table, -1, ((sel >> (4 * i)) & 7)[..., None])[..., 0]
             out.append(byte | ((sign >> (8 * i)) & 0x80))

@@ -191,6 +191,15 @@ def split_workspace(device, numel: int, tiles: int):
     return ws, cnt
 
 
+def _split_buffers(y: torch.Tensor, split_k: int, tiles: int):
+    """(workspace, tile counters) for a split-K launch writing y; without split-K the kernels ignore
+    them (y stands in). While capturing with no workspace yet, a fresh zeroed one for this call alone."""
+    if split_k == 1:
+        return y, y
+    return split_workspace(y.device, y.numel(), tiles) or (
+        torch.zeros(y.numel(), dtype=torch.float32, device=y.device), torch.zeros(tiles, dtype=torch.int32, device=y.device))
+
+
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = a.shape[0], kw.row_scale.numel()
     if cfg.frag:
@@ -209,10 +218,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k) if cfg.swap else \
         (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
-    ws = cnt = y
-    if cfg.split_k > 1:  # while capturing with no workspace yet, a fresh zeroed one for this call alone
-        ws, cnt = split_workspace(dev, m * n, grid[0]) or (torch.zeros(m * n, dtype=torch.float32, device=dev),
-                                                            torch.zeros(grid[0], dtype=torch.int32, device=dev))
+    ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
     weights = (codes, rel if rel is not None else codes, kw.row_scale, xo, kw.w_outlier,
@@ -238,8 +244,10 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
 
     m, n = a.shape[0], kw.row_scale.numel()
     fw = kw.frag
-    if fw is None or m > cfg.bm or m > 16:
-        raise ValueError(f"the fragment GEMM takes MXFP4 weights with their fragment layout and M <= {min(cfg.bm, 16)}; "
+    if cfg.bm not in (8, 16):  # NT = bm / 8 token groups: the kernel has one or two
+        raise ValueError(f"a fragment GEMM config pads the tokens to 8 or 16 (frag_config), got bm={cfg.bm}")
+    if fw is None or m > cfg.bm:
+        raise ValueError(f"the fragment GEMM takes MXFP4 weights with their fragment layout and M <= {cfg.bm}; "
                          f"got {kw.fmt} ({'with' if fw is not None else 'without'} fragment layout), M={m}")
     if a.dtype != torch.float16:
         raise ValueError(f"the fragment GEMM multiplies torch.float16 activation operands, got {a.dtype}: "
@@ -249,10 +257,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         return y
     tiles = fw.words.shape[1]
     grid = (tiles // cfg.warps, cfg.split_k)
-    ws = cnt = y
-    if cfg.split_k > 1:
-        ws, cnt = split_workspace(a.device, m * n, grid[0]) or (
-            torch.zeros(m * n, dtype=torch.float32, device=a.device), torch.zeros(grid[0], dtype=torch.int32, device=a.device))
+    ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
     if k_out % 8 or (k_out and xo.stride(0) != k_out):
         raise ValueError(f"x_o needs contiguous rows of a multiple of 8 channels (LayerScheme keeps 16s), got {k_out}")
@@ -305,7 +310,7 @@ def osc_linear_op(x: torch.Tensor, codes: torch.Tensor, rel_exp: torch.Tensor | 
                   w_outlier: torch.Tensor, outlier_idx: torch.Tensor, keep: torch.Tensor,
                   bias: torch.Tensor | None, fmt: str, k_main: int, frag_words: torch.Tensor | None = None,
                   frag_exps: torch.Tensor | None = None, frag_scale: torch.Tensor | None = None) -> torch.Tensor:
-    frag = None if frag_words is None else FragWeights(frag_words, frag_exps, frag_scale, k_main // 128)
+    frag = None if frag_words is None else FragWeights(frag_words, frag_exps, frag_scale)
     kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias, frag)
     return osc_linear_2d(x, kw)
 
