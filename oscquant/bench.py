@@ -270,6 +270,47 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
     return "\n".join(lines)
 
 
+@dataclass
+class SweepCase:
+    """One (layer shape, M) of a config sweep: an MXFP4 OSC layer's kernel weights, a random BF16 input
+    and the two cuBLAS baselines as calls on a weight (the layer's own by default)."""
+    name: str
+    n: int
+    k_in: int
+    m: int
+    x: torch.Tensor
+    kw: object
+    weight: torch.Tensor  # BF16
+    weight_f8: torch.Tensor
+    x_f8: torch.Tensor  # cast ahead: the W8A8 columns time the GEMM alone
+    ones_m: torch.Tensor  # row-wise scales for _scaled_mm
+    ones_n: torch.Tensor
+
+    def bf16(self, w=None):
+        return torch.matmul(self.x, (self.weight if w is None else w).T)
+
+    def fp8(self, w=None):
+        return torch._scaled_mm(self.x_f8, (self.weight_f8 if w is None else w).T, scale_a=self.ones_m,
+                                scale_b=self.ones_n, out_dtype=torch.bfloat16)
+
+
+def sweep_cases(ms, k: int = 128, shapes=None):
+    """The (shape, M) cases of a sweep, shape by shape (the Qwen3 shapes by default), k planted outlier channels."""
+    from .config import LayerScheme
+    from .kernels.ops import layer_weights
+    from .linear import OSCLinear
+
+    for name, n, k_in in shapes or qwen3_shapes():
+        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        kw = layer_weights(OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k)))
+        w_f8 = lin.weight.to(torch.float8_e4m3fn)
+        for m in ms:
+            x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
+            yield SweepCase(name, n, k_in, m, x, kw, lin.weight, w_f8, x.to(torch.float8_e4m3fn),
+                            torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda"))
+        torch.cuda.empty_cache()
+
+
 SMALL_M_SWEEP = [  # transposed GEMM: bn, warps, stages, split-K
     (64, 4, 4, 1), (64, 4, 6, 1), (64, 4, 4, 2), (64, 4, 4, 4), (128, 4, 4, 1), (128, 4, 4, 2), (128, 8, 4, 1),
     (32, 2, 4, 1), (32, 2, 4, 2), (32, 2, 6, 4), (16, 1, 4, 2), (16, 1, 6, 4)]
@@ -279,38 +320,27 @@ def sweep_small(shapes=None, ms=(1, 16, 64), k: int = 128, configs=None) -> str:
     """The transposed small-M GEMM under several configs (each timed with its split-quantize),
     beside BF16, cuBLAS FP8, split-quantize alone and the untransposed decode GEMM, in one run."""
     _need_cuda("small")
-    from .config import LayerScheme
-    from .kernels.ops import GemmConfig, layer_weights, osc_linear_2d, split_quantize
+    from .kernels.ops import GemmConfig, osc_linear_2d, split_quantize
     from .kernels.triton_osc import MODE_F16
-    from .linear import OSCLinear
 
     configs = configs or SMALL_M_SWEEP
     lines = ["| shape | M | BF16 | FP8 | split alone | untransposed (M <= 16) or default | " + " | ".join(map(str, configs)) + " |",
              "|" + "---|" * (6 + len(configs))]
-    for name, n, k_in in shapes or qwen3_shapes():
-        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
-        kw = layer_weights(layer)
-        w_f8 = lin.weight.to(torch.float8_e4m3fn)
-        sw = torch.ones(1, n, device="cuda")
-        for m in ms:
-            x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
-            x_f8 = x.to(torch.float8_e4m3fn)
-            sx = torch.ones(m, 1, device="cuda")
-            cells = [_graph_time(lambda: torch.matmul(x, lin.weight.T)),
-                     _graph_time(lambda: torch._scaled_mm(x_f8, w_f8.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)),
-                     _graph_time(lambda: split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main))]
-            # up to 16 rows the untransposed decode GEMM, above it the default path for this M
-            old = GemmConfig(16, 64, 2, False, 4, 3, bk=256) if n >= 16384 else GemmConfig(16, 32, 4, False, 2, 2, bk=256)
-            cells.append(_graph_time(lambda: osc_linear_2d(x, kw, old if m <= 16 else None)))
-            mp = max(16, 1 << (m - 1).bit_length())
-            for bn, w, st, sk in configs:
-                cfg = GemmConfig(mp, bn, sk, False, w, st, swap=True)
-                try:  # osc_linear_2d: split-quantize, then the GEMM under cfg
-                    cells.append(_graph_time(lambda: osc_linear_2d(x, kw, cfg)))
-                except Exception as e:  # a config the compiler rejects
-                    print(f"{name} M={m} {cfg}: {type(e).__name__}: {e}")
-                    cells.append(float("nan"))
-            lines.append(f"| {name} {n}×{k_in} | {m} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-            print(lines[-1], flush=True)
+    for c in sweep_cases(ms, k, shapes):
+        x, kw, m, n = c.x, c.kw, c.m, c.n
+        cells = [_graph_time(c.bf16), _graph_time(c.fp8),
+                 _graph_time(lambda: split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main))]
+        # up to 16 rows the untransposed decode GEMM, above it the default path for this M
+        old = GemmConfig(16, 64, 2, False, 4, 3, bk=256) if n >= 16384 else GemmConfig(16, 32, 4, False, 2, 2, bk=256)
+        cells.append(_graph_time(lambda: osc_linear_2d(x, kw, old if m <= 16 else None)))
+        mp = max(16, 1 << (m - 1).bit_length())
+        for bn, w, st, sk in configs:
+            cfg = GemmConfig(mp, bn, sk, False, w, st, swap=True)
+            try:  # osc_linear_2d: split-quantize, then the GEMM under cfg
+                cells.append(_graph_time(lambda: osc_linear_2d(x, kw, cfg)))
+            except Exception as e:  # a config the compiler rejects
+                print(f"{c.name} M={m} {cfg}: {type(e).__name__}: {e}")
+                cells.append(float("nan"))
+        lines.append(f"| {c.name} {n}×{c.k_in} | {m} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
+        print(lines[-1], flush=True)
     return "\n".join(lines)

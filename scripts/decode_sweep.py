@@ -18,10 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from oscquant.bench import _b2b_time, _graph_time, clone_weights, qwen3_shapes
-from oscquant.config import LayerScheme
-from oscquant.kernels.ops import frag_config, gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
-from oscquant.linear import OSCLinear
+from oscquant.bench import _b2b_time, _graph_time, clone_weights, sweep_cases
+from oscquant.kernels.ops import frag_config, gemm_config, osc_gemm, osc_linear_2d, split_quantize
 
 CONFIGS = [("old", None, None, None, None, None), ("frag", None, None, None, None, None)] + [
     ("frag", None, None, w, None, s) for w in (1, 2, 4) for s in (1, 2, 4, 8, 16)]  # (operands, MP, BN, warps, stages, split-K)
@@ -42,37 +40,27 @@ def main(ms=(1, 8, 16), k=128):
     out = sys.stdout
     out.write("| shape | M | config (ops, MP, BN, warps, stages, split) | GEMM b2b µs | split+GEMM flush µs | "
               "weight TB/s b2b |\n|---|---|---|---|---|---|\n")
-    for name, n, k_in in qwen3_shapes():
-        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
-        kw = layer_weights(layer)
-        w_f8 = lin.weight.to(torch.float8_e4m3fn)
-        sw = torch.ones(1, n, device="cuda")
+    for case in sweep_cases(ms, k):
+        name, m, n, x, kw = case.name, case.m, case.n, case.x, case.kw
         w_bytes = kw.codes.numel() + kw.rel_exp.numel() + 2 * n * k + 4 * n
-        for m in ms:
-            x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
-            x_f8 = x.to(torch.float8_e4m3fn)
-            sx = torch.ones(m, 1, device="cuda")
-            b = _b2b_time(lambda w: torch.matmul(x, w.T), lin.weight.clone, 2 * n * k_in)
-            out.write(f"| {name} | {m} | cuBLAS BF16 | {b:.1f} | {_graph_time(lambda: torch.matmul(x, lin.weight.T)):.1f} | |\n")
-            f8 = lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)  # noqa: E731
-            out.write(f"| {name} | {m} | cuBLAS FP8 | {_b2b_time(f8, w_f8.clone, n * k_in):.1f} | "
-                      f"{_graph_time(lambda: f8(w_f8)):.1f} | |\n")
-            for c in CONFIGS:
-                cfg = config(m, n, kw.k_main, *c)
-                if cfg.bm < m:
-                    continue
-                try:
-                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
-                    t = _b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), lambda: clone_weights(kw), w_bytes)
-                    f = _graph_time(lambda: osc_linear_2d(x, kw, cfg)) if c[3] is None else float("nan")
-                except Exception as e:  # a config the compiler rejects
-                    out.write(f"| {name} | {m} | {c} | failed: {type(e).__name__}: {str(e)[:80]} | | |\n")
-                    continue
-                out.write(f"| {name} | {m} | {c[0]}, {cfg.bm}, {cfg.bn}, {cfg.warps}, {cfg.stages}, {cfg.split_k} | "
-                          f"{t:.1f} | {f:.1f} | {w_bytes / t / 1e6:.2f} |\n")
-                out.flush()
-        torch.cuda.empty_cache()
+        b = _b2b_time(case.bf16, case.weight.clone, 2 * n * case.k_in)
+        out.write(f"| {name} | {m} | cuBLAS BF16 | {b:.1f} | {_graph_time(case.bf16):.1f} | |\n")
+        out.write(f"| {name} | {m} | cuBLAS FP8 | {_b2b_time(case.fp8, case.weight_f8.clone, n * case.k_in):.1f} | "
+                  f"{_graph_time(case.fp8):.1f} | |\n")
+        for c in CONFIGS:
+            cfg = config(m, n, kw.k_main, *c)
+            if cfg.bm < m:
+                continue
+            try:
+                xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
+                t = _b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), lambda: clone_weights(kw), w_bytes)
+                f = _graph_time(lambda: osc_linear_2d(x, kw, cfg)) if c[3] is None else float("nan")
+            except Exception as e:  # a config the compiler rejects
+                out.write(f"| {name} | {m} | {c} | failed: {type(e).__name__}: {str(e)[:80]} | | |\n")
+                continue
+            out.write(f"| {name} | {m} | {c[0]}, {cfg.bm}, {cfg.bn}, {cfg.warps}, {cfg.stages}, {cfg.split_k} | "
+                      f"{t:.1f} | {f:.1f} | {w_bytes / t / 1e6:.2f} |\n")
+            out.flush()
 
 
 if __name__ == "__main__":

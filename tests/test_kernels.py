@@ -204,16 +204,20 @@ CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, Fal
            ops.GemmConfig(64, 64, 1, True, 4, 2), ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True),
            ops.GemmConfig(16, 64, 1, False, 4, 3, swap=True), ops.GemmConfig(64, 32, 3, False, 2, 2, swap=True),
            ops.GemmConfig(8, 32, 1, True, 2, 4, swap=True), ops.GemmConfig(1, 32, 2, True, 2, 4, swap=True),
-           ops.GemmConfig(16, 64, 1, True, 4, 4, swap=True), ops.GemmConfig(8, 32, 4, False, 2, 4, swap=True)]
+           ops.GemmConfig(16, 64, 1, True, 4, 4, swap=True), ops.GemmConfig(8, 32, 4, False, 2, 4, swap=True),
+           ops.GemmConfig(64, 64, 1, True, 4, 3, swap=True, fold=True),
+           ops.GemmConfig(16, 32, 2, True, 2, 3, swap=True, fold=True)]
 
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("m,k_in,n", SHAPES)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "swap", "swap-splitk-m64",
-                                          "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk"])
+                                          "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk",
+                                          "swap-f8-fold-m64", "swap-f8-fold-m16-splitk"])
 def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
-    if cfg.swap and (fmt == "fp8" or m > cfg.bm):
-        with pytest.raises(ValueError, match="takes 4-bit weights and M <="):
+    """Transposed configs whose token tile (bm) is smaller than M run several token tiles."""
+    if cfg.swap and fmt == "fp8":
+        with pytest.raises(ValueError, match="takes 4-bit weights"):
             ops.osc_gemm(torch.zeros(m, 128, dtype=torch.float16, device=DEV), None,
                          ops.layer_weights(make_layer(k_in, n, fmt, k)[0]), torch.zeros(m, 0, device=DEV),
                          torch.bfloat16, cfg)
@@ -295,6 +299,14 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     for fmt in ("mxfp4", "int4"):  # few tokens: the transposed GEMM on 4-bit weights
         assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
         assert not ops.gemm_config(65, 4096, 4096, fmt).swap and ops.gemm_config(65, 4096, 4096, fmt).op_f8
+    # 17-64 tokens, and up to 128 (K > N) or 256 (N >= 16384): e4m3 with the block factors folded in
+    mid = [ops.gemm_config(m, n, k) for m, n, k in ((17, 4096, 4096), (64, 6144, 4096), (128, 4096, 12288),
+                                                     (256, 24576, 4096))]
+    assert all(c.fold and c.swap and c.op_f8 for c in mid) and mid[3].bm == 128 and mid[3].split_k == 1
+    assert mid[0].split_k == 4 and mid[2].split_k == 2  # split-K toward ~384 programs
+    assert all(ops.gemm_config(m, n, k).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 12288),
+                                                               (512, 24576, 4096)))
+    assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM
     assert ops.gemm_config(1, 4096, 4096, frag=False).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
     wide = ops.gemm_config(1, 24576, 4096, frag=False)  # the widest layers: e4m3 operands, A padded to M only
     assert wide.op_f8 and wide.bm == 1 and ops.gemm_config(16, 24576, 4096, frag=False).bm == 16
@@ -331,7 +343,8 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 9 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 11 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("folded") == 2
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

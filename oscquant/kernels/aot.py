@@ -35,7 +35,7 @@ def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, 
     names = list(s)
     # as Triton's JIT does for the real calls: pointers and strides divisible by 16
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig
-               if t.startswith("*") or n.startswith("stride") or n in ("K_PAD", "K_OUT")}
+               if t.startswith("*") or n.startswith("stride") or n in ("K_PAD", "K_OUT", "K_IN")}
     src = source(fn, s, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned)
     return triton.compile(src, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
 
@@ -49,11 +49,12 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                           warps, stages, {"a_ptr": a, "b_ptr": b})
 
 
-def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False):
+def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
+           fold: bool = False):
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
-                          dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8,
-                               INTERPRET=False),
-                          warps, stages, {"a_ptr": "*fp8e4nv" if op_f8 else "*fp16"})
+                          dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8 or fold,
+                               F8_FOLD=fold, INTERPRET=False),
+                          warps, stages, {"a_ptr": "*fp8e4nv" if op_f8 or fold else "*fp16"})
 
 
 FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr", "*i32"), ("sw_ptr", "*fp32"),
@@ -125,6 +126,8 @@ def main() -> int:
                     ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t mxfp4 e4m3 M=1", gemm_t(K.FMT_MXFP4, 1, 32, split_k=2, op_f8=True)),
                     ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),
+                    ("gemm-t mxfp4 e4m3 folded 17-64 tokens", gemm_t(K.FMT_MXFP4, 64, 64, split_k=4, warps=4, stages=3, fold=True)),
+                    ("gemm-t mxfp4 e4m3 folded 65-256 tokens", gemm_t(K.FMT_MXFP4, 128, 128, warps=8, stages=3, fold=True)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),

@@ -3,11 +3,14 @@
 Regimes, chosen in :func:`gemm_config` only:
   MXFP4, M <= 8:      split-quantize to FP16 operands, then the fragment GEMM (frag_gemm.py: the
                       weights stored in MMA fragment order, unpacked by byte lookups).
-  small M (<= 64):    split-quantize to FP16 (or e4m3) operands, then the transposed GEMM
-                      (``osc_gemm_t_kernel``: y^T = W · A^T, the 4-bit weights the left MMA
-                      operand, unpacked where they land); split-K when N alone gives too few
-                      weight tiles. The run time is the 4-bit weight stream plus launch latency.
-  prefill (M > 64):   FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
+  MXFP4, 17-64 tokens (to 128 where K > N, to 256 where N >= 16384): split-quantize to e4m3
+                      operands, then the transposed GEMM with the block factors folded into
+                      e4m3 weights (wgmma, the unpacked weights from registers; fold_config).
+  small M otherwise (<= 16, INT4 <= 64): split-quantize to FP16 (or e4m3) operands, then the
+                      transposed GEMM (``osc_gemm_t_kernel``: y^T = W · A^T, the 4-bit weights the
+                      left MMA operand, unpacked where they land); split-K when N alone gives too
+                      few weight tiles. The run time is the 4-bit weight stream plus launch latency.
+  prefill (otherwise): FP8 operands on wgmma. 4-bit weights are first expanded to an e4m3
                       workspace (one memory-bound pass, exact for blocks within 2**-9 of their
                       row's largest), then a plain FP8 GEMM with the BF16 branch fused runs:
                       unpacking inside the main loop would make it ALU-bound.
@@ -112,6 +115,7 @@ class GemmConfig:
     group_m: int = 8
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
+    fold: bool = False  # transposed GEMM on e4m3 operands with the block factors folded into the weights (many tokens)
 
     @property
     def mode(self) -> int:
@@ -130,8 +134,10 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     Up to 16 tokens: e4m3 operands for the widest layers (>= 512 weight tiles; their
     cheaper unpack wins there), FP16 elsewhere with split-K 4 (8 for one token where N > K);
     the A tile padded only to the next power of two of M where N > K; 3 pipeline stages,
-    6 where K > N. Prefill wants the largest FP8 tiles, smaller ones at a few hundred rows
-    (``bench.sweep``).
+    6 where K > N. MXFP4 above 16 tokens (``scripts/mid_sweep.py``): the folded e4m3 transposed
+    GEMM up to 64 tokens, 128 where K > N, 256 where N >= 16384 (``fold_config``); the FP16
+    transposed GEMM for INT4 up to 64. Prefill wants the largest FP8 tiles, smaller ones at a
+    few hundred rows (``bench.sweep``).
     """
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
@@ -143,6 +149,9 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
             return GemmConfig(mp, 32, 2, True, 2, 3, swap=True)
         split = 8 if m == 1 and n > k_pad else 4
         return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
+    if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad > n)
+                                                  or (m <= 256 and n >= 16384)):
+        return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
         if n >= 16384:
@@ -156,6 +165,19 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if m <= 256:
         return GemmConfig(64, 128, 1, True, 4, 4, expand=True)
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
+
+
+def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
+    """The transposed GEMM on e4m3 operands with the block factors folded into the weights, for 17-256
+    tokens (scripts/mid_sweep.py, docs/kernels.md): 64-token tiles of 64 weight rows (128 x 128 on 8
+    warps for the widest layers above 64 tokens); below 16384 rows, split-K toward about 384 programs
+    with at least 8 steps of 128 columns a split."""
+    mp, bn, warps = (128, 128, 8) if m > 64 and n >= 16384 else (64, 64, 4)
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, mp)
+    split = 1
+    while n < 16384 and split < 8 and tiles * split * 2 <= 384 and (k_pad // 128) // (split * 2) >= 8:
+        split *= 2
+    return GemmConfig(mp, bn, split, True, warps, 3, swap=True, fold=True)
 
 
 def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None) -> GemmConfig:
@@ -204,8 +226,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     m, n = a.shape[0], kw.row_scale.numel()
     if cfg.frag:
         return _frag_gemm(a, sa, kw, xo, out_dtype, cfg, out)
-    if cfg.swap and (kw.fmt == "fp8" or m > cfg.bm):
-        raise ValueError(f"the transposed small-M GEMM takes 4-bit weights and M <= {cfg.bm}; got {kw.fmt}, M={m}")
+    if cfg.swap and kw.fmt == "fp8":
+        raise ValueError("the transposed GEMM takes 4-bit weights; FP8-fallback layers take the plain GEMM")
     want = torch.float8_e4m3fn if cfg.op_f8 else torch.float16
     if a.dtype != want:
         raise ValueError(f"this GemmConfig multiplies {want} activation operands, got {a.dtype}: split_quantize "
@@ -216,7 +238,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     sb_half = cfg.op_f8 and fmt == "mxfp4"
     if cfg.expand and fmt != "fp8":
         codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
-    grid = (triton.cdiv(n, cfg.bn), cfg.split_k) if cfg.swap else \
+    grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k) if cfg.swap else \
         (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
@@ -228,7 +250,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     if cfg.swap:
         osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0),
-            rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, **common)
+            rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,
+            **common)
     else:
         osc_gemm_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),

@@ -77,6 +77,10 @@ def split_quantize_kernel(
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rm = r < M
     c = tl.arange(0, BLOCK)
+    # the row is loaded first, in flight while the outlier indices arrive and x_o is gathered (after the
+    # x_o store it would wait for it: the pointers may alias). tl.gather from the registers instead
+    # compiles to thousands of shuffles and a stack.
+    x = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :], other=0.0)
     keep = tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0
     # the BF16 sub-tensor of the outlier channels (nothing when K_OUT is 0: all masked)
     o = tl.arange(0, BLOCK_O)
@@ -84,7 +88,6 @@ def split_quantize_kernel(
     oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
     xo = tl.load(x_ptr + r[:, None] * stride_xm + oi[None, :], mask=om, other=0.0)
     tl.store(xo_ptr + r[:, None] * K_OUT + o[None, :], xo.to(tl.bfloat16), mask=om)
-    x = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :], other=0.0)
     x = tl.where(keep[None, :], x.to(tl.float32), 0.0)  # outlier channels and padding are zero on the 4-bit path
     cm = rm[:, None] & (c < K_PAD)[None, :]
     out = r[:, None] * K_PAD + c[None, :]  # where operands (MODE_F16 / MODE_F8) go
@@ -300,6 +303,14 @@ def _dot_f8(w, a, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc_f8(w, a, acc, INTERPRET: tl.constexpr):
+    """acc += w · a^T on e4m3 tiles (the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact)."""
+    if INTERPRET:
+        return tl.dot(w.to(tl.float16), tl.trans(a.to(tl.float16)), acc)
+    return tl.dot(w, tl.trans(a), acc)
+
+
+@triton.jit
 def _chunk_t_f8(acc, p, e0, e1, a_lo, a_hi, FMT: tl.constexpr, INTERPRET: tl.constexpr):
     """acc += W · A^T for one 64-column chunk on e4m3 operands (the transposed GEMM's FP8 variant).
 
@@ -480,13 +491,21 @@ def _t_loads(wrow, erow, arow, nm, mm, ck, FMT: tl.constexpr):
 
 
 @triton.jit
-def _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT: tl.constexpr, OP_F8: tl.constexpr, INTERPRET: tl.constexpr):
+def _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT: tl.constexpr, OP_F8: tl.constexpr, F8_FOLD: tl.constexpr,
+            INTERPRET: tl.constexpr):
     """acc += W · A^T over one step's two chunks."""
     if FMT == 0:  # e(ck, lo), e(ck, hi), e(ck+1, lo), e(ck+1, hi), sign-extended from the bytes
         e00, e01, e10, e11 = (ev << 24) >> 24, (ev << 16) >> 24, (ev << 8) >> 24, ev >> 24
     else:  # unused by the int4 decode
         e00, e01, e10, e11 = rn, rn, rn, rn
-    if OP_F8:
+    if F8_FOLD:  # e4m3 weights with the block factor folded in (as the prefill expansion), in-place accumulation
+        w0, w1 = _decode_codes(p0, e00, e01, FMT, True, INTERPRET)
+        acc = _dot_acc_f8(w0, a0, acc, INTERPRET)
+        acc = _dot_acc_f8(w1, a1, acc, INTERPRET)
+        w2, w3 = _decode_codes(p1, e10, e11, FMT, True, INTERPRET)
+        acc = _dot_acc_f8(w2, a2, acc, INTERPRET)
+        acc = _dot_acc_f8(w3, a3, acc, INTERPRET)
+    elif OP_F8:
         acc = _chunk_t_f8(acc, p0, e00, e01, a0, a1, FMT, INTERPRET)
         acc = _chunk_t_f8(acc, p1, e10, e11, a2, a3, FMT, INTERPRET)
     else:
@@ -504,10 +523,15 @@ def osc_gemm_t_kernel(
     a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
-    SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, F8_FOLD: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False,
 ):
-    """Few tokens (M <= MP): y^T [BN, MP] = deq(B) · A^T, A the FP16 (OP_F8: e4m3) operands of
-    split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and A's tile shrinks.
+    """y^T [BN, MP] = deq(B) · A^T for MP tokens a program (grid axis 0: weight tiles x token tiles), A the FP16
+    (OP_F8: e4m3) operands of split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and
+    A's tile shrinks. OP_F8 alone: weights moved bit-wise to e4m3, each block's factor on its FP32
+    partial product (few tokens); with F8_FOLD: the factor folded into the e4m3 weights (exact for
+    blocks within 2**-9 of the row's largest, as the prefill expansion; sb must carry the 1/2) and
+    one FP8 MMA accumulating in place (wgmma with the weights from registers: many tokens).
 
     The weight tile is the left operand, so Triton loads its bytes straight into the MMA
     operand layout and unpacks them there (no shared-memory round trip of unpacked values);
@@ -516,11 +540,15 @@ def osc_gemm_t_kernel(
     all: codes, A, and the four MXFP4 block exponents of the pair as one little-endian int32
     per row (1-byte loads could not be asynchronous). SPLIT_K > 1: see _store_tile.
     """
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    # token tiles vary fastest: the programs that share a weight tile run together, so the weights
+    # come from HBM once and the (small) activations from L2
+    num_m = tl.cdiv(M, MP)
+    pm = tl.program_id(0) % num_m
+    rn = (tl.program_id(0) // num_m) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
     nm = rn < N
     rn64 = rn.to(tl.int64)
-    rm = tl.arange(0, MP)
+    rm = pm * MP + tl.arange(0, MP)
     mm = rm < M
     h = tl.arange(0, 32)
     acc = tl.zeros((BN, MP), dtype=tl.float32)
@@ -532,9 +560,12 @@ def osc_gemm_t_kernel(
     erow = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4)
     for ck in range(c0, c1, 2):  # K_PAD is a multiple of 128: chunks ck and ck + 1 both exist
         p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
-        acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, INTERPRET)
+        acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, F8_FOLD, INTERPRET)
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
-    acc = acc * sa[None, :] * tl.load(sb_ptr + rn, mask=nm, other=0.0)[:, None]
+    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
+    if F8_FOLD and FMT == 0:  # the folded e4m3 weights are twice the values
+        sb = sb * 0.5
+    acc = acc * sa[None, :] * sb[:, None]
     if BO > 0 and split == 0:
         acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
     if HAS_BIAS and split == 0:
