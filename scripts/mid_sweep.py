@@ -16,18 +16,20 @@ import sys
 import torch
 
 from oscquant.bench import _graph_time, sweep_cases
-from oscquant.kernels.ops import GemmConfig, gemm_config, osc_gemm, osc_linear_2d, split_quantize
+from oscquant.kernels.ops import GemmConfig, fold_config, gemm_config, osc_gemm, osc_linear_2d, split_quantize
 from oscquant.kernels.triton_osc import MODE_F8
 
 FOLD = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3)]
-CONFIGS = [("now", None)] + [("fold", c + (s,)) for c in FOLD for s in (1, 2, 4, 8)]
+CONFIGS = [("now", None), ("fold", "default")] + [("fold", c + (s,)) for c in FOLD for s in (1, 2, 4, 8)]
 
 
 def config(m, n, k_pad, ops_, c):
     if ops_ == "now":
         return gemm_config(m, n, k_pad)
+    if c == "default":  # fold_config's tiles for this M
+        return fold_config(m, n, k_pad)
     mp, bn, warps, stages, split = c
-    return GemmConfig(mp, bn, split, ops_ == "fold", warps, stages, swap=True, fold=ops_ == "fold")
+    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
 
 
 def main(ms=(32, 64, 128, 256, 512, 1024, 2048), k=128):

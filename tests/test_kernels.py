@@ -20,7 +20,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from oscquant import formats as F  # noqa: E402
 from oscquant.config import LayerScheme  # noqa: E402
 from oscquant.kernels import ops  # noqa: E402
-from oscquant.kernels.layout import (FRAG_REL_MIN, chunk_pack, chunk_unpack, fragment_codes, fragment_pack,  # noqa: E402
+from oscquant.kernels import layout  # noqa: E402
+from oscquant.kernels.layout import (LUT_REL_MIN, chunk_pack, chunk_unpack, fragment_codes, fragment_pack,  # noqa: E402
                                      fragment_unpack, reference_operand)
 from oscquant.kernels.triton_osc import MODE_F8, MODE_F16, MODE_PACKED  # noqa: E402
 from oscquant.linear import OSCLinear, reference_forward  # noqa: E402
@@ -121,6 +122,45 @@ def test_e4m3_unpack_is_bit_exact():
         ops.decode_weights(ops.layer_weights(make_layer(k_in, n, "int4", 16)[0]), False, raw_e4m3=True)
 
 
+def test_lut_unpack_is_bit_exact():
+    """The folded GEMM's byte-table unpack gives every e2m1 value times 2**(rel + 6) as e4m3 exactly: all
+    16 codes in both nibbles, block exponents across the whole range kernel_weights leaves (0 down to
+    LUT_REL_MIN). The PTX on the GPU, its Triton replay in the interpreter."""
+    _, k_in, n = SHAPES[1]
+    layer, _ = make_layer(k_in, n, "mxfp4", 32)
+    kw = copy.copy(ops.layer_weights(layer))
+    kw.codes = kw.codes.clone()
+    kw.codes[:, :16] = torch.arange(16, dtype=torch.uint8, device=kw.codes.device) * 0x11  # all 16 codes, both nibbles
+    g = torch.Generator().manual_seed(5)
+    kw.rel_exp = torch.randint(LUT_REL_MIN, 1, kw.rel_exp.shape, generator=g, dtype=torch.int8).to(kw.codes.device)
+    kw.rel_exp[::2, :2], kw.rel_exp[1::2, :2] = 0, LUT_REL_MIN  # the table's two ends, on the all-codes columns
+    got = ops.decode_weights(kw, False, lut=True)
+    assert got.dtype == torch.float8_e4m3fn
+    want = reference_operand(kw).cpu() * 64
+    assert torch.equal(got.float().cpu(), want)
+    assert set(got[:, :16].float().abs().cpu().unique().tolist()) >= {0.0, 2.0 ** -6, 6 * 2.0 ** 6}
+    with pytest.raises(ValueError, match="MXFP4 unpacks"):
+        ops.decode_weights(ops.layer_weights(make_layer(k_in, n, "int4", 16)[0]), False, lut=True)
+
+
+def test_kernel_layout_rerounds_blocks_below_the_tables():
+    """Blocks under 2**-11 of their row's largest are re-rounded once, in the chunk layout: every kernel
+    then multiplies the same weights, within half a step at 2**-11 of the stored ones."""
+    layer, _ = make_layer(416, 72, "mxfp4", 16, bias=False)
+    layer.wscale[:, 1] = layer.wscale[:, 0] - 14  # block 1 of every row 2**-14 below block 0
+    layer.wscale[:, 0] = layer.wscale.max()  # ... and block 0 the row's largest
+    kw = layout.kernel_weights(layer)
+    assert int(kw.rel_exp.min()) == LUT_REL_MIN
+    got = reference_operand(kw) * kw.row_scale[:, None]
+    deq = F.dequantize(layer.weight_qtensor())
+    rel = (layer.wscale.int() - layer.wscale.int().amax(1, keepdim=True)).repeat_interleave(32, 1)[:, :deq.shape[1]]
+    low = rel < LUT_REL_MIN
+    assert low.any() and torch.equal(got[:, :deq.shape[1]][~low], deq[~low])
+    # those values are at most 3 * 2**-11 of the row scale, where the e2m1 grid's steps are 0.5 and 1 (times 2**-11)
+    half_step = (kw.row_scale[:, None] * 2.0 ** (LUT_REL_MIN - 1)).expand_as(deq)
+    assert ((got[:, :deq.shape[1]] - deq).abs()[low] <= half_step[low]).all()
+
+
 def test_chunk_layout_roundtrip():
     codes = torch.randint(0, 16, (5, 256), dtype=torch.uint8)
     packed = chunk_pack(codes)
@@ -139,16 +179,16 @@ def test_fragment_layout_unpacks_bit_exact():
     n = kw.row_scale.numel()
     kw.codes = kw.codes.cpu().clone()
     kw.codes[:, :8] = ALL_CODES
-    kw.rel_exp = torch.randint(FRAG_REL_MIN - 3, 1, kw.rel_exp.shape, generator=g, dtype=torch.int8)
-    kw.rel_exp[::2, 0], kw.rel_exp[1::2, 0] = 0, FRAG_REL_MIN  # the table's two ends
+    kw.rel_exp = torch.randint(LUT_REL_MIN - 3, 1, kw.rel_exp.shape, generator=g, dtype=torch.int8)
+    kw.rel_exp[::2, 0], kw.rel_exp[1::2, 0] = 0, LUT_REL_MIN  # the table's two ends
     kw.row_scale = kw.row_scale.cpu()
     fw = fragment_pack(kw)
     assert fw.words.shape == (kw.k_main // 128, 8, 32, 8) and fw.exps.dtype == torch.int32  # 72 rows -> 8 tiles
     got = fragment_unpack(fw, n).float()
     vals = F.e2m1_decode(chunk_unpack(kw.codes)) * torch.exp2(kw.rel_exp.float() + 6).repeat_interleave(32, 1)
-    inside = (kw.rel_exp >= FRAG_REL_MIN).repeat_interleave(32, 1)
+    inside = (kw.rel_exp >= LUT_REL_MIN).repeat_interleave(32, 1)
     assert torch.equal(got[inside], vals[inside])
-    assert (got[~inside] - vals[~inside]).abs().max() <= 2.0 ** (FRAG_REL_MIN + 6 - 2)
+    assert (got[~inside] - vals[~inside]).abs().max() <= 2.0 ** (LUT_REL_MIN + 6 - 2)
     assert set(got[:, :16].abs().unique().tolist()) >= {0.0, 6 * 2.0 ** 6, 2.0 ** -6}
     codes, e = fragment_codes(kw)
     assert int(e.min()) >= -5 and int(e.max()) <= 6  # what the e4m3 table can shift to
@@ -206,14 +246,16 @@ CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, Fal
            ops.GemmConfig(8, 32, 1, True, 2, 4, swap=True), ops.GemmConfig(1, 32, 2, True, 2, 4, swap=True),
            ops.GemmConfig(16, 64, 1, True, 4, 4, swap=True), ops.GemmConfig(8, 32, 4, False, 2, 4, swap=True),
            ops.GemmConfig(64, 64, 1, True, 4, 3, swap=True, fold=True),
-           ops.GemmConfig(16, 32, 2, True, 2, 3, swap=True, fold=True)]
+           ops.GemmConfig(16, 32, 2, True, 2, 3, swap=True, fold=True),
+           ops.GemmConfig(16, 64, 2, True, 4, 4, swap=True, fold=True)]
 
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("m,k_in,n", SHAPES)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "swap", "swap-splitk-m64",
                                           "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk",
-                                          "swap-f8-fold-m64", "swap-f8-fold-m16-splitk"])
+                                          "swap-f8-fold-m64", "swap-f8-fold-m16-splitk",
+                                          "swap-f8-fold-wgmma-m16-splitk"])
 def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
     """Transposed configs whose token tile (bm) is smaller than M run several token tiles."""
     if cfg.swap and fmt == "fp8":
@@ -298,13 +340,14 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert not ops.gemm_config(17, 4096, 4096).frag and not ops.gemm_config(1, 4096, 4096, "int4").frag
     for fmt in ("mxfp4", "int4"):  # few tokens: the transposed GEMM on 4-bit weights
         assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
-        assert not ops.gemm_config(65, 4096, 4096, fmt).swap and ops.gemm_config(65, 4096, 4096, fmt).op_f8
-    # 17-64 tokens, and up to 128 (K > N) or 256 (N >= 16384): e4m3 with the block factors folded in
-    mid = [ops.gemm_config(m, n, k) for m, n, k in ((17, 4096, 4096), (64, 6144, 4096), (128, 4096, 12288),
-                                                     (256, 24576, 4096))]
-    assert all(c.fold and c.swap and c.op_f8 for c in mid) and mid[3].bm == 128 and mid[3].split_k == 1
-    assert mid[0].split_k == 4 and mid[2].split_k == 2  # split-K toward ~384 programs
-    assert all(ops.gemm_config(m, n, k).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 12288),
+        assert not ops.gemm_config(65, 6144, 4096, fmt).swap and ops.gemm_config(65, 6144, 4096, fmt).op_f8
+    # 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the block factors folded in
+    mid = [ops.gemm_config(m, n, k) for m, n, k in ((17, 4096, 4096), (64, 5120, 2048), (128, 4096, 4096),
+                                                     (256, 4096, 12288), (256, 24576, 4096))]
+    assert all(c.fold and c.swap and c.op_f8 for c in mid)
+    assert [c.split_k for c in mid] == [4, 1, 1, 4, 1]  # toward 256 programs where few tiles share a long K
+    assert [c.bm for c in mid] == [64, 64, 64, 128, 128]  # 128 x 128 tiles for the long layers past 64 tokens
+    assert all(ops.gemm_config(m, n, k).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 4096),
                                                                (512, 24576, 4096)))
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM
     assert ops.gemm_config(1, 4096, 4096, frag=False).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs

@@ -8,7 +8,10 @@ codes   [N, Kk/2] uint8. K is cut into chunks of CHUNK = 64 columns; in each chu
         Unpacking a [rows, 32]-byte tile then gives two [rows, 32] operand tiles, one whole
         MX block each, with no interleaving shuffle in registers and one scale per row.
 rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the row's
-        largest, so <= 0. The row's largest goes into the row scale.
+        largest, so <= 0, and >= LUT_REL_MIN: the rare blocks below 2**-11 of their row's
+        largest are re-rounded onto that grid once, here, so that every kernel (the e4m3 byte
+        tables of the fragment and folded GEMMs included) multiplies the same weights. The row's
+        largest goes into the row scale.
 row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the int4 scale for INT4, the
         e4m3 scale for FP8.
 
@@ -28,7 +31,7 @@ from .. import formats
 CHUNK = 64
 HALF = CHUNK // 2
 REL_EXP_MIN = -24  # below this a block is < 2**-24 of its row maximum: it decodes to zero
-FRAG_REL_MIN = -11  # the fragment GEMM's e4m3 lookup holds blocks down to 2**-11 of the row's largest
+LUT_REL_MIN = -11  # the e4m3 byte tables (e2m1 * 2**(rel + 6)) hold blocks down to 2**-11 of the row's largest
 FRAG_ROWS = 16  # weight rows per warp (one MMA tile)
 FRAG_TILE_PAD = 8  # tiles padded to a multiple of this, the most warps a program takes
 
@@ -77,15 +80,28 @@ def split_exponents(e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rel, torch.exp2(top.squeeze(1).float())
 
 
+def reround_low_blocks(codes: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, Kk] uint8, rel [N, Kk/32]) with blocks below LUT_REL_MIN re-rounded onto the e2m1 grid
+    at 2**LUT_REL_MIN (their values are under 2**-11 of the row's largest block scale and lose bits,
+    as the e4m3 expansion of the prefill path rounds them below 2**-9); rel clamped to LUT_REL_MIN."""
+    rel = rel.to(torch.int32)
+    low = rel < LUT_REL_MIN
+    if bool(low.any()):
+        vals = formats.e2m1_decode(codes) * torch.exp2((rel - LUT_REL_MIN).float()).repeat_interleave(32, dim=1)
+        codes = torch.where(low.repeat_interleave(32, dim=1), formats.e2m1_encode(vals).to(codes.dtype), codes)
+        rel = rel.clamp(min=LUT_REL_MIN)
+    return codes, rel.to(torch.int8)
+
+
 def kernel_weights(layer) -> KernelWeights:
     """Re-encode an OSCLinear for the kernels (call once; the result is cached on the layer)."""
     fmt = layer.scheme.format
     n = layer.out_features
     kk = padded_width(layer.main_columns)
     if fmt == "mxfp4":
-        codes = _pad_cols(formats.unpack_nibbles(layer.qweight), kk)
         rel, row = split_exponents(layer.wscale)
-        rel = _pad_cols(rel, kk // 32, REL_EXP_MIN)
+        codes, rel = reround_low_blocks(_pad_cols(formats.unpack_nibbles(layer.qweight), kk),
+                                        _pad_cols(rel, kk // 32, REL_EXP_MIN))
         packed = chunk_pack(codes)
     elif fmt == "int4" and layer.scheme.group_size is None:
         packed = chunk_pack(_pad_cols(formats.unpack_nibbles(layer.qweight), kk))
@@ -148,18 +164,10 @@ _SIGN_BIT = (7, 15, 23, 31, 3, 11, 19, 27)  # where column j's sign goes in its 
 
 
 def fragment_codes(kw: KernelWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, Kk] uint8, exponents rel + 6 [N, Kk/32]) with blocks below FRAG_REL_MIN
-    re-rounded onto the smallest table's grid (values under 2**-11 of the row's largest block scale:
-    they lose bits, as the e4m3 expansion of the prefill path does below 2**-9)."""
-    codes = chunk_unpack(kw.codes)
-    rel = kw.rel_exp.to(torch.int32)
-    low = rel < FRAG_REL_MIN
-    if bool(low.any()):
-        vals = formats.e2m1_decode(codes) * torch.exp2((rel - FRAG_REL_MIN).float()).repeat_interleave(32, dim=1)
-        lowc = low.repeat_interleave(32, dim=1)
-        codes = torch.where(lowc, formats.e2m1_encode(vals), codes)
-        rel = rel.clamp(min=FRAG_REL_MIN)
-    return codes, rel + 6
+    """(codes [N, Kk] uint8, table shifts rel + 6 in [-5, 6] [N, Kk/32]); kernel_weights has re-rounded
+    the blocks below LUT_REL_MIN already, this does it for hand-made weights too."""
+    codes, rel = reround_low_blocks(chunk_unpack(kw.codes), kw.rel_exp)
+    return codes, rel.to(torch.int32) + 6
 
 
 def fragment_pack(kw: KernelWeights) -> FragWeights:

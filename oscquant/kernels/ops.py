@@ -3,7 +3,7 @@
 Regimes, chosen in :func:`gemm_config` only:
   MXFP4, M <= 8:      split-quantize to FP16 operands, then the fragment GEMM (frag_gemm.py: the
                       weights stored in MMA fragment order, unpacked by byte lookups).
-  MXFP4, 17-64 tokens (to 128 where K > N, to 256 where N >= 16384): split-quantize to e4m3
+  MXFP4, 17-64 tokens (to 128 where K >= N, to 256 where N >= 16384 or K >= 3N): split-quantize to e4m3
                       operands, then the transposed GEMM with the block factors folded into
                       e4m3 weights (wgmma, the unpacked weights from registers; fold_config).
   small M otherwise (<= 16, INT4 <= 64): split-quantize to FP16 (or e4m3) operands, then the
@@ -115,7 +115,7 @@ class GemmConfig:
     group_m: int = 8
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
-    fold: bool = False  # transposed GEMM on e4m3 operands with the block factors folded into the weights (many tokens)
+    fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
 
     @property
     def mode(self) -> int:
@@ -135,7 +135,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     cheaper unpack wins there), FP16 elsewhere with split-K 4 (8 for one token where N > K);
     the A tile padded only to the next power of two of M where N > K; 3 pipeline stages,
     6 where K > N. MXFP4 above 16 tokens (``scripts/mid_sweep.py``): the folded e4m3 transposed
-    GEMM up to 64 tokens, 128 where K > N, 256 where N >= 16384 (``fold_config``); the FP16
+    GEMM up to 64 tokens, 128 where K >= N, 256 where N >= 16384 or K >= 3N (``fold_config``); the FP16
     transposed GEMM for INT4 up to 64. Prefill wants the largest FP8 tiles, smaller ones at a
     few hundred rows (``bench.sweep``).
     """
@@ -149,8 +149,8 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
             return GemmConfig(mp, 32, 2, True, 2, 3, swap=True)
         split = 8 if m == 1 and n > k_pad else 4
         return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
-    if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad > n)
-                                                  or (m <= 256 and n >= 16384)):
+    if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad >= n)
+                                                  or (m <= 256 and (n >= 16384 or k_pad >= 3 * n))):
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
@@ -169,15 +169,19 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
 
 def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
     """The transposed GEMM on e4m3 operands with the block factors folded into the weights, for 17-256
-    tokens (scripts/mid_sweep.py, docs/kernels.md): 64-token tiles of 64 weight rows (128 x 128 on 8
-    warps for the widest layers above 64 tokens); below 16384 rows, split-K toward about 384 programs
-    with at least 8 steps of 128 columns a split."""
-    mp, bn, warps = (128, 128, 8) if m > 64 and n >= 16384 else (64, 64, 4)
+    tokens (scripts/mid_sweep.py, docs/bench/h200_mid_sweeps_2026-11-29.md): 64-token tiles of 64
+    weight rows on 4 warps, 128 x 128 on 8 warps above 64 tokens for the long layers (N >= 16384 or
+    K >= 3N); split-K up to 8 toward 256 programs where fewer than 128 tiles share K > 2048 (not on
+    the widest layers); 4 pipeline stages without split-K, else 3."""
+    long_ = n >= 16384 or k_pad >= 3 * n
+    mp, bn, warps = (128, 128, 8) if m > 64 and long_ else (64, 64, 4)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, mp)
     split = 1
-    while n < 16384 and split < 8 and tiles * split * 2 <= 384 and (k_pad // 128) // (split * 2) >= 8:
-        split *= 2
-    return GemmConfig(mp, bn, split, True, warps, 3, swap=True, fold=True)
+    if k_pad > 2048 and n < 16384 and tiles < 128:
+        while split < 8 and tiles * split < 256:
+            split *= 2
+    stages = 4 if split == 1 and n < 16384 else 3
+    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
 
 
 def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None) -> GemmConfig:
@@ -293,24 +297,25 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
     return y
 
 
-def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False) -> torch.Tensor:
+def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: bool = False) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
     FP16: value * 2**rel_exp (MXFP4), the int4 value, or the e4m3 value. FP8 (MXFP4): twice that.
     raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
-    block factors go on the partial products).
+    block factors go on the partial products). lut (MXFP4): the byte-table unpack of the folded
+    GEMM, value * 2**(rel_exp + 6) in e4m3.
     """
     if kw.fmt == "fp8":
         return kw.codes if op_f8 else kw.codes.to(torch.float16)
-    if raw_e4m3 and kw.fmt != "mxfp4":
-        raise ValueError(f"raw_e4m3 is the MXFP4 unpack; got {kw.fmt}")
+    if (raw_e4m3 or lut) and kw.fmt != "mxfp4":
+        raise ValueError(f"raw_e4m3 and lut are MXFP4 unpacks; got {kw.fmt}")
     n = kw.row_scale.numel()
-    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 else torch.float16,
+    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 or lut else torch.float16,
                       device=kw.codes.device)
     bn = 64
     decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
         kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
-        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, INTERPRET=interpreting(), num_warps=4)
+        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, LUT=lut, INTERPRET=interpreting(), num_warps=4)
     return out
 
 

@@ -23,6 +23,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .layout import FRAG_LUT
+
+_LUT_LO, _LUT_HI, _LUT_LO_STEP, _LUT_HI_STEP = (tl.constexpr(v) for v in FRAG_LUT)
+
 MODE_PACKED, MODE_F16, MODE_F8 = 0, 1, 2
 FMT_MXFP4, FMT_INT4, FMT_FP8 = 0, 1, 2
 
@@ -214,6 +218,49 @@ def _unpack_e4m3(packed, INTERPRET: tl.constexpr):
                                          is_pure=True, pack=4)
 
 
+# e2m1 -> e4m3 with the block exponent folded in, by byte tables (as the fragment GEMM): per row and
+# block, two words hold the e4m3 encodings of e2m1 magnitudes 0-7 times 2**(rel + 6) (layout.FRAG_LUT;
+# exact for rel >= layout.LUT_REL_MIN). Four packed bytes in (chunk layout: low nibble one block, high
+# nibble the next), the low block's table in $3/$7, the high block's in $11/$15 (broadcast operands,
+# the same register four times); out: low and high nibbles as e4m3 quadruples. Swapping bytes 1 and 2
+# first lets one shift-or turn the four 3-bit magnitudes into prmt's selector nibbles in order; the
+# signs sit at bit 3 (low) and bit 7 (high) of each byte. 13 instructions per 8 values.
+_E2M1_LUT_ASM = tl.constexpr("""
+{
+.reg .b32 w, x, s, t, m;
+prmt.b32 w, $2, 0, 0x3120;
+and.b32 x, w, 0x07070707; shr.b32 s, x, 12; or.b32 s, s, x;
+prmt.b32 t, $3, $7, s; shl.b32 m, $2, 4; and.b32 m, m, 0x80808080; or.b32 $0, t, m;
+shr.b32 x, w, 4; and.b32 x, x, 0x07070707; shr.b32 s, x, 12; or.b32 s, s, x;
+prmt.b32 t, $11, $15, s; and.b32 m, $2, 0x80808080; or.b32 $1, t, m;
+}
+""")
+
+
+@triton.jit
+def _lut_byte(mag, sign, t0, t1):
+    """The CPU interpreter's replay of one table lookup: magnitude 0-7 picks byte mag of (t0, t1)."""
+    word = tl.where(mag < 4, t0, t1)
+    return (((word >> ((mag & 3) * 8)) & 0xFF) | (sign << 7)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _unpack_lut(packed, e0, e1, INTERPRET: tl.constexpr):
+    """uint8 tile [BN, 32] of chunk-layout code pairs and the two blocks' relative exponents [BN]
+    -> (low, high) e4m3 tiles of e2m1 * 2**(rel + 6), exactly (rel >= layout.LUT_REL_MIN)."""
+    # the tables of each row, in uint32 so that the multiply wraps as the PTX's does
+    a0 = ((e0 + 6).to(tl.uint32) * _LUT_LO_STEP + _LUT_LO).to(tl.int32, bitcast=True)[:, None]
+    a1 = ((e0 + 6).to(tl.uint32) * _LUT_HI_STEP + _LUT_HI).to(tl.int32, bitcast=True)[:, None]
+    b0 = ((e1 + 6).to(tl.uint32) * _LUT_LO_STEP + _LUT_LO).to(tl.int32, bitcast=True)[:, None]
+    b1 = ((e1 + 6).to(tl.uint32) * _LUT_HI_STEP + _LUT_HI).to(tl.int32, bitcast=True)[:, None]
+    if INTERPRET:
+        c = packed.to(tl.int32)
+        return _lut_byte(c & 7, (c >> 3) & 1, a0, a1), _lut_byte((c >> 4) & 7, (c >> 7) & 1, b0, b1)
+    z = tl.zeros_like(packed).to(tl.int32)
+    return tl.inline_asm_elementwise(_E2M1_LUT_ASM, "=r,=r,r" + ",r" * 16, [packed, a0 + z, a1 + z, b0 + z, b1 + z],
+                                     dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)
+
+
 @triton.jit
 def _nibble_f16(c, FMT: tl.constexpr):
     """A 4-bit code (0..15, int16) -> FP16: e2m1 value * 2**-14 (FMT 0) or the int4 value (FMT 1)."""
@@ -373,7 +420,7 @@ def _store_tile(acc, y, ws, mask, cnt, SPLIT_K: tl.constexpr):
 @triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
                           FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, RAW_E4M3: tl.constexpr = False,
-                          INTERPRET: tl.constexpr = False):
+                          LUT: tl.constexpr = False, INTERPRET: tl.constexpr = False):
     """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
     expansion of 4-bit weights ahead of a large-M GEMM. RAW_E4M3 (MXFP4, for tests): the e4m3
     operands of the transposed GEMM's e4m3 variant, before their block factors (e2m1 * 2**-6)."""
@@ -384,6 +431,9 @@ def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
     if RAW_E4M3:
         p, _, _ = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
         b_lo, b_hi = _unpack_e4m3(p, INTERPRET)
+    elif LUT:
+        p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
+        b_lo, b_hi = _unpack_lut(p, e0.to(tl.int32), e1.to(tl.int32), INTERPRET)
     else:
         b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
     h = tl.arange(0, 32)
@@ -498,11 +548,15 @@ def _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT: tl.constexpr, OP_F8: tl.co
         e00, e01, e10, e11 = (ev << 24) >> 24, (ev << 16) >> 24, (ev << 8) >> 24, ev >> 24
     else:  # unused by the int4 decode
         e00, e01, e10, e11 = rn, rn, rn, rn
-    if F8_FOLD:  # e4m3 weights with the block factor folded in (as the prefill expansion), in-place accumulation
-        w0, w1 = _decode_codes(p0, e00, e01, FMT, True, INTERPRET)
+    if F8_FOLD:  # e4m3 weights with the block factor folded in, one MMA per block accumulating in place
+        if FMT == 0:  # e2m1 * 2**(d + 6) from the byte tables
+            w0, w1 = _unpack_lut(p0, e00, e01, INTERPRET)
+            w2, w3 = _unpack_lut(p1, e10, e11, INTERPRET)
+        else:  # int4 through FP16, exact in e4m3
+            w0, w1 = _decode_codes(p0, e00, e01, FMT, True, INTERPRET)
+            w2, w3 = _decode_codes(p1, e10, e11, FMT, True, INTERPRET)
         acc = _dot_acc_f8(w0, a0, acc, INTERPRET)
         acc = _dot_acc_f8(w1, a1, acc, INTERPRET)
-        w2, w3 = _decode_codes(p1, e10, e11, FMT, True, INTERPRET)
         acc = _dot_acc_f8(w2, a2, acc, INTERPRET)
         acc = _dot_acc_f8(w3, a3, acc, INTERPRET)
     elif OP_F8:
@@ -529,9 +583,9 @@ def osc_gemm_t_kernel(
     """y^T [BN, MP] = deq(B) · A^T for MP tokens a program (grid axis 0: weight tiles x token tiles), A the FP16
     (OP_F8: e4m3) operands of split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and
     A's tile shrinks. OP_F8 alone: weights moved bit-wise to e4m3, each block's factor on its FP32
-    partial product (few tokens); with F8_FOLD: the factor folded into the e4m3 weights (exact for
-    blocks within 2**-9 of the row's largest, as the prefill expansion; sb must carry the 1/2) and
-    one FP8 MMA accumulating in place (wgmma with the weights from registers: many tokens).
+    partial product (few tokens); with F8_FOLD: the factor folded into the e4m3 weights by the byte
+    tables of _unpack_lut (MXFP4, exact: kernel_weights keeps blocks within their range) and one FP8
+    MMA accumulating in place (wgmma with the weights from registers: 17-256 tokens).
 
     The weight tile is the left operand, so Triton loads its bytes straight into the MMA
     operand layout and unpacks them there (no shared-memory round trip of unpacked values);
@@ -563,8 +617,8 @@ def osc_gemm_t_kernel(
         acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, F8_FOLD, INTERPRET)
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
-    if F8_FOLD and FMT == 0:  # the folded e4m3 weights are twice the values
-        sb = sb * 0.5
+    if F8_FOLD and FMT == 0:  # the table-unpacked e4m3 weights are 2**6 times the values
+        sb = sb * 0.015625
     acc = acc * sa[None, :] * sb[:, None]
     if BO > 0 and split == 0:
         acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
