@@ -150,7 +150,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
         split = 8 if m == 1 and n > k_pad else 4
         return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
     if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad >= n)
-                                                  or (m <= 256 and (n >= 16384 or k_pad >= 3 * n))):
+                                                  or (m <= 256 and _long_layer(n, k_pad))):
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
@@ -167,14 +167,19 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
 
 
+def _long_layer(n: int, k_pad: int) -> bool:
+    """Layers with enough work per token (the widest, or K >= 3N) that the folded GEMM keeps beating the
+    expansion path up to 256 tokens, on 128 x 128 tiles."""
+    return n >= 16384 or k_pad >= 3 * n
+
+
 def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
     """The transposed GEMM on e4m3 operands with the block factors folded into the weights, for 17-256
     tokens (scripts/mid_sweep.py, docs/bench/h200_mid_sweeps_2026-11-29.md): 64-token tiles of 64
     weight rows on 4 warps, 128 x 128 on 8 warps above 64 tokens for the long layers (N >= 16384 or
     K >= 3N); split-K up to 8 toward 256 programs where fewer than 128 tiles share K > 2048 (not on
     the widest layers); 4 pipeline stages without split-K, else 3."""
-    long_ = n >= 16384 or k_pad >= 3 * n
-    mp, bn, warps = (128, 128, 8) if m > 64 and long_ else (64, 64, 4)
+    mp, bn, warps = (128, 128, 8) if m > 64 and _long_layer(n, k_pad) else (64, 64, 4)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, mp)
     split = 1
     if k_pad > 2048 and n < 16384 and tiles < 128:
