@@ -1,4 +1,4 @@
-"""Middle-M (32-2048 tokens) GEMM configs on the H200, side by side in one process.
+"""Middle-M (9-2048 tokens) GEMM configs on the H200, side by side in one process.
 
 Candidates: the transposed GEMM with e4m3 operands and the MX block factors folded into the weights
 ("fold": wgmma with the unpacked weights from registers, several token tiles, split-K) and
@@ -19,7 +19,8 @@ from oscquant.bench import _graph_time, sweep_cases
 from oscquant.kernels.ops import GemmConfig, fold_config, gemm_config, osc_gemm, osc_linear_2d, split_quantize
 from oscquant.kernels.triton_osc import MODE_F8
 
-FOLD = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3)]
+FOLD = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
+        (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 8, 3)]  # 16-token tiles for 9-16 tokens
 CONFIGS = [("now", None), ("fold", "default")] + [("fold", c + (s,)) for c in FOLD for s in (1, 2, 4, 8)]
 
 
@@ -46,8 +47,8 @@ def main(ms=(32, 64, 128, 256, 512, 1024, 2048), k=128):
         out.write(f"| {name} | {m} | split-quantize (e4m3) | {split:.1f} | | |\n")
         for ops_, c in CONFIGS:
             cfg = config(m, case.n, kw.k_main, ops_, c)
-            if cfg.swap and (cfg.bm > max(64, 2 * m) or (kw.k_main // 128) // cfg.split_k < 4):
-                continue  # token tiles far beyond M, or fewer than 4 steps of K a split
+            if cfg.swap and (cfg.bm > max(64, 2 * m) or (cfg.bm < min(m, 64)) or (kw.k_main // 128) // cfg.split_k < 4):
+                continue  # token tiles far beyond M or below it, or fewer than 4 steps of K a split
             try:
                 if ops_ == "now":
                     xo_, a_, sa_ = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)

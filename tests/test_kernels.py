@@ -347,6 +347,8 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert all(c.fold and c.swap and c.op_f8 for c in mid)
     assert [c.split_k for c in mid] == [4, 1, 1, 4, 1]  # toward 256 programs where few tiles share a long K
     assert [c.bm for c in mid] == [64, 64, 64, 128, 128]  # 128 x 128 tiles for the long layers past 64 tokens
+    few = [ops.gemm_config(m, n, k) for m, n, k in ((9, 4096, 4096), (16, 2048, 4096), (16, 6144, 4096))]
+    assert few[0].fold and few[0].bm == 16 and few[1].split_k == 8 and not few[2].fold  # 9-16 tokens where K >= N
     assert all(ops.gemm_config(m, n, k).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 4096),
                                                                (512, 24576, 4096)))
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM

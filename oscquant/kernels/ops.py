@@ -3,10 +3,10 @@
 Regimes, chosen in :func:`gemm_config` only:
   MXFP4, M <= 8:      split-quantize to FP16 operands, then the fragment GEMM (frag_gemm.py: the
                       weights stored in MMA fragment order, unpacked by byte lookups).
-  MXFP4, 17-64 tokens (to 128 where K >= N, to 256 where N >= 16384 or K >= 3N): split-quantize to e4m3
+  MXFP4, 17-64 tokens (9-128 where K >= N, to 256 where N >= 16384 or K >= 3N): split-quantize to e4m3
                       operands, then the transposed GEMM with the block factors folded into
                       e4m3 weights (wgmma, the unpacked weights from registers; fold_config).
-  small M otherwise (<= 16, INT4 <= 64): split-quantize to FP16 (or e4m3) operands, then the
+  small M otherwise (<= 16 tokens, INT4 <= 64): split-quantize to FP16 (or e4m3) operands, then the
                       transposed GEMM (``osc_gemm_t_kernel``: y^T = W · A^T, the 4-bit weights the
                       left MMA operand, unpacked where they land); split-K when N alone gives too
                       few weight tiles. The run time is the 4-bit weight stream plus launch latency.
@@ -134,8 +134,8 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     Up to 16 tokens: e4m3 operands for the widest layers (>= 512 weight tiles; their
     cheaper unpack wins there), FP16 elsewhere with split-K 4 (8 for one token where N > K);
     the A tile padded only to the next power of two of M where N > K; 3 pipeline stages,
-    6 where K > N. MXFP4 above 16 tokens (``scripts/mid_sweep.py``): the folded e4m3 transposed
-    GEMM up to 64 tokens, 128 where K >= N, 256 where N >= 16384 or K >= 3N (``fold_config``); the FP16
+    6 where K > N. MXFP4 above 16 tokens, and from 9 where K >= N (``scripts/mid_sweep.py``): the folded
+    e4m3 transposed GEMM up to 64 tokens, 128 where K >= N, 256 where N >= 16384 or K >= 3N (``fold_config``); the FP16
     transposed GEMM for INT4 up to 64. Prefill wants the largest FP8 tiles, smaller ones at a
     few hundred rows (``bench.sweep``).
     """
@@ -143,6 +143,8 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
         return frag_config(m, n, k_pad)
+    if fmt == "mxfp4" and FRAG_MAX_M < m <= DECODE_MAX_M and k_pad >= n:  # measured 4-9 % faster there
+        return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= DECODE_MAX_M:
         mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
         if triton.cdiv(n, 32) >= 512:
@@ -174,18 +176,19 @@ def _long_layer(n: int, k_pad: int) -> bool:
 
 
 def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
-    """The transposed GEMM on e4m3 operands with the block factors folded into the weights, for 17-256
+    """The transposed GEMM on e4m3 operands with the block factors folded into the weights, for 9-256
     tokens (scripts/mid_sweep.py, docs/bench/h200_mid_sweeps_2026-11-29.md): 64-token tiles of 64
-    weight rows on 4 warps, 128 x 128 on 8 warps above 64 tokens for the long layers (N >= 16384 or
-    K >= 3N); split-K up to 8 toward 256 programs where fewer than 128 tiles share K > 2048 (not on
-    the widest layers); 4 pipeline stages without split-K, else 3."""
-    mp, bn, warps = (128, 128, 8) if m > 64 and _long_layer(n, k_pad) else (64, 64, 4)
+    weight rows on 4 warps (16-token tiles up to 16 tokens), 128 x 128 on 8 warps above 64 tokens for
+    the long layers (N >= 16384 or K >= 3N); split-K up to 8 toward 256 programs where fewer than 128
+    tiles share K > 2048 (not on the widest layers); 4 pipeline stages without split-K or with
+    16-token tiles, else 3."""
+    mp, bn, warps = (128, 128, 8) if m > 64 and _long_layer(n, k_pad) else (16 if m <= 16 else 64, 64, 4)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, mp)
     split = 1
     if k_pad > 2048 and n < 16384 and tiles < 128:
         while split < 8 and tiles * split < 256:
             split *= 2
-    stages = 4 if split == 1 and n < 16384 else 3
+    stages = 4 if (split == 1 and n < 16384) or mp == 16 else 3
     return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
 
 
