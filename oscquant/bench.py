@@ -246,27 +246,22 @@ def sweep(shapes=(("8B gate+up", 24576, 4096), ("8B o", 4096, 4096), ("8B down",
           k: int = 128) -> str:
     """Time the OSC GEMM alone under several tile configs; prints one line per (shape, M, config)."""
     _need_cuda("sweep")
-    from .config import LayerScheme
-    from .kernels.ops import GemmConfig, layer_weights, osc_gemm, split_quantize
-    from .linear import OSCLinear
+    from .kernels.ops import GemmConfig, osc_gemm, split_quantize
 
     lines = ["| shape | M | BM | BN | split-K | FP8 ops | warps | stages | µs |", "|" + "---|" * 9]
-    for name, n, k_in in shapes:
-        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", k), torch.arange(k))
-        kw = layer_weights(layer)
-        for m in ms:
-            x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
-            for c in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
-                cfg = GemmConfig(*c)
-                if m <= 16 or cfg.expand or m <= 1024:
-                    xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
-                    try:
-                        t = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
-                    except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
-                        lines.append(f"| {name} | {m} | {c} failed: {type(e).__name__} |")
-                        continue
-                    lines.append(f"| {name} {n}×{k_in} | {m} | " + " | ".join(str(v) for v in c) + f" | {t:.1f} |")
+    for case in sweep_cases(ms, k, shapes):
+        m, kw = case.m, case.kw
+        for c in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
+            cfg = GemmConfig(*c)
+            if m <= 16 or cfg.expand or m <= 1024:
+                xo, a, sa = split_quantize(case.x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
+                try:
+                    t = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
+                except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
+                    lines.append(f"| {case.name} | {m} | {c} failed: {type(e).__name__} |")
+                    continue
+                lines.append(f"| {case.name} {case.n}×{case.k_in} | {m} | " + " | ".join(str(v) for v in c)
+                             + f" | {t:.1f} |")
     return "\n".join(lines)
 
 

@@ -15,16 +15,12 @@ Usage on the device: python3 scripts/decode_probe.py > $OUT/probe.md
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
-
 import torch
 import triton
 import triton.language as tl
 
-from oscquant.bench import _b2b_time, _graph_time
-from oscquant.config import LayerScheme
-from oscquant.kernels.ops import gemm_config, layer_weights, osc_gemm, split_quantize
-from oscquant.linear import OSCLinear
+from oscquant.bench import _b2b_time, _graph_time, clone_weights, sweep_cases
+from oscquant.kernels.ops import gemm_config, osc_gemm, split_quantize
 
 
 @triton.jit
@@ -67,15 +63,11 @@ def main():
     out = sys.stdout
     out.write("| shape | M | what | config | flush µs | b2b µs | weight TB/s (flush) | TB/s (b2b) |\n"
               "|---|---|---|---|---|---|---|---|\n")
-    for name, n, k in SHAPES:
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 128), torch.arange(128))
-        kw = layer_weights(layer)
-        w_f8 = lin.weight.to(torch.float8_e4m3fn)
-        sw = torch.ones(1, n, device="cuda")
+    for case in sweep_cases((1, 16), 128, SHAPES):
+        name, m, n, k, x, kw = case.name, case.m, case.n, case.k_in, case.x, case.kw
         sink = torch.empty(n * 16, dtype=torch.int32, device="cuda")
 
-        def row(m, what, cfg, call, weights, nbytes):
+        def row(what, cfg, call, weights, nbytes):
             w0 = weights()  # cloned outside the timed graph
             f = _graph_time(lambda: call(w0))
             b = _b2b_time(call, weights, nbytes)
@@ -83,28 +75,23 @@ def main():
                       f"{nbytes / b / 1e6:.2f} |\n")
             out.flush()
 
-        for m in (1, 16):
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            x_f8 = x.to(torch.float8_e4m3fn)
-            sx = torch.ones(m, 1, device="cuda")
-            row(m, "BF16 cuBLAS", "", lambda w: torch.matmul(x, w.T), lin.weight.clone, 2 * n * k)
-            row(m, "FP8 cuBLAS", "", lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw,
-                                                               out_dtype=torch.bfloat16), w_f8.clone, n * k)
-            cfg = gemm_config(m, n, kw.k_main)
-            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
-            row(m, "osc_gemm as shipped", (cfg.bn, cfg.warps, cfg.stages, cfg.split_k),
-                lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg),
-                lambda: replace(kw, codes=kw.codes.clone(), rel_exp=kw.rel_exp.clone()),
-                kw.codes.numel() + kw.rel_exp.numel())
-            if m == 1:
-                for bn, w, st, sk, words, tiled in STREAM:
-                    grid = (triton.cdiv(n, bn), sk)
-                    row(m, "stream" + (" tiled" if tiled else ""), (bn, w, st, sk, 4 * words),
-                        lambda c: stream_kernel[grid](c, sink, n, kw.k_main, kw.codes.stride(0), BN=bn, SPLIT_K=sk,
-                                                      STAGES=st, WORDS=words, TILED=tiled, num_warps=w,
-                                                      num_stages=st),
-                        kw.codes.clone, kw.codes.numel())
-        torch.cuda.empty_cache()
+        row("BF16 cuBLAS", "", case.bf16, case.weight.clone, 2 * n * k)
+        row("FP8 cuBLAS", "", case.fp8, case.weight_f8.clone, n * k)
+        cfg = gemm_config(m, n, kw.k_main)
+        xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
+        # the bytes the config's kernel streams: the fragment layout or the chunk layout
+        w_bytes = (4 * (kw.frag.words.numel() + kw.frag.exps.numel()) if cfg.frag
+                   else kw.codes.numel() + kw.rel_exp.numel())
+        row("osc_gemm as shipped", (cfg.bn, cfg.warps, cfg.stages, cfg.split_k),
+            lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg), lambda: clone_weights(kw), w_bytes)
+        if m == 1:
+            for bn, w, st, sk, words, tiled in STREAM:
+                grid = (triton.cdiv(n, bn), sk)
+                row("stream" + (" tiled" if tiled else ""), (bn, w, st, sk, 4 * words),
+                    lambda c: stream_kernel[grid](c, sink, n, kw.k_main, kw.codes.stride(0), BN=bn, SPLIT_K=sk,
+                                                  STAGES=st, WORDS=words, TILED=tiled, num_warps=w,
+                                                  num_stages=st),
+                    kw.codes.clone, kw.codes.numel())
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ split_quantize   one pass over BF16 activation rows: gathers the outlier channel
                      MX block's exponent folded in relative to the row's largest, plus one FP32
                      scale per row. e2m1 * 2**d is exact in FP16 for d >= -24 and in e4m3 for d >= -14.
 osc_gemm         y = (A @ B^T) * sx * sw + x_o @ W_o^T (+ bias), one launch (prefill, FP8 weights).
-osc_gemm_t       the same for up to 64 tokens, computed as y^T = B @ A^T (4-bit weights the left operand).
+osc_gemm_t       the same for up to 256 tokens, computed as y^T = B @ A^T (4-bit weights the left operand).
                  B is read as 4-bit codes (chunk layout of layout.py) and unpacked in registers:
                  e2m1 code -> FP16 by placing its three magnitude bits at FP16 bits 9-11 and its
                  sign at bit 15 (that FP16 number is the e2m1 value times 2**-14, subnormals
                  included), then one multiply by 2**(d + 14) per block; int4 -> FP16 by the
-                 0x6400 trick. FP16 operands feed mma/wgmma for small M; FP8 ones (4-bit
-                 weights expanded to e4m3 first, ops.py) feed wgmma for large M. The BF16
+                 0x6400 trick. FP16 operands feed mma/wgmma for small M; at 9-256 tokens,
+                 by layer shape (ops.fold_config), MXFP4 weights unpack to e4m3 by byte tables
+                 instead (_unpack_lut) and feed wgmma; for large M, 4-bit weights are expanded to
+                 e4m3 first (ops.py) and osc_gemm runs on wgmma. The BF16
                  branch accumulates into the same FP32 accumulator after the main loop.
 """
 
@@ -245,14 +247,20 @@ def _lut_byte(mag, sign, t0, t1):
 
 
 @triton.jit
+def _lut_tables(e):
+    """A block's two table words [BN, 1] from its relative exponent [BN], in uint32 so that the
+    multiply wraps as the fragment GEMM's PTX does."""
+    shift = (e + 6).to(tl.uint32)
+    return ((shift * _LUT_LO_STEP + _LUT_LO).to(tl.int32, bitcast=True)[:, None],
+            (shift * _LUT_HI_STEP + _LUT_HI).to(tl.int32, bitcast=True)[:, None])
+
+
+@triton.jit
 def _unpack_lut(packed, e0, e1, INTERPRET: tl.constexpr):
     """uint8 tile [BN, 32] of chunk-layout code pairs and the two blocks' relative exponents [BN]
     -> (low, high) e4m3 tiles of e2m1 * 2**(rel + 6), exactly (rel >= layout.LUT_REL_MIN)."""
-    # the tables of each row, in uint32 so that the multiply wraps as the PTX's does
-    a0 = ((e0 + 6).to(tl.uint32) * _LUT_LO_STEP + _LUT_LO).to(tl.int32, bitcast=True)[:, None]
-    a1 = ((e0 + 6).to(tl.uint32) * _LUT_HI_STEP + _LUT_HI).to(tl.int32, bitcast=True)[:, None]
-    b0 = ((e1 + 6).to(tl.uint32) * _LUT_LO_STEP + _LUT_LO).to(tl.int32, bitcast=True)[:, None]
-    b1 = ((e1 + 6).to(tl.uint32) * _LUT_HI_STEP + _LUT_HI).to(tl.int32, bitcast=True)[:, None]
+    a0, a1 = _lut_tables(e0)
+    b0, b1 = _lut_tables(e1)
     if INTERPRET:
         c = packed.to(tl.int32)
         return _lut_byte(c & 7, (c >> 3) & 1, a0, a1), _lut_byte((c >> 4) & 7, (c >> 7) & 1, b0, b1)
@@ -318,14 +326,6 @@ def _decode_codes(p, e0, e1, FMT: tl.constexpr, OP_F8: tl.constexpr, INTERPRET: 
 
 
 @triton.jit
-def _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT: tl.constexpr, OP_F8: tl.constexpr,
-             INTERPRET: tl.constexpr):
-    """Weight operand tiles [BN, 32] for the two 32-column blocks of 64-column chunk ``ck``."""
-    p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
-    return _decode_codes(p, e0, e1, FMT, OP_F8, INTERPRET)
-
-
-@triton.jit
 def _chunk_dot(acc, a_ptr, rm64, mm, stride_am, ck, limit, p, e0, e1, FMT: tl.constexpr, OP_F8: tl.constexpr,
                INTERPRET: tl.constexpr):
     """acc += A[:, chunk] @ B[:, chunk]^T for one 64-column chunk whose bytes are already loaded."""
@@ -342,16 +342,9 @@ def _chunk_dot(acc, a_ptr, rm64, mm, stride_am, ck, limit, p, e0, e1, FMT: tl.co
 
 
 @triton.jit
-def _dot_f8(w, a, INTERPRET: tl.constexpr):
-    """w · a^T on e4m3 tiles, a fresh FP32 result (the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact)."""
-    if INTERPRET:
-        return tl.dot(w.to(tl.float16), tl.trans(a.to(tl.float16)))
-    return tl.dot(w, tl.trans(a))
-
-
-@triton.jit
-def _dot_acc_f8(w, a, acc, INTERPRET: tl.constexpr):
-    """acc += w · a^T on e4m3 tiles (the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact)."""
+def _dot_f8(w, a, acc, INTERPRET: tl.constexpr):
+    """acc + w · a^T on e4m3 tiles, or a fresh FP32 result when acc is None (the CPU interpreter has no
+    FP8 matmul; e4m3 -> FP16 is exact)."""
     if INTERPRET:
         return tl.dot(w.to(tl.float16), tl.trans(a.to(tl.float16)), acc)
     return tl.dot(w, tl.trans(a), acc)
@@ -367,12 +360,12 @@ def _chunk_t_f8(acc, p, e0, e1, a_lo, a_hi, FMT: tl.constexpr, INTERPRET: tl.con
     """
     if FMT == 0:
         w_lo, w_hi = _unpack_e4m3(p, INTERPRET)
-        acc += _dot_f8(w_lo, a_lo, INTERPRET) * _pow2(e0 + 6)[:, None]
-        acc += _dot_f8(w_hi, a_hi, INTERPRET) * _pow2(e1 + 6)[:, None]
+        acc += _dot_f8(w_lo, a_lo, None, INTERPRET) * _pow2(e0 + 6)[:, None]
+        acc += _dot_f8(w_hi, a_hi, None, INTERPRET) * _pow2(e1 + 6)[:, None]
     else:
         w_lo, w_hi = _decode_codes(p, e0, e1, FMT, True, INTERPRET)
-        acc += _dot_f8(w_lo, a_lo, INTERPRET)
-        acc += _dot_f8(w_hi, a_hi, INTERPRET)
+        acc += _dot_f8(w_lo, a_lo, None, INTERPRET)
+        acc += _dot_f8(w_hi, a_hi, None, INTERPRET)
     return acc
 
 
@@ -428,14 +421,13 @@ def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
     ck = tl.program_id(1)
     nm = rn < N
     rn64 = rn.to(tl.int64)
+    p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
     if RAW_E4M3:
-        p, _, _ = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
         b_lo, b_hi = _unpack_e4m3(p, INTERPRET)
     elif LUT:
-        p, e0, e1 = _load_codes(b_ptr, be_ptr, rn64, nm, ck, K_PAD // 64, stride_bn, K_PAD, FMT)
         b_lo, b_hi = _unpack_lut(p, e0.to(tl.int32), e1.to(tl.int32), INTERPRET)
     else:
-        b_lo, b_hi = _load_b4(b_ptr, be_ptr, rn64, nm, ck, stride_bn, K_PAD, FMT, OP_F8, INTERPRET)
+        b_lo, b_hi = _decode_codes(p, e0, e1, FMT, OP_F8, INTERPRET)
     h = tl.arange(0, 32)
     base = out_ptr + rn64[:, None] * K_PAD + ck * 64 + h[None, :]
     tl.store(base, b_lo, mask=nm[:, None])
@@ -555,10 +547,10 @@ def _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT: tl.constexpr, OP_F8: tl.co
         else:  # int4 through FP16, exact in e4m3
             w0, w1 = _decode_codes(p0, e00, e01, FMT, True, INTERPRET)
             w2, w3 = _decode_codes(p1, e10, e11, FMT, True, INTERPRET)
-        acc = _dot_acc_f8(w0, a0, acc, INTERPRET)
-        acc = _dot_acc_f8(w1, a1, acc, INTERPRET)
-        acc = _dot_acc_f8(w2, a2, acc, INTERPRET)
-        acc = _dot_acc_f8(w3, a3, acc, INTERPRET)
+        acc = _dot_f8(w0, a0, acc, INTERPRET)
+        acc = _dot_f8(w1, a1, acc, INTERPRET)
+        acc = _dot_f8(w2, a2, acc, INTERPRET)
+        acc = _dot_f8(w3, a3, acc, INTERPRET)
     elif OP_F8:
         acc = _chunk_t_f8(acc, p0, e00, e01, a0, a1, FMT, INTERPRET)
         acc = _chunk_t_f8(acc, p1, e10, e11, a2, a3, FMT, INTERPRET)
