@@ -63,19 +63,20 @@ FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr"
              ("stride_am", "i32"), ("stride_ym", "i32")]
 
 
-def frag(nt: int, warps: int = 4, split_k: int = 1):
+def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True):
     """The fragment GEMM (Gluon + inline PTX)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .frag_gemm import osc_frag_gemm_kernel
-    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True)
+    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PROBE=0, PDL=pdl)
     return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 
-def split(fmt: int, mode: int, block: int = 4096):
+def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
     return compile_kernel(K.split_quantize_kernel, SPLIT_SIG,
-                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False), 8, 1, {"q_ptr": q})
+                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl), 8, 1,
+                          {"q_ptr": q})
 
 
 def decode(fmt: int, op_f8: bool):
@@ -119,8 +120,21 @@ def sass(c) -> str:
         os.unlink(f.name)
 
 
+def pdl_order(c) -> str | None:
+    """None if the PTX keeps programmatic dependent launch safe (overlap.py): one griddepcontrol.wait,
+    and no global load, atomic or store before it, only L2 prefetches; else what is wrong."""
+    lines = c.asm["ptx"].splitlines()
+    waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+    if len(waits) != 1:
+        return f"{len(waits)} griddepcontrol.wait"
+    early = [line.strip() for line in lines[:waits[0]]
+             if any(op in line for op in ("ld.global", "st.global", "atom.", "red.", "cp.async.ca", "cp.async.cg"))]
+    return f"before griddepcontrol.wait: {early[:3]}" if early else None
+
+
 def main() -> int:
-    """Prints each kernel's resources; exits 1 if one spills registers to the stack."""
+    """Prints each kernel's resources; exits 1 if one spills registers to the stack or touches
+    memory before its PDL wait."""
     spills = 0
     for name, c in [("frag gemm mxfp4 M<=8", frag(1, split_k=4)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
                     ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
@@ -137,6 +151,10 @@ def main() -> int:
         usage = resources(c)
         print(f"{name}: {usage}")
         spills += "STACK:" in usage and "STACK:0 " not in usage
+        if "griddepcontrol" in c.asm["ptx"]:
+            bad = pdl_order(c)
+            print(f"  PDL order: {bad or 'ok'}")
+            spills += bad is not None
         if "--sass" in sys.argv:
             print(sass(c))
     return 1 if spills else 0

@@ -27,6 +27,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .layout import FRAG_LUT
+from .overlap import wait_inputs
 
 
 def _main_step_asm(nt: int, probe: int = 0) -> str:
@@ -140,12 +141,14 @@ def osc_frag_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, e_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, STEPS, TILES, K_OUT, stride_am, stride_ym,
     NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BRANCH: gl.constexpr,
-    PROBE: gl.constexpr = 0,
+    PROBE: gl.constexpr = 0, PDL: gl.constexpr = False,
 ):
     """a: FP16 operands [M, 128 * STEPS] (split_quantize MODE_F16), sa [M]; w: int32 words
     [STEPS, TILES, 32, 8] and e: int32 [STEPS, TILES, 32] of layout.fragment_pack; sw [N];
     xo [M, K_OUT], wo [N, K_OUT] BF16 with K_OUT % 8 == 0. NT token groups of 8 (M <= 8 * NT).
-    Program (i, j): weight tiles WARPS*i .. WARPS*i + WARPS - 1 (one per warp), split j of the steps."""
+    Program (i, j): weight tiles WARPS*i .. WARPS*i + WARPS - 1 (one per warp), split j of the steps.
+    PDL (overlap.py): launched while split_quantize still runs, the program waits for it before any
+    load."""
     L: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [WARPS, 1], [1, 0])
     ROWS: gl.constexpr = gl.SliceLayout(1, L)
     COLS: gl.constexpr = gl.SliceLayout(0, L)
@@ -159,6 +162,8 @@ def osc_frag_gemm_kernel(
     per = gl.cdiv(STEPS, SPLIT_K)
     s0 = split * per
     s1 = gl.minimum(s0 + per, STEPS)
+
+    wait_inputs(PDL)
 
     # step-major: the programs running together read neighbouring kilobytes (DRAM pages), not
     # one 32 KB run each

@@ -2,7 +2,8 @@
 
 Regimes, chosen in :func:`gemm_config` only:
   MXFP4, M <= 8:      split-quantize to FP16 operands, then the fragment GEMM (frag_gemm.py: the
-                      weights stored in MMA fragment order, unpacked by byte lookups).
+                      weights stored in MMA fragment order, unpacked by byte lookups), launched
+                      overlapped with split-quantize (overlap.py).
   MXFP4, 17-64 tokens (9-128 where K >= N, to 256 where N >= 16384 or K >= 3N): split-quantize to e4m3
                       operands, then the transposed GEMM with the block factors folded into
                       e4m3 weights (wgmma, the unpacked weights from registers; fold_config).
@@ -44,6 +45,28 @@ def interpreting() -> bool:
     return INTERPRETED
 
 
+# programmatic dependent launch (overlap.py) of split-quantize and the fragment GEMM after it (M <= 8):
+# OSCQUANT_PDL=0, or setting this False, launches them one after the other (scripts/pdl_rows.py times both)
+PDL = os.environ.get("OSCQUANT_PDL", "1") != "0"
+
+
+def pdl_launch(device: torch.device, want: bool = True) -> dict:
+    """The kernel arguments for a launch that may overlap the kernel before it: sm_90 and newer only
+    (griddepcontrol is Hopper PTX), never in the CPU interpreter."""
+    on = want and PDL and not INTERPRETED and device.type == "cuda" and _major(device) >= 9
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
+
+
+_MAJOR: dict = {}
+
+
+def _major(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _MAJOR:
+        _MAJOR[i] = torch.cuda.get_device_capability(i)[0]
+    return _MAJOR[i]
+
+
 def supported(layer, x: torch.Tensor) -> str | None:
     """None if the kernels can run this call, else the reason they cannot."""
     s = layer.scheme
@@ -60,11 +83,11 @@ def supported(layer, x: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
-                   k_pad: int, out: tuple | None = None, rows: int | None = None):
+                   k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
-    write into (tests poison them first)."""
+    write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
     m = x.shape[0]
@@ -93,8 +116,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
-            INTERPRET=interpreting(),
-            num_warps=8 if block >= 4096 else 4,
+            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, **pdl_launch(dev, pdl),
         )
     if mode == MODE_PACKED:
         return xo, q, (sc if fmt == "mxfp4" else rs)
@@ -301,7 +323,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
         m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
         NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
-        PROBE=probe, num_warps=cfg.warps)
+        PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device))
     return y
 
 
@@ -332,7 +354,7 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     m = x.shape[0]
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED)
-    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main)
+    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.frag)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .layout import FRAG_LUT
+from .overlap import release_dependents, wait_inputs
 
 _LUT_LO, _LUT_HI, _LUT_LO_STEP, _LUT_HI_STEP = (tl.constexpr(v) for v in FRAG_LUT)
 
@@ -76,10 +77,13 @@ def split_quantize_kernel(
     xo_ptr, q_ptr, s_ptr, rs_ptr,
     M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
-    INTERPRET: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
-    rows stay whole in registers), so that each program keeps ROWS rows of loads in flight."""
+    rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
+    PDL (overlap.py): the GEMM after it may launch at once."""
+    release_dependents(PDL)
+    wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rm = r < M
     c = tl.arange(0, BLOCK)

@@ -1,0 +1,36 @@
+"""Programmatic dependent launch (Hopper): a kernel starts while the one before it still runs.
+
+An OSC layer is two launches (split-quantize, then the GEMM), and at decode sizes each launch
+costs about as much as the work itself. Launched with ``launch_pdl=True``, a kernel's programs
+start as soon as every program of the kernel before it has called :func:`release_dependents`
+(split-quantize does so first thing), and :func:`wait_inputs` blocks them until that kernel has
+finished and its writes are visible. Every load and store comes after the wait, so correctness
+does not depend on the overlap: what is saved is the launch latency. Without the launch
+attribute both instructions are no-ops.
+
+Used for the fragment GEMM only (M <= 8, ops.gemm_config): there it measured 0.4-1.0 µs faster per
+layer; the Triton GEMMs at 9-64 tokens measured slower launched early, and so did prefetching
+the weights into L2 during the wait (docs/bench/h200_pdl_2026-11-29.md).
+
+The helpers are plain ``triton.jit`` functions of inline PTX; the Gluon fragment GEMM calls them too.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch now (it still waits for this one in wait_inputs)."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def wait_inputs(PDL: tl.constexpr):
+    """Block until the kernel before this one has completed and its memory is visible."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
