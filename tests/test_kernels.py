@@ -198,12 +198,13 @@ def test_fragment_layout_unpacks_bit_exact():
 @pytest.mark.skipif(not CUDA, reason="the fragment GEMM is inline PTX (no interpreter)")
 @pytest.mark.parametrize("m,k_in,n", [s for s in SHAPES if s[0] <= 16])
 @pytest.mark.parametrize("k", [32, 16, 0])
-@pytest.mark.parametrize("warps,split_k", [(4, 1), (2, 3), (8, 8), (1, 2)])
-def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k):
+@pytest.mark.parametrize("warps,split_k,tpw,prefetch", [(4, 1, 1, 0), (2, 3, 1, 0), (8, 8, 1, 0), (1, 2, 1, 0),
+                                                       (4, 1, 2, 0), (2, 3, 2, 3), (1, 1, 1, 5)])
+def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k, tpw, prefetch):
     layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k)
+    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k, tpw=tpw, prefetch=prefetch)
     assert cfg.frag and cfg.bm == (8 if m <= 8 else 16)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -324,6 +325,9 @@ def test_bad_inputs_raise():
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, frag)
     with pytest.raises(ValueError, match="pads the tokens to 8 or 16"):  # the kernel has one or two token groups
         ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(frag, bm=32))
+    for warps, tpw in ((2, 3), (3, 1)):  # 3 tiles a warp; 3 tiles a program against tiles padded to 8
+        with pytest.raises(ValueError, match="1 or 2 tiles a warp"):
+            ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(frag, warps=warps, tpw=tpw))
     with pytest.raises(ValueError, match="fragment layout and M <= 8"):
         ops.osc_gemm(torch.zeros(9, kw.k_main, dtype=torch.float16, device=DEV), sa, kw, xo, torch.bfloat16, frag)
     int4 = ops.layer_weights(make_layer(k_in, n, "int4", 16)[0])

@@ -63,12 +63,12 @@ FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr"
              ("stride_am", "i32"), ("stride_ym", "i32")]
 
 
-def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True):
+def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, tpw: int = 1, pf: int = 0):
     """The fragment GEMM (Gluon + inline PTX)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .frag_gemm import osc_frag_gemm_kernel
-    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PROBE=0, PDL=pdl)
+    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PROBE=0, PDL=pdl, TPW=tpw, PF=pf)
     return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 

@@ -138,6 +138,8 @@ class GemmConfig:
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
     fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
+    tpw: int = 1  # fragment GEMM: 16-row weight tiles per warp (2: one set of activation loads for both)
+    prefetch: int = 0  # fragment GEMM: steps of L2 prefetch ahead of the register loads (0: none)
 
     @property
     def mode(self) -> int:
@@ -214,7 +216,8 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
     return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
 
 
-def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None) -> GemmConfig:
+def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None, tpw: int = 1,
+                prefetch: int = 0) -> GemmConfig:
     """The fragment GEMM's config: one weight tile (16 rows) per warp, 2 warps a program; split-K
     (a power of two up to 16, at least 2 steps of 128 columns each) until the tiles times the
     splits reach 4096 for one token, 2048 for more (more tokens load more activation bytes per
@@ -227,7 +230,8 @@ def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: i
         while split_k < 16 and tiles * split_k * 2 <= budget and steps // (split_k * 2) >= 2:
             split_k *= 2
     warps = warps or 2
-    return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True)
+    return GemmConfig(8 if m <= 8 else 16, 16 * warps * tpw, split_k, False, warps, 1, swap=True, frag=True, tpw=tpw,
+                      prefetch=prefetch)
 
 
 _SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
@@ -313,8 +317,12 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
     if m == 0:
         return y
     tiles = fw.words.shape[1]
-    grid = (tiles // cfg.warps, cfg.split_k)
-    ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
+    per_program = cfg.warps * cfg.tpw
+    if cfg.tpw not in (1, 2) or tiles % per_program:
+        raise ValueError(f"the fragment GEMM takes 1 or 2 tiles a warp, warps * tiles a warp dividing the layer's "
+                         f"{tiles} padded tiles (layout.FRAG_TILE_PAD); got warps={cfg.warps}, tpw={cfg.tpw}")
+    grid = (tiles // per_program, cfg.split_k)
+    ws, cnt = _split_buffers(y, cfg.split_k, grid[0] * cfg.tpw)
     k_out = xo.shape[1]
     if k_out % 8 or (k_out and xo.stride(0) != k_out):
         raise ValueError(f"x_o needs contiguous rows of a multiple of 8 channels (LayerScheme keeps 16s), got {k_out}")
@@ -323,7 +331,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
         m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
         NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
-        PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device))
+        PROBE=probe, TPW=cfg.tpw, PF=cfg.prefetch, num_warps=cfg.warps, **pdl_launch(a.device))
     return y
 
 
