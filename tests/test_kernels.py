@@ -198,13 +198,12 @@ def test_fragment_layout_unpacks_bit_exact():
 @pytest.mark.skipif(not CUDA, reason="the fragment GEMM is inline PTX (no interpreter)")
 @pytest.mark.parametrize("m,k_in,n", [s for s in SHAPES if s[0] <= 16])
 @pytest.mark.parametrize("k", [32, 16, 0])
-@pytest.mark.parametrize("warps,split_k,tpw,prefetch", [(4, 1, 1, 0), (2, 3, 1, 0), (8, 8, 1, 0), (1, 2, 1, 0),
-                                                       (4, 1, 2, 0), (2, 3, 2, 3), (1, 1, 1, 5)])
-def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k, tpw, prefetch):
+@pytest.mark.parametrize("warps,split_k", [(4, 1), (2, 3), (8, 8), (1, 2)])
+def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k):
     layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k, tpw=tpw, prefetch=prefetch)
+    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k)
     assert cfg.frag and cfg.bm == (8 if m <= 8 else 16)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -239,6 +238,29 @@ def test_fragment_gemm_unpack_is_bit_exact_on_the_gpu():
         y = ops.osc_gemm(a, torch.ones(16, device=DEV), kw, xo, torch.bfloat16, cfg,
                          out=torch.full((16, n), float("nan"), dtype=torch.bfloat16, device=DEV))
         assert torch.equal(y.float().cpu().T, want[:, c]), f"columns {c.tolist()}"
+
+
+@pytest.mark.skipif(not CUDA, reason="the wgmma GEMM is Gluon for sm_90 (no interpreter)")
+@pytest.mark.parametrize("m,k_in,n", SHAPES + [(300, 2080, 520), (257, 4160, 1000)])
+@pytest.mark.parametrize("k", [32, 16, 0])
+@pytest.mark.parametrize("bn,warps,bt,split_k,stages", [(128, 8, 128, 1, 4), (64, 4, 64, 3, 2), (128, 8, 16, 2, 3),
+                                                        (64, 4, 256, 1, 3), (64, 4, 32, 2, 4), (128, 8, 256, 1, 3)])
+def test_wgmma_gemm_matches_reference(m, k_in, n, k, bn, warps, bt, split_k, stages):
+    layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
+    x = activations(m, k_in, idx, seed=m)
+    kw = ops.layer_weights(layer)
+    cfg = ops.wgmma_config(m, n, kw.k_main, bn=bn, bt=bt, warps=warps, split_k=split_k, stages=stages)
+    xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
+    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
+    assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2
+    # the same products as the folded Triton GEMM (byte tables, FP32 accumulation; only the order differs)
+    fold = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, ops.GemmConfig(64, 64, 1, True, 4, 3, swap=True, fold=True))
+    assert rel_err(y.float().cpu(), fold.float().cpu()) <= 2e-3
+    if split_k > 1:
+        ws, cnt = ops._SPLIT_WORKSPACE[y.device]
+        assert not ws.any() and not cnt.any()
 
 
 CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, False, 4, 2, bk=256),
@@ -321,16 +343,22 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="e4m3fn activation operands.*MODE_F8"):  # operands of the wrong mode
         ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, ops.GemmConfig(1, 32, 1, True, 2, 4, swap=True))
     frag = ops.frag_config(1, n, kw.k_main)
+    int4 = ops.layer_weights(make_layer(k_in, n, "int4", 16)[0])
     with pytest.raises(ValueError, match="float16 activation operands.*MODE_F16"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, frag)
     with pytest.raises(ValueError, match="pads the tokens to 8 or 16"):  # the kernel has one or two token groups
         ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(frag, bm=32))
-    for warps, tpw in ((2, 3), (3, 1)):  # 3 tiles a warp; 3 tiles a program against tiles padded to 8
-        with pytest.raises(ValueError, match="1 or 2 tiles a warp"):
-            ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(frag, warps=warps, tpw=tpw))
+    wg = ops.wgmma_config(1, n, kw.k_main)
+    with pytest.raises(ValueError, match="float8_e4m3fn activation operands.*MODE_F8"):
+        ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, wg)
+    with pytest.raises(ValueError, match="takes MXFP4 weights"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, int4, xo, torch.bfloat16, wg)
+    with pytest.raises(ValueError, match="64 weight rows a warpgroup"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, dataclasses.replace(wg, bn=96))
+    with pytest.raises(ValueError, match="the warps dividing the layer's"):  # 3 warps, tiles padded to 8
+        ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(frag, warps=3))
     with pytest.raises(ValueError, match="fragment layout and M <= 8"):
         ops.osc_gemm(torch.zeros(9, kw.k_main, dtype=torch.float16, device=DEV), sa, kw, xo, torch.bfloat16, frag)
-    int4 = ops.layer_weights(make_layer(k_in, n, "int4", 16)[0])
     with pytest.raises(ValueError, match="got int4 \\(without fragment layout\\)"):
         ops.osc_gemm(a, sa, int4, xo, torch.bfloat16, frag)
 
@@ -344,17 +372,27 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert not ops.gemm_config(17, 4096, 4096).frag and not ops.gemm_config(1, 4096, 4096, "int4").frag
     for fmt in ("mxfp4", "int4"):  # few tokens: the transposed GEMM on 4-bit weights
         assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
-        assert not ops.gemm_config(65, 6144, 4096, fmt).swap and ops.gemm_config(65, 6144, 4096, fmt).op_f8
-    # 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the block factors folded in
-    mid = [ops.gemm_config(m, n, k) for m, n, k in ((17, 4096, 4096), (64, 5120, 2048), (128, 4096, 4096),
-                                                     (256, 4096, 12288), (256, 24576, 4096))]
+        assert not ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).swap
+        assert ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).op_f8
+    # without the wgmma GEMM: 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the
+    # block factors folded in
+    mid = [ops.gemm_config(m, n, k, wgmma=False) for m, n, k in ((17, 4096, 4096), (64, 5120, 2048), (128, 4096, 4096),
+                                                                  (256, 4096, 12288), (256, 24576, 4096))]
     assert all(c.fold and c.swap and c.op_f8 for c in mid)
     assert [c.split_k for c in mid] == [4, 1, 1, 4, 1]  # toward 256 programs where few tiles share a long K
     assert [c.bm for c in mid] == [64, 64, 64, 128, 128]  # 128 x 128 tiles for the long layers past 64 tokens
     few = [ops.gemm_config(m, n, k) for m, n, k in ((9, 4096, 4096), (16, 2048, 4096), (16, 6144, 4096))]
     assert few[0].fold and few[0].bm == 16 and few[1].split_k == 8 and not few[2].fold  # 9-16 tokens where K >= N
-    assert all(ops.gemm_config(m, n, k).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 4096),
-                                                               (512, 24576, 4096)))
+    assert all(ops.gemm_config(m, n, k, wgmma=False).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 4096),
+                                                                            (512, 24576, 4096)))
+    # MXFP4 on Hopper: the wgmma GEMM where it measured faster (ops._wgmma_wins)
+    cases = ((16, 24576, 4096), (16, 4096, 4096), (64, 4096, 4096), (64, 2048, 4096), (256, 6144, 4096),
+             (256, 4096, 4096), (1024, 24576, 4096), (1024, 6144, 4096), (4096, 24576, 4096))
+    wg = [ops.gemm_config(m, n, k) for m, n, k in cases]
+    assert [c.wgmma for c in wg] == [True, False, True, False, True, False, True, False, False]
+    assert all(c.mode == MODE_F8 and c.bn == 16 * c.warps for c in wg if c.wgmma)
+    assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
+    assert not ops.gemm_config(64, 4096, 4096, "int4").wgmma and not ops.gemm_config(64, 4096, 4096, wgmma=False).wgmma
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM
     assert ops.gemm_config(1, 4096, 4096, frag=False).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
     wide = ops.gemm_config(1, 24576, 4096, frag=False)  # the widest layers: e4m3 operands, A padded to M only
@@ -392,8 +430,8 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 11 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
-    assert r.stdout.count("folded") == 2
+    assert r.stdout.count("gemm") == 13 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("folded") == 2 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize and the fragment GEMM launch overlapped (overlap.py): no memory access before their wait
     assert r.stdout.count("PDL order: ok") == 3
 

@@ -106,12 +106,9 @@ BRANCH2_C = gl.constexpr(_constraints(32))
 
 
 @gluon.jit
-def _w_loads(w_row, e_row, s, w_step, e_step):
-    return gl.load(w_row + s * w_step), gl.load(e_row + s * e_step)
-
-
-@gluon.jit
-def _x_loads(x_row0, x_row1, s, NT: gl.constexpr):
+def _main_loads(w_row, e_row, x_row0, x_row1, s, w_step, e_step, NT: gl.constexpr):
+    w = gl.load(w_row + s * w_step)
+    e = gl.load(e_row + s * e_step)
     xa = gl.load(x_row0 + s * 64)
     xb = gl.load(x_row0 + s * 64 + 8)
     if NT == 2:
@@ -120,31 +117,7 @@ def _x_loads(x_row0, x_row1, s, NT: gl.constexpr):
     else:
         xc = xa
         xd = xb
-    return xa, xb, xc, xd
-
-
-def _prefetch_asm(nbytes_w: int, nbytes_e: int) -> str:
-    """Bulk L2 prefetch of one warp's weight words and exponents of one step, issued by lane 0 when
-    $3 is set ($1, $2: the warp's first word and exponent of that step)."""
-    return ("{ .reg .pred p; setp.ne.s32 p, $3, 0; "
-            f"@p cp.async.bulk.prefetch.L2.global [$1], {nbytes_w}; "
-            f"@p cp.async.bulk.prefetch.L2.global [$2], {nbytes_e}; mov.b32 $0, 0; }}")
-
-
-PREFETCH1 = gl.constexpr(_prefetch_asm(1024, 128))
-PREFETCH2 = gl.constexpr(_prefetch_asm(2048, 256))
-
-
-@gluon.jit
-def _prefetch(w_warp, e_warp, lead, s, s1, ws, es, TPW: gl.constexpr):
-    """Lane 0 of each warp pulls step s of the warp's tiles into L2 (no-op past s1)."""
-    on = (lead & (s < s1)).to(gl.int32)
-    if TPW == 2:
-        gl.inline_asm_elementwise(PREFETCH2, "=r,l,l,r", [w_warp + s * ws, e_warp + s * es, on], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-    else:
-        gl.inline_asm_elementwise(PREFETCH1, "=r,l,l,r", [w_warp + s * ws, e_warp + s * es, on], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+    return w, e, xa, xb, xc, xd
 
 
 @gluon.jit
@@ -164,18 +137,60 @@ def _main_step(acc, w, e, xa, xb, xc, xd, NT: gl.constexpr, PROBE: gl.constexpr 
 
 
 @gluon.jit
-def _finish(acc, tile, cnt, sa_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K_OUT, stride_ym,
-            NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-            BRANCH: gl.constexpr):
-    """One weight tile's epilogue: scales, the BF16 branch and bias (split 0 only), then the store, or
-    (split-K) relaxed partial sums of which the tile's last program writes y and re-arms cnt."""
+def osc_frag_gemm_kernel(
+    a_ptr, sa_ptr, w_ptr, e_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, STEPS, TILES, K_OUT, stride_am, stride_ym,
+    NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BRANCH: gl.constexpr,
+    PROBE: gl.constexpr = 0, PDL: gl.constexpr = False,
+):
+    """a: FP16 operands [M, 128 * STEPS] (split_quantize MODE_F16), sa [M]; w: int32 words
+    [STEPS, TILES, 32, 8] and e: int32 [STEPS, TILES, 32] of layout.fragment_pack; sw [N];
+    xo [M, K_OUT], wo [N, K_OUT] BF16 with K_OUT % 8 == 0. NT token groups of 8 (M <= 8 * NT).
+    Program (i, j): weight tiles WARPS*i .. WARPS*i + WARPS - 1 (one per warp), split j of the steps.
+    PDL (overlap.py): launched while split_quantize still runs, the program waits for it before any
+    load."""
     L: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [WARPS, 1], [1, 0])
-    t = gl.arange(0, 32 * WARPS, layout=gl.SliceLayout(1, L))
-    j = gl.arange(0, 8, layout=gl.SliceLayout(0, L))
+    ROWS: gl.constexpr = gl.SliceLayout(1, L)
+    COLS: gl.constexpr = gl.SliceLayout(0, L)
+    t = gl.arange(0, 32 * WARPS, layout=ROWS)
+    j = gl.arange(0, 8, layout=COLS)
     lane = t % 32
     g = lane // 4
     tq = lane % 4
+    tile = (gl.program_id(0) * WARPS + t // 32).to(gl.int64)
     split = gl.program_id(1)
+    per = gl.cdiv(STEPS, SPLIT_K)
+    s0 = split * per
+    s1 = gl.minimum(s0 + per, STEPS)
+
+    wait_inputs(PDL)
+
+    # step-major: the programs running together read neighbouring kilobytes (DRAM pages), not
+    # one 32 KB run each
+    w_row = w_ptr + (tile * 256 + lane * 8)[:, None] + j[None, :]
+    e_row = e_ptr + tile * 32 + lane
+    # tokens past M read row M - 1 instead of being masked (no zero-fill per step): their columns
+    # of the product are never stored
+    a32 = a_ptr.to(gl.pointer_type(gl.int32))
+    x_row0 = a32 + (gl.minimum(g, M - 1).to(gl.int64) * (stride_am // 2) + tq * 16)[:, None] + j[None, :]
+    x_row1 = a32 + (gl.minimum(g + 8, M - 1).to(gl.int64) * (stride_am // 2) + tq * 16)[:, None] + j[None, :]
+
+    acc = gl.zeros([32 * WARPS, 8], gl.float32, L)
+    if s0 < s1:
+        # two steps per iteration, each step's loads issued one step ahead into the other register
+        # set (no copies between sets); a step past s1 reloads s1 - 1 and is not computed.
+        # (Loading three steps ahead from four sets measured slower.)
+        ws = TILES * 256
+        es = TILES * 32
+        w, e, xa, xb, xc, xd = _main_loads(w_row, e_row, x_row0, x_row1, s0, ws, es, NT)
+        for s in range(s0, s1, 2):
+            w2, e2, xa2, xb2, xc2, xd2 = _main_loads(w_row, e_row, x_row0, x_row1, gl.minimum(s + 1, s1 - 1), ws, es,
+                                                     NT)
+            acc = _main_step(acc, w, e, xa, xb, xc, xd, NT, PROBE)
+            w, e, xa, xb, xc, xd = _main_loads(w_row, e_row, x_row0, x_row1, gl.minimum(s + 2, s1 - 1), ws, es, NT)
+            if s + 1 < s1:
+                acc = _main_step(acc, w2, e2, xa2, xb2, xc2, xd2, NT, PROBE)
+
     # fragment element (thread, r): weight row n = 16 * tile + g + 8 * ((r % 4) // 2), token 8 * (r // 4) + 2 * tq + r % 2
     n = tile[:, None] * 16 + (g[:, None] + 8 * ((j[None, :] % 4) // 2))
     m = 8 * (j[None, :] // 4) + 2 * tq[:, None] + j[None, :] % 2
@@ -214,102 +229,13 @@ def _finish(acc, tile, cnt, sa_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_
     y = y_ptr + m.to(gl.int64) * stride_ym + n
     if SPLIT_K == 1:
         gl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # as ops._store_tile
+    else:  # as ops._store_tile: relaxed partial sums, then the tile's last program writes y and re-arms
         ws = ws_ptr + m.to(gl.int64) * N + n
         gl.atomic_add(ws, acc, mask=mask, sem="relaxed")
         gl.thread_barrier()
+        cnt = cnt_ptr + gl.program_id(0)
         if gl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT_K - 1:
             bits = gl.atomic_xchg(ws.to(gl.pointer_type(gl.int32)), gl.zeros_like(acc).to(gl.int32), mask=mask,
                                   sem="relaxed")
             gl.store(y, bits.to(gl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask)
             gl.atomic_xchg(cnt, 0, sem="relaxed")
-
-
-@gluon.jit
-def osc_frag_gemm_kernel(
-    a_ptr, sa_ptr, w_ptr, e_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, STEPS, TILES, K_OUT, stride_am, stride_ym,
-    NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BRANCH: gl.constexpr,
-    PROBE: gl.constexpr = 0, PDL: gl.constexpr = False, TPW: gl.constexpr = 1, PF: gl.constexpr = 0,
-):
-    """a: FP16 operands [M, 128 * STEPS] (split_quantize MODE_F16), sa [M]; w: int32 words
-    [STEPS, TILES, 32, 8] and e: int32 [STEPS, TILES, 32] of layout.fragment_pack; sw [N];
-    xo [M, K_OUT], wo [N, K_OUT] BF16 with K_OUT % 8 == 0. NT token groups of 8 (M <= 8 * NT).
-    Program (i, j): weight tiles TPW * (WARPS*i + w) + 0 .. TPW - 1 for warp w (TPW = 2: both tiles
-    multiply the same activation fragments, loaded once), split j of the steps; cnt_ptr holds TPW
-    counters a program. PF > 0: lane 0 of each warp prefetches its tiles' steps PF steps ahead of
-    the register loads into L2 (more bytes in flight than the registers hold).
-    PDL (overlap.py): launched while split_quantize still runs, the program waits for it before any
-    load."""
-    L: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [WARPS, 1], [1, 0])
-    ROWS: gl.constexpr = gl.SliceLayout(1, L)
-    COLS: gl.constexpr = gl.SliceLayout(0, L)
-    t = gl.arange(0, 32 * WARPS, layout=ROWS)
-    j = gl.arange(0, 8, layout=COLS)
-    lane = t % 32
-    g = lane // 4
-    tq = lane % 4
-    tile = ((gl.program_id(0) * WARPS + t // 32) * TPW).to(gl.int64)
-    split = gl.program_id(1)
-    per = gl.cdiv(STEPS, SPLIT_K)
-    s0 = split * per
-    s1 = gl.minimum(s0 + per, STEPS)
-
-    wait_inputs(PDL)
-
-    # step-major: the programs running together read neighbouring kilobytes (DRAM pages), not
-    # one 32 KB run each
-    w_row = w_ptr + (tile * 256 + lane * 8)[:, None] + j[None, :]
-    e_row = e_ptr + tile * 32 + lane
-    w_warp = w_ptr + tile * 256
-    e_warp = e_ptr + tile * 32
-    lead = lane == 0
-    # tokens past M read row M - 1 instead of being masked (no zero-fill per step): their columns
-    # of the product are never stored
-    a32 = a_ptr.to(gl.pointer_type(gl.int32))
-    x_row0 = a32 + (gl.minimum(g, M - 1).to(gl.int64) * (stride_am // 2) + tq * 16)[:, None] + j[None, :]
-    x_row1 = a32 + (gl.minimum(g + 8, M - 1).to(gl.int64) * (stride_am // 2) + tq * 16)[:, None] + j[None, :]
-
-    acc = gl.zeros([32 * WARPS, 8], gl.float32, L)
-    acc2 = gl.zeros([32 * WARPS, 8], gl.float32, L)  # the second tile (TPW == 2)
-    if s0 < s1:
-        # two steps per iteration, each step's loads issued one step ahead into the other register
-        # set (no copies between sets); a step past s1 reloads s1 - 1 and is not computed.
-        # (Loading three steps ahead from four sets measured slower.)
-        ws = TILES * 256
-        es = TILES * 32
-        if PF > 0:
-            for p in range(s0 + 2, s0 + 2 + PF):
-                _prefetch(w_warp, e_warp, lead, p, s1, ws, es, TPW)
-        w, e = _w_loads(w_row, e_row, s0, ws, es)
-        if TPW == 2:
-            v, f = _w_loads(w_row + 256, e_row + 32, s0, ws, es)
-        xa, xb, xc, xd = _x_loads(x_row0, x_row1, s0, NT)
-        for s in range(s0, s1, 2):
-            if PF > 0:
-                _prefetch(w_warp, e_warp, lead, s + 2 + PF, s1, ws, es, TPW)
-                _prefetch(w_warp, e_warp, lead, s + 3 + PF, s1, ws, es, TPW)
-            t1 = gl.minimum(s + 1, s1 - 1)
-            w2, e2 = _w_loads(w_row, e_row, t1, ws, es)
-            if TPW == 2:
-                v2, f2 = _w_loads(w_row + 256, e_row + 32, t1, ws, es)
-            xa2, xb2, xc2, xd2 = _x_loads(x_row0, x_row1, t1, NT)
-            acc = _main_step(acc, w, e, xa, xb, xc, xd, NT, PROBE)
-            if TPW == 2:
-                acc2 = _main_step(acc2, v, f, xa, xb, xc, xd, NT, PROBE)
-            t2 = gl.minimum(s + 2, s1 - 1)
-            w, e = _w_loads(w_row, e_row, t2, ws, es)
-            if TPW == 2:
-                v, f = _w_loads(w_row + 256, e_row + 32, t2, ws, es)
-            xa, xb, xc, xd = _x_loads(x_row0, x_row1, t2, NT)
-            if s + 1 < s1:
-                acc = _main_step(acc, w2, e2, xa2, xb2, xc2, xd2, NT, PROBE)
-                if TPW == 2:
-                    acc2 = _main_step(acc2, v2, f2, xa2, xb2, xc2, xd2, NT, PROBE)
-
-    cnt = cnt_ptr + gl.program_id(0) * TPW
-    _finish(acc, tile, cnt, sa_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K_OUT, stride_ym,
-            NT, WARPS, SPLIT_K, HAS_BIAS, BRANCH)
-    if TPW == 2:
-        _finish(acc2, tile + 1, cnt + 1, sa_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K_OUT,
-                stride_ym, NT, WARPS, SPLIT_K, HAS_BIAS, BRANCH)

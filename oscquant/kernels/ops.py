@@ -138,8 +138,7 @@ class GemmConfig:
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
     fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
-    tpw: int = 1  # fragment GEMM: 16-row weight tiles per warp (2: one set of activation loads for both)
-    prefetch: int = 0  # fragment GEMM: steps of L2 prefetch ahead of the register loads (0: none)
+    wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked into shared memory
 
     @property
     def mode(self) -> int:
@@ -147,7 +146,7 @@ class GemmConfig:
         return MODE_F8 if self.op_f8 else MODE_F16
 
 
-def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True) -> GemmConfig:
+def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True) -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
     MXFP4 up to 8 tokens: the fragment GEMM (``frag``: False where it cannot run, i.e. the
@@ -162,11 +161,21 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     e4m3 transposed GEMM up to 64 tokens, 128 where K >= N, 256 where N >= 16384 or K >= 3N (``fold_config``); the FP16
     transposed GEMM for INT4 up to 64. Prefill wants the largest FP8 tiles, smaller ones at a
     few hundred rows (``bench.sweep``).
+
+    MXFP4 on Hopper (``wgmma``: False where it cannot run, i.e. the CPU interpreter or another
+    architecture), where it measured faster than the above (``scripts/wgmma_rows.py``,
+    docs/bench/h200_wgmma_rows_2026-11-29.md): the Gluon wgmma GEMM (``wgmma_config``) at 9-16
+    tokens on the long layers (N >= 16384 or K >= 3N), 17-64 tokens where N and K are both >= 4096,
+    65-256 tokens except where N <= K < 3N, 257-1024 tokens where N >= 16384.
     """
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
         return frag_config(m, n, k_pad)
+    if fmt == "mxfp4" and wgmma and _wgmma_wins(m, n, k_pad):
+        if n >= 16384 and m > 64:  # the widest layers: 128 x 256 tiles on two warpgroups
+            return wgmma_config(m, n, k_pad, bn=128, bt=min(256, triton.next_power_of_2(m)))
+        return wgmma_config(m, n, k_pad, bn=64)
     if fmt == "mxfp4" and FRAG_MAX_M < m <= DECODE_MAX_M and k_pad >= n:  # measured 4-9 % faster there
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= DECODE_MAX_M:
@@ -193,6 +202,17 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
 
 
+def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
+    """Where the wgmma GEMM measured faster than the Triton paths on the H200 (gemm_config)."""
+    if FRAG_MAX_M < m <= DECODE_MAX_M:
+        return _long_layer(n, k_pad)
+    if DECODE_MAX_M < m <= SWAP_MAX_M:
+        return n >= 4096 and k_pad >= 4096
+    if SWAP_MAX_M < m <= 256:
+        return not n <= k_pad < 3 * n
+    return 256 < m <= 1024 and n >= 16384
+
+
 def _long_layer(n: int, k_pad: int) -> bool:
     """Layers with enough work per token (the widest, or K >= 3N) that the folded GEMM keeps beating the
     expansion path up to 256 tokens, on 128 x 128 tiles."""
@@ -216,8 +236,7 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
     return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
 
 
-def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None, tpw: int = 1,
-                prefetch: int = 0) -> GemmConfig:
+def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None) -> GemmConfig:
     """The fragment GEMM's config: one weight tile (16 rows) per warp, 2 warps a program; split-K
     (a power of two up to 16, at least 2 steps of 128 columns each) until the tiles times the
     splits reach 4096 for one token, 2048 for more (more tokens load more activation bytes per
@@ -230,8 +249,7 @@ def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: i
         while split_k < 16 and tiles * split_k * 2 <= budget and steps // (split_k * 2) >= 2:
             split_k *= 2
     warps = warps or 2
-    return GemmConfig(8 if m <= 8 else 16, 16 * warps * tpw, split_k, False, warps, 1, swap=True, frag=True, tpw=tpw,
-                      prefetch=prefetch)
+    return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True)
 
 
 _SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
@@ -264,6 +282,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     m, n = a.shape[0], kw.row_scale.numel()
     if cfg.frag:
         return _frag_gemm(a, sa, kw, xo, out_dtype, cfg, out)
+    if cfg.wgmma:
+        return _wgmma_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.swap and kw.fmt == "fp8":
         raise ValueError("the transposed GEMM takes 4-bit weights; FP8-fallback layers take the plain GEMM")
     want = torch.float8_e4m3fn if cfg.op_f8 else torch.float16
@@ -317,12 +337,11 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
     if m == 0:
         return y
     tiles = fw.words.shape[1]
-    per_program = cfg.warps * cfg.tpw
-    if cfg.tpw not in (1, 2) or tiles % per_program:
-        raise ValueError(f"the fragment GEMM takes 1 or 2 tiles a warp, warps * tiles a warp dividing the layer's "
-                         f"{tiles} padded tiles (layout.FRAG_TILE_PAD); got warps={cfg.warps}, tpw={cfg.tpw}")
-    grid = (tiles // per_program, cfg.split_k)
-    ws, cnt = _split_buffers(y, cfg.split_k, grid[0] * cfg.tpw)
+    if tiles % cfg.warps:
+        raise ValueError(f"the fragment GEMM takes one weight tile a warp, the warps dividing the layer's {tiles} "
+                         f"padded tiles (layout.FRAG_TILE_PAD); got warps={cfg.warps}")
+    grid = (tiles // cfg.warps, cfg.split_k)
+    ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
     if k_out % 8 or (k_out and xo.stride(0) != k_out):
         raise ValueError(f"x_o needs contiguous rows of a multiple of 8 channels (LayerScheme keeps 16s), got {k_out}")
@@ -331,7 +350,54 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
         m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
         NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
-        PROBE=probe, TPW=cfg.tpw, PF=cfg.prefetch, num_warps=cfg.warps, **pdl_launch(a.device))
+        PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device))
+    return y
+
+
+def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = None, warps: int | None = None,
+                 split_k: int | None = None, stages: int | None = None) -> GemmConfig:
+    """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
+    power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
+    split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs."""
+    bt = bt or min(128, max(16, triton.next_power_of_2(m)))
+    if split_k is None:
+        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
+        split_k = 1
+        while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
+            split_k *= 2
+    return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True)
+
+
+def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None) -> torch.Tensor:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .wgmma_gemm import osc_wgmma_gemm_kernel
+
+    m, n = a.shape[0], kw.row_scale.numel()
+    if kw.fmt != "mxfp4" or kw.rel_exp is None:
+        raise ValueError(f"the wgmma GEMM takes MXFP4 weights (byte-table unpack), got {kw.fmt}")
+    if a.dtype != torch.float8_e4m3fn or a.stride(1) != 1:
+        raise ValueError(f"the wgmma GEMM multiplies contiguous torch.float8_e4m3fn activation operands, got {a.dtype}: "
+                         "split_quantize with mode=MODE_F8")
+    if cfg.bn != 64 * (cfg.warps // 4) or cfg.bm not in (16, 32, 64, 128, 256) or cfg.stages < 2:
+        raise ValueError(f"the wgmma GEMM takes 64 weight rows a warpgroup, 16-256 tokens a tile (a power of two) and "
+                         f"at least 2 stages; got bn={cfg.bn}, warps={cfg.warps}, bm={cfg.bm}, stages={cfg.stages}")
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k)
+    ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
+    k_out = xo.shape[1]
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, 128], gl.NVMMASharedLayout.get_default_for([cfg.bm, 128],
+                                                                                                 gl.float8e4nv))
+    c_desc = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, 64],
+                                          gl.NVMMASharedLayout.get_default_for([cfg.bn, 64], gl.uint8))
+    osc_wgmma_gemm_kernel[grid](
+        a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
+        kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
+        y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
+        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps)
     return y
 
 
@@ -361,7 +427,8 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     m = x.shape[0]
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
-    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED)
+    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED,
+                             wgmma=not INTERPRETED and x.is_cuda and _major(x.device) == 9)
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.frag)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 

@@ -1,0 +1,212 @@
+"""The mid-size GEMM (tens to thousands of tokens): 4-bit weights unpacked into shared memory, async wgmma.
+
+y = (A · deq(W)^T) * sa * sw + x_o · W_o^T (+ bias), in the transposed form y^T = W · A^T so that the
+weight tile is wgmma's M side (64 rows a warpgroup) and the tokens its N side (8 to 256):
+
+- TMA copies the chunk-layout code bytes and the e4m3 activation tile (split_quantize MODE_F8) of
+  each 128-column step into a ring of STAGES shared-memory stages, STAGES - 1 steps ahead (the
+  rows' four MX block exponents of a step, 4 bytes, come by plain loads three steps ahead);
+- the warps read a step's codes, unpack them through the folded GEMM's byte tables
+  (triton_osc._E2M1_LUT_ASM: e2m1 * 2**(rel + 6) in e4m3, exact) into one of two weight buffers;
+- the step's wgmma (K = 128: four k = 32 instructions) on that buffer and the activations' stage is
+  issued asynchronously, and the warps go on to the next step's unpack while the tensor cores run:
+  one step of MMAs stays in flight (the Triton folded GEMM waited for each before unpacking the
+  next; docs/kernels.md).
+
+The BF16 branch is one more wgmma per 64 outlier channels on the scaled accumulator. SPLIT_K > 1
+reduces through the FP32 workspace as triton_osc._store_tile.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+from .layout import FRAG_LUT
+from .triton_osc import _E2M1_LUT_ASM
+
+LUT_LO = gl.constexpr(FRAG_LUT[0])
+LUT_HI = gl.constexpr(FRAG_LUT[1])
+LUT_LO_STEP = gl.constexpr(FRAG_LUT[2])
+LUT_HI_STEP = gl.constexpr(FRAG_LUT[3])
+LUT_ASM = gl.constexpr(_E2M1_LUT_ASM.value)
+
+
+@gluon.jit
+def _unpack(p, e0, e1):
+    """Code bytes [BN, 32] of one chunk and its two blocks' relative exponents [BN] -> the two blocks'
+    e4m3 tiles (e2m1 * 2**(rel + 6)), as triton_osc._unpack_lut."""
+    s0 = (e0 + 6).to(gl.uint32)
+    s1 = (e1 + 6).to(gl.uint32)
+    z = gl.zeros_like(p).to(gl.int32)
+    a0 = (s0 * LUT_LO_STEP + LUT_LO).to(gl.int32, bitcast=True)[:, None] + z
+    a1 = (s0 * LUT_HI_STEP + LUT_HI).to(gl.int32, bitcast=True)[:, None] + z
+    b0 = (s1 * LUT_LO_STEP + LUT_LO).to(gl.int32, bitcast=True)[:, None] + z
+    b1 = (s1 * LUT_HI_STEP + LUT_HI).to(gl.int32, bitcast=True)[:, None] + z
+    return gl.inline_asm_elementwise(LUT_ASM, "=r,=r,r" + ",r" * 16, [p, a0, a1, b0, b1],
+                                     dtype=(gl.float8e4nv, gl.float8e4nv), is_pure=True, pack=4)
+
+
+@gluon.jit
+def _issue(c_desc, a_desc, c_s, a_s, bars, st, s, n0, t0):
+    """TMA for step s into ring stage st: the [BN, 64] code bytes and the [BT, 128] activations."""
+    bar = bars.index(st)
+    mbarrier.expect(bar, c_desc.block_type.nbytes + a_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(c_desc, [n0, s * 64], bar, c_s.index(st))
+    tma.async_copy_global_to_shared(a_desc, [t0, s * 128], bar, a_s.index(st))
+
+
+@gluon.jit
+def _unpack_step(c_s, w, st, ev, LW: gl.constexpr):
+    """Unpack ring stage st's codes with their exponents ev into the weight buffer w, columns in order."""
+    c = c_s.index(st)
+    w0, w1 = _unpack(c.slice(0, 32, dim=1).load(LW), (ev << 24) >> 24, (ev << 16) >> 24)
+    w2, w3 = _unpack(c.slice(32, 32, dim=1).load(LW), (ev << 8) >> 24, ev >> 24)
+    # one [BN, 128] store (four slice stores get a CTA barrier between each): column 32 * i + j is w_i[:, j]
+    q = gl.join(gl.join(w0, w1), gl.join(w2, w3))  # [BN, 32, 2, 2], element (r, j, a, b) = w_{2b + a}[r, j]
+    w.store(gl.reshape(gl.permute(q, (0, 3, 2, 1)), [q.shape[0], 128]))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _step(c_desc, a_desc, c_s, a_s, w, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0, STAGES: gl.constexpr,
+          LW: gl.constexpr):
+    """Step s: wait for its ring stage, unpack into w, issue its wgmma; once the step before has
+    finished (its stage and weight buffer free, every warp past the barrier), refill that stage with
+    step s + STAGES - 1. The exponents move along their three-step register queue."""
+    it = s - s0
+    st = it % STAGES
+    mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+    _unpack_step(c_s, w, st, ec, LW)
+    e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
+    acc = warpgroup_mma(w, a_s.index(st).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    gl.thread_barrier()
+    if s + STAGES - 1 < s1:
+        _issue(c_desc, a_desc, c_s, a_s, bars, (it + STAGES - 1) % STAGES, s + STAGES - 1, n0, t0)
+    return acc, e1, e2, e3
+
+
+@gluon.jit
+def osc_wgmma_gemm_kernel(
+    a_desc, sa_ptr, c_desc, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K_PAD, K_OUT, stride_be, stride_ym,
+    BN: gl.constexpr, BT: gl.constexpr, BO: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """a_desc: TMA descriptor of the e4m3 activations [M, K_PAD], blocks [BT, 128]; sa [M] (split_quantize
+    MODE_F8); c_desc: of the chunk-layout codes [N, K_PAD / 2], blocks [BN, 64]; be: rel_exp int8
+    [N, K_PAD / 32], sb [N] (layout.KernelWeights); xo [M, K_OUT], wo [N, K_OUT] BF16.
+    Program (i, j): weight tile i // cdiv(M, BT), token tile i % cdiv(M, BT) (token tiles vary
+    fastest: the programs sharing a weight tile run together), split j of the K steps."""
+    LW: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BT, 32])
+    WS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
+
+    num_t = gl.cdiv(M, BT)
+    pt = gl.program_id(0) % num_t
+    pn = gl.program_id(0) // num_t
+    split = gl.program_id(1)
+    steps = K_PAD // 128
+    per = gl.cdiv(steps, SPLIT_K)
+    s0 = split * per
+    s1 = gl.minimum(s0 + per, steps)
+    n0 = pn * BN
+    t0 = pt * BT
+
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LW))
+    nm = rn < N
+    erow = be_ptr.to(gl.pointer_type(gl.int32)) + rn.to(gl.int64) * (stride_be // 4)
+
+    c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, 64], c_desc.layout)
+    a_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BT, 128], a_desc.layout)
+    w_a = gl.allocate_shared_memory(gl.float8e4nv, [BN, 128], WS)
+    w_b = gl.allocate_shared_memory(gl.float8e4nv, [BN, 128], WS)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(STAGES):
+        mbarrier.init(bars.index(b), count=1)
+    acc = gl.zeros([BN, BT], gl.float32, ACC)
+    if s0 < s1:
+        for b in gl.static_range(STAGES - 1):
+            if s0 + b < s1:
+                _issue(c_desc, a_desc, c_s, a_s, bars, b, s0 + b, n0, t0)
+        # a step's exponents, three steps ahead in registers (a step past s1 reloads s1 - 1)
+        ec = gl.load(erow + s0, mask=nm, other=0)
+        e1 = gl.load(erow + gl.minimum(s0 + 1, s1 - 1), mask=nm, other=0)
+        e2 = gl.load(erow + gl.minimum(s0 + 2, s1 - 1), mask=nm, other=0)
+        # two steps an iteration, so that each step's weight buffer is its own allocation (w_a, w_b)
+        for s in range(s0, s1, 2):
+            acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_a, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0,
+                                    STAGES, LW)
+            if s + 1 < s1:
+                acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_b, bars, erow, nm, acc, ec, e1, e2, s + 1, s0, s1,
+                                        n0, t0, STAGES, LW)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for b in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(b))
+
+    # epilogue on the accumulator's layout: scales, the BF16 branch (one wgmma per BO outlier channels)
+    en = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ACC))
+    et = pt * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
+    enm = en < N
+    etm = et < M
+    sb = gl.load(sb_ptr + en, mask=enm, other=0.0) * 0.015625  # the table-unpacked weights are 2**6 times the values
+    sa = gl.load(sa_ptr + et, mask=etm, other=0.0)
+    acc = acc * sb[:, None] * sa[None, :]
+    if HAS_BIAS:
+        if split == 0:
+            acc += gl.load(bias_ptr + en, mask=enm, other=0.0)[:, None]
+    LY: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
+    if BO > 0:
+        if split == 0:
+            # the BF16 wgmma's k is 16: the same accumulator registers under that instruction shape
+            ACC16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, BT, 16])
+            acc16 = gl.convert_layout(acc, ACC16)
+            LO: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+            o = gl.arange(0, BO, layout=gl.SliceLayout(0, LO))
+            on = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LO))
+            ot = pt * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, LO))
+            wo_s = gl.allocate_shared_memory(gl.bfloat16, [BN, BO], gl.NVMMASharedLayout.get_default_for([BN, BO],
+                                                                                                        gl.bfloat16))
+            xo_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BO], gl.NVMMASharedLayout.get_default_for([BT, BO],
+                                                                                                        gl.bfloat16))
+            for k0 in range(0, K_OUT, BO):
+                om = (k0 + o) < K_OUT
+                wo = gl.load(wo_ptr + on.to(gl.int64)[:, None] * K_OUT + (k0 + o)[None, :],
+                             mask=(on < N)[:, None] & om[None, :], other=0.0)
+                xo = gl.load(xo_ptr + ot.to(gl.int64)[:, None] * K_OUT + (k0 + o)[None, :],
+                             mask=(ot < M)[:, None] & om[None, :], other=0.0)
+                gl.thread_barrier()  # the previous chunk's MMA has finished reading (it was waited for)
+                wo_s.store(wo)
+                xo_s.store(xo)
+                fence_async_shared()
+                gl.thread_barrier()
+                acc16 = warpgroup_mma(wo_s, xo_s.permute((1, 0)), acc16)
+            out = gl.convert_layout(acc16, LY)
+        else:
+            out = gl.convert_layout(acc, LY)
+    else:
+        out = gl.convert_layout(acc, LY)
+
+    # y[token, row]: rows are contiguous in y, so the store's layout (LY) runs its threads along rows
+    yn = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LY))
+    yt = pt * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, LY))
+    mask = (yn < N)[:, None] & (yt < M)[None, :]
+    y = y_ptr + yt.to(gl.int64)[None, :] * stride_ym + yn[:, None]
+    if SPLIT_K == 1:
+        gl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # as triton_osc._store_tile
+        ws = ws_ptr + yt.to(gl.int64)[None, :] * N + yn[:, None]
+        gl.atomic_add(ws, out, mask=mask, sem="relaxed")
+        gl.thread_barrier()
+        cnt = cnt_ptr + gl.program_id(0)
+        if gl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT_K - 1:
+            bits = gl.atomic_xchg(ws.to(gl.pointer_type(gl.int32)), gl.zeros_like(out).to(gl.int32), mask=mask,
+                                  sem="relaxed")
+            gl.store(y, bits.to(gl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask)
+            gl.atomic_xchg(cnt, 0, sem="relaxed")
