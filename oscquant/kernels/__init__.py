@@ -2,8 +2,9 @@
 
 Triton compiles them on first use; there is no build step. On a machine without CUDA
 they still run under ``TRITON_INTERPRET=1`` (slowly), which is how CPU CI tests them; the
-one kernel in inline PTX (frag_gemm.py, Gluon) is left out there, its recipe replayed on
-the CPU by layout.fragment_unpack and its build checked by aot.py.
+two Gluon kernels for sm_90 (frag_gemm.py, inline PTX; wgmma_gemm.py, TMA and wgmma) are left
+out there (gemm_config takes the Triton paths), the first one's recipe replayed on the CPU by
+layout.fragment_unpack, and both built by aot.py.
 """
 
 from __future__ import annotations

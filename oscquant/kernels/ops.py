@@ -4,6 +4,9 @@ Regimes, chosen in :func:`gemm_config` only:
   MXFP4, M <= 8:      split-quantize to FP16 operands, then the fragment GEMM (frag_gemm.py: the
                       weights stored in MMA fragment order, unpacked by byte lookups), launched
                       overlapped with split-quantize (overlap.py).
+  MXFP4 on Hopper, 9-1024 tokens where it measured faster (_wgmma_wins): split-quantize to e4m3
+                      operands, then the Gluon wgmma GEMM (wgmma_gemm.py: TMA ring, weights unpacked
+                      by byte lookups into shared memory, async wgmma while the next step unpacks).
   MXFP4, 17-64 tokens (9-128 where K >= N, to 256 where N >= 16384 or K >= 3N): split-quantize to e4m3
                       operands, then the transposed GEMM with the block factors folded into
                       e4m3 weights (wgmma, the unpacked weights from registers; fold_config).
