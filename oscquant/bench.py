@@ -231,6 +231,71 @@ def save(rows: list[Row], path_json: str | None = None, path_md: str | None = No
             f.write(markdown(rows) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows)) + "\n")
 
 
+def load(path_json: str) -> list[Row]:
+    """Rows saved by :func:`save` (a run on the GPU, re-plotted or re-tabled anywhere)."""
+    with open(path_json) as f:
+        data = json.load(f)
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        raise ValueError(f"{path_json} holds no benchmark rows; write one with `oscquant bench gemm --json`")
+    try:
+        return [Row(**d) for d in data]
+    except TypeError as e:
+        raise ValueError(f"{path_json} is not an `oscquant bench gemm --json` file: {e}") from None
+
+
+def plot(rows: list[Row], path_png: str, k_out: int | None = None):
+    """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M (both log scale) for
+    OSC + split-quantize, the two cuBLAS W8A8 GEMMs and the FP8-fallback layer, k = k_out planted
+    channels (the largest in the rows by default); the issue's targets as grey marks. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 1, 2 and 1, 4, ..., 16384 rather than powers of two
+    k_out = k_out or max(r.k_out for r in rows)
+    rows = [r for r in rows if r.k_out == k_out]
+    shapes = list(dict.fromkeys((r.shape, r.n, r.k_in) for r in rows))
+    if not shapes:
+        raise ValueError(f"no rows with k = {k_out} planted channels to plot")
+    cols = min(3, len(shapes))
+    fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(shapes) // cols)),
+                             squeeze=False, sharey=True)
+    series = [("OSC + split (W4A4)", "osc_us", "C0", "o-"), ("cuBLAS FP8 W8A8", "fp8_us", "C1", "s--"),
+              ("cuBLAS INT8 W8A8", "int8_us", "C2", "^--"), ("OSC FP8 fallback", "fallback_us", "C3", "x:")]
+    for ax, (name, n, k) in zip(axes.flat, shapes):
+        sel = sorted((r for r in rows if (r.shape, r.n, r.k_in) == (name, n, k)), key=lambda r: r.m)
+        for label, field, color, style in series:
+            pts = [(r.m, r.bf16_us / getattr(r, field)) for r in sel if getattr(r, field)]
+            ax.plot(*zip(*pts), style, color=color, label=label, ms=4)
+        ax.axhline(1.0, color="k", lw=0.8)
+        for r in sel:  # the targets: 1.8x the best W8A8 up to 16 tokens, 0.9x cuBLAS FP8 from 4096
+            best = min(t for t in (r.fp8_us, r.int8_us) if t is not None)
+            if r.m <= 16:
+                ax.plot(r.m, 1.8 * r.bf16_us / best, "_", color="grey", ms=12, mew=2)
+            elif r.m >= 4096:
+                ax.plot(r.m, 0.9 * r.bf16_us / r.fp8_us, "_", color="grey", ms=12, mew=2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_title(f"{name} {n}×{k}", fontsize=10)
+        ax.set_xlabel("tokens M")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speed vs cuBLAS BF16 (×)")
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.set_visible(False)
+    axes.flat[0].plot([], [], "_", color="grey", ms=12, mew=2, label="target (M ≤ 16, M ≥ 4096)")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"oscquant bench gemm, k = {k_out} outlier channels (CUDA graphs, L2 flushed)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return fig
+
+
 SWEEP_CONFIGS = {  # GemmConfig fields: bm, bn, split_k, op_f8, warps, stages, bk, expand
     "decode": [(16, bn, sk, False, w, st, 256, False) for bn, sk, w, st in
                [(32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2), (32, 8, 4, 2), (64, 1, 4, 2), (64, 2, 4, 2),

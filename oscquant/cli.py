@@ -148,8 +148,16 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import bench_gemm, markdown, save, sweep, sweep_small, targets
+    from .bench import bench_gemm, load, markdown, plot, save, sweep, sweep_small, targets
 
+    if a.what == "plot":  # a saved run, anywhere: no GPU needed
+        if not a.json or not a.png:
+            print("oscquant bench plot needs --json (rows of `oscquant bench gemm --json`) and --png (the figure)",
+                  file=sys.stderr)
+            return 2
+        plot(load(a.json), a.png)
+        print(f"wrote {a.png}")
+        return 0
     if a.what == "sweep":
         print(sweep())
         return 0
@@ -162,6 +170,12 @@ def cmd_bench(a) -> int:
     print()
     for t in targets(rows):
         print(f"- {t}")
+    if a.png:
+        try:
+            plot(rows, a.png)
+        except ImportError as err:  # a GPU machine without matplotlib: the rows are saved, draw them elsewhere
+            print(f"oscquant bench: no figure ({err}); draw it with `oscquant bench plot --json ... --png ...`",
+                  file=sys.stderr)
     return 0
 
 
@@ -231,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     an.set_defaults(fn=cmd_analyze)
 
     b = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
-    b.add_argument("what", choices=["gemm", "sweep", "small"],
+    b.add_argument("what", choices=["gemm", "sweep", "small", "plot"],
                    help="gemm: OSC against BF16 and W8A8 at Qwen3 layer shapes; sweep: tile configs of the prefill "
-                        "and untransposed decode GEMMs; small: configs of the transposed small-M GEMM")
+                        "and untransposed decode GEMMs; small: configs of the transposed small-M GEMM; plot: the "
+                        "figure of a saved gemm run (--json in, --png out; no GPU)")
     b.add_argument("--m", default="1,8,16,64,256,1024,4096,16384", help="token counts, comma-separated")
     b.add_argument("--k", default="64,128", help="outlier channel counts, comma-separated")
-    b.add_argument("--json", default=None, help="write the rows as JSON here")
+    b.add_argument("--json", default=None, help="write the rows as JSON here (plot: read them from here)")
     b.add_argument("--md", default=None, help="write the Markdown table and target checks here")
+    b.add_argument("--png", default=None, help="write the figure (speed against BF16 by M, one panel a shape) here")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="describe a checkpoint")

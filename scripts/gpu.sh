@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, then the GEMM benchmark, one run.
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
-# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md.
+# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md, bench.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -11,4 +11,4 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \
-    --json "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -${BENCH_TAIL:-80}
+    --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" 2>&1 | tail -${BENCH_TAIL:-80}

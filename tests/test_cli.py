@@ -107,3 +107,27 @@ def test_bench_tables_and_targets_from_rows():
     t = targets(rows)
     assert "M <= 16, OSC+split >= 1.8x best W8A8: 1/2 rows" in t[0]
     assert t[-1].startswith("M <= 16 back to back, OSC+split >= 1.8x cuBLAS FP8: 1/2")
+
+
+def test_bench_plot_from_saved_rows(tmp_path, capsys):
+    """`oscquant bench plot` draws a saved GPU run anywhere: one panel a shape, OSC's speed against BF16."""
+    from oscquant.bench import Row, load, plot, save
+
+    def row(shape, m, osc, k_out=128):
+        return Row(shape, 4096, 4096, m, k_out, 20.0, None if m <= 16 else 19.0, 18.0, osc - 3, osc, 21.0, 1.0, 1.0,
+                   50.0, 60.0, 18.0 / osc, 20.0 / osc)
+    rows = [row(s, m, osc) for s in ("8B o", "8B qkv") for m, osc in ((1, 10.0), (256, 40.0), (4096, 25.0))]
+    rows.append(row("8B o", 1, 12.0, k_out=64))  # other k: not drawn
+    save(rows, str(tmp_path / "rows.json"))
+    code, out, err = run(capsys, "bench", "plot", "--json", tmp_path / "rows.json", "--png", tmp_path / "b.png")
+    assert code == 0 and (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot(load(str(tmp_path / "rows.json")), str(tmp_path / "c.png"))
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["8B o 4096×4096", "8B qkv 4096×4096"]
+    osc = next(line for line in panels[0].get_lines() if line.get_label() == "OSC + split (W4A4)")
+    assert list(osc.get_xdata()) == [1, 256, 4096] and list(osc.get_ydata()) == [2.0, 0.5, 0.8]  # BF16 20 / OSC
+    (tmp_path / "bad.json").write_text('{"rows": 1}')
+    code, out, err = run(capsys, "bench", "plot", "--json", tmp_path / "bad.json", "--png", tmp_path / "d.png")
+    assert code == 2 and "holds no benchmark rows" in err and not (tmp_path / "d.png").exists()
+    code, out, err = run(capsys, "bench", "plot", "--png", tmp_path / "d.png")
+    assert code == 2 and "needs --json" in err
