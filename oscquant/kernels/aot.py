@@ -74,12 +74,10 @@ def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True):
 
 def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages: int = 4):
     """The mid-size GEMM (Gluon: TMA ring, async wgmma on weights unpacked into shared memory)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .wgmma_gemm import osc_wgmma_gemm_kernel
-    a_l = gl.NVMMASharedLayout.get_default_for([bt, 128], gl.float8e4nv)
-    c_l = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.uint8)
+    from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
+    a_l, c_l = descriptor_layouts(bn, bt)
     sig = [("a_desc", f"tensordesc<fp8e4nv[{bt}, 128],{a_l!r}>"), ("sa_ptr", "*fp32"),
            ("c_desc", f"tensordesc<u8[{bn}, 64],{c_l!r}>")] + GEMM_T_SIG[3:11] + [
         ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]

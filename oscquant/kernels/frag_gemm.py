@@ -225,17 +225,22 @@ def osc_frag_gemm_kernel(
     if HAS_BIAS and split == 0:
         acc += gl.load(bias_ptr + n, mask=nm, other=0.0)
 
-    mask = nm & mm
-    y = y_ptr + m.to(gl.int64) * stride_ym + n
+    store_tile(acc, y_ptr + m.to(gl.int64) * stride_ym + n, ws_ptr + m.to(gl.int64) * N + n, nm & mm,
+               cnt_ptr + gl.program_id(0), SPLIT_K)
+
+
+@gluon.jit
+def store_tile(acc, y, ws, mask, cnt, SPLIT_K: gl.constexpr):
+    """triton_osc._store_tile for the Gluon kernels: y directly, or (split-K) relaxed FP32 partial sums
+    into the workspace ws, of which the tile's last program (told by its counter cnt) writes y, leaving
+    zeros, and re-arms cnt."""
     if SPLIT_K == 1:
-        gl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # as ops._store_tile: relaxed partial sums, then the tile's last program writes y and re-arms
-        ws = ws_ptr + m.to(gl.int64) * N + n
+        gl.store(y, acc.to(y.dtype.element_ty), mask=mask)
+    else:
         gl.atomic_add(ws, acc, mask=mask, sem="relaxed")
         gl.thread_barrier()
-        cnt = cnt_ptr + gl.program_id(0)
         if gl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT_K - 1:
             bits = gl.atomic_xchg(ws.to(gl.pointer_type(gl.int32)), gl.zeros_like(acc).to(gl.int32), mask=mask,
                                   sem="relaxed")
-            gl.store(y, bits.to(gl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask)
+            gl.store(y, bits.to(gl.float32, bitcast=True).to(y.dtype.element_ty), mask=mask)
             gl.atomic_xchg(cnt, 0, sem="relaxed")

@@ -372,10 +372,9 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None) -> torch.Tensor:
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .wgmma_gemm import osc_wgmma_gemm_kernel
+    from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
 
     m, n = a.shape[0], kw.row_scale.numel()
     if kw.fmt != "mxfp4" or kw.rel_exp is None:
@@ -392,10 +391,9 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
-    a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, 128], gl.NVMMASharedLayout.get_default_for([cfg.bm, 128],
-                                                                                                 gl.float8e4nv))
-    c_desc = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, 64],
-                                          gl.NVMMASharedLayout.get_default_for([cfg.bn, 64], gl.uint8))
+    a_layout, c_layout = descriptor_layouts(cfg.bn, cfg.bm)
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, 128], a_layout)
+    c_desc = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, 64], c_layout)
     osc_wgmma_gemm_kernel[grid](
         a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
         kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
@@ -426,12 +424,17 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
     return out
 
 
+def wgmma_runs(x: torch.Tensor) -> bool:
+    """Whether the wgmma GEMM can take an input on x's device: Hopper (sm_90), not the CPU interpreter."""
+    return not INTERPRETED and x.is_cuda and _major(x.device) == 9
+
+
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     m = x.shape[0]
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED,
-                             wgmma=not INTERPRETED and x.is_cuda and _major(x.device) == 9)
+                             wgmma=wgmma_runs(x))
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.frag)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 

@@ -14,7 +14,7 @@ weight tile is wgmma's M side (64 rows a warpgroup) and the tokens its N side (8
   next; docs/kernels.md).
 
 The BF16 branch is one more wgmma per 64 outlier channels on the scaled accumulator. SPLIT_K > 1
-reduces through the FP32 workspace as triton_osc._store_tile.
+reduces through the FP32 workspace (frag_gemm.store_tile).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from .frag_gemm import store_tile
 from .layout import FRAG_LUT
 from .triton_osc import _E2M1_LUT_ASM
 
@@ -32,6 +33,13 @@ LUT_HI = gl.constexpr(FRAG_LUT[1])
 LUT_LO_STEP = gl.constexpr(FRAG_LUT[2])
 LUT_HI_STEP = gl.constexpr(FRAG_LUT[3])
 LUT_ASM = gl.constexpr(_E2M1_LUT_ASM.value)
+
+
+def descriptor_layouts(bn: int, bt: int) -> tuple:
+    """The shared layouts of the TMA descriptors (activations [bt, 128] e4m3, codes [bn, 64] bytes): the
+    launch builds the descriptors with them, aot.py compiles against them."""
+    return (gl.NVMMASharedLayout.get_default_for([bt, 128], gl.float8e4nv),
+            gl.NVMMASharedLayout.get_default_for([bn, 64], gl.uint8))
 
 
 @gluon.jit
@@ -196,17 +204,6 @@ def osc_wgmma_gemm_kernel(
     # y[token, row]: rows are contiguous in y, so the store's layout (LY) runs its threads along rows
     yn = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LY))
     yt = pt * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, LY))
-    mask = (yn < N)[:, None] & (yt < M)[None, :]
-    y = y_ptr + yt.to(gl.int64)[None, :] * stride_ym + yn[:, None]
-    if SPLIT_K == 1:
-        gl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # as triton_osc._store_tile
-        ws = ws_ptr + yt.to(gl.int64)[None, :] * N + yn[:, None]
-        gl.atomic_add(ws, out, mask=mask, sem="relaxed")
-        gl.thread_barrier()
-        cnt = cnt_ptr + gl.program_id(0)
-        if gl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT_K - 1:
-            bits = gl.atomic_xchg(ws.to(gl.pointer_type(gl.int32)), gl.zeros_like(out).to(gl.int32), mask=mask,
-                                  sem="relaxed")
-            gl.store(y, bits.to(gl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask)
-            gl.atomic_xchg(cnt, 0, sem="relaxed")
+    store_tile(out, y_ptr + yt.to(gl.int64)[None, :] * stride_ym + yn[:, None],
+               ws_ptr + yt.to(gl.int64)[None, :] * N + yn[:, None], (yn < N)[:, None] & (yt < M)[None, :],
+               cnt_ptr + gl.program_id(0), SPLIT_K)
