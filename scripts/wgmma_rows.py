@@ -3,7 +3,8 @@ process (CUDA graphs, L2 flushed before each replay; k = 128 planted channels). 
 cuBLAS BF16 and FP8 (row-wise scales), OSC + split-quantize under gemm_config's choice, and under each
 wgmma variant (BN weight rows, warps, BT tokens, split-K; None = wgmma_config's choice), µs; "err" is
 the variant's difference from the shipped config's output relative to its norm.
-Usage on the device: python3 scripts/wgmma_rows.py [Ms] > $OUT/wgmma_rows.md
+Usage on the device: python3 scripts/wgmma_rows.py [Ms] [variants] > $OUT/wgmma_rows.md
+variants: comma-separated BN.warps.BT.split, "-" for wgmma_config's choice (e.g. 64.8.-.-,128.16.256.2)
 """
 import sys
 
@@ -11,7 +12,8 @@ from oscquant import bench
 from oscquant.kernels import ops
 
 ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "16,64,256,1024,4096").split(",")]
-VARIANTS = [(64, 4, None, None), (64, 4, 64, None), (128, 8, None, None), (128, 8, 256, None), (64, 4, 256, None)]
+VARIANTS = [tuple(None if f == "-" else int(f) for f in v.split(".")) for v in
+            (sys.argv[2] if len(sys.argv) > 2 else "64.4.-.-,64.4.64.-,128.8.-.-,128.8.256.-,64.4.256.-").split(",")]
 print("| shape | M | BF16 | FP8 | shipped (config) | wgmma variants (BN, warps, BT, split): µs | best × shipped | "
       "best × BF16 | best × FP8 | err |\n" + "|---" * 10 + "|")
 for c in bench.sweep_cases(ms):

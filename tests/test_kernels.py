@@ -199,11 +199,12 @@ def test_fragment_layout_unpacks_bit_exact():
 @pytest.mark.parametrize("m,k_in,n", [s for s in SHAPES if s[0] <= 16])
 @pytest.mark.parametrize("k", [32, 16, 0])
 @pytest.mark.parametrize("warps,split_k", [(4, 1), (2, 3), (8, 8), (1, 2)])
-def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k, prefetch):
     layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k)
+    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k, prefetch=prefetch)
     assert cfg.frag and cfg.bm == (8 if m <= 8 else 16)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -367,6 +368,9 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     frag = [ops.gemm_config(m, 4096, 4096) for m in (1, 8, 9)]  # MXFP4 decode: the fragment GEMM up to 8 tokens
     assert frag[0].frag and frag[1].frag and frag[0].bm == 8 and not frag[2].frag
     assert ops.frag_config(16, 4096, 4096).bm == 16  # two token groups, for callers that ask
+    # the epilogue's L2 prefetch except on the long layers (kernel_ab.py on the H200)
+    assert [ops.frag_config(1, n, k).prefetch for n, k in ((4096, 4096), (5120, 2048), (24576, 4096), (4096, 12288))] \
+        == [True, True, False, False]
     assert ops.gemm_config(1, 5120, 2048).frag and not ops.gemm_config(8, 5120, 2048).frag  # the measured exception
     assert ops.gemm_config(1, 4096, 4096).split_k > ops.gemm_config(1, 24576, 4096).split_k  # fewer tiles, more splits
     assert not ops.gemm_config(17, 4096, 4096).frag and not ops.gemm_config(1, 4096, 4096, "int4").frag

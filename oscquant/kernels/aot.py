@@ -63,12 +63,12 @@ FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr"
              ("stride_am", "i32"), ("stride_ym", "i32")]
 
 
-def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True):
+def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, prefetch: bool = False):
     """The fragment GEMM (Gluon + inline PTX)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .frag_gemm import osc_frag_gemm_kernel
-    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PROBE=0, PDL=pdl)
+    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PREFETCH=prefetch, PROBE=0, PDL=pdl)
     return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 
@@ -81,7 +81,7 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
     sig = [("a_desc", f"tensordesc<fp8e4nv[{bt}, 128],{a_l!r}>"), ("sa_ptr", "*fp32"),
            ("c_desc", f"tensordesc<u8[{bn}, 64],{c_l!r}>")] + GEMM_T_SIG[3:11] + [
         ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]
-    const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps)
+    const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps, PROBE=0)
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
 
 
@@ -149,7 +149,7 @@ def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack or touches
     memory before its PDL wait."""
     spills = 0
-    for name, c in [("frag gemm mxfp4 M<=8", frag(1, split_k=4)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
+    for name, c in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
                     ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t mxfp4 e4m3 M=1", gemm_t(K.FMT_MXFP4, 1, 32, split_k=2, op_f8=True)),
                     ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),

@@ -90,6 +90,12 @@ def _branch_step_asm(nt: int) -> str:
     return "\n".join(["{"] + _mma_chain("bf16", mmas, nt, acc_in))
 
 
+# lane 0 of a warp ($1 != 0) pulls $4 bytes of W_o ($2) and 64 bytes of row scales ($3) and of bias ($5) into L2
+PREFETCH_EPILOGUE = gl.constexpr("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], $4; "
+                                 "@p cp.async.bulk.prefetch.L2.global [$3], 64; "
+                                 "@p cp.async.bulk.prefetch.L2.global [$5], 64; mov.b32 $0, 0; }")
+
+
 def _constraints(n_words: int) -> str:
     return ",".join(["=f"] * 8 + ["r"] * n_words + ["f"] * 8)
 
@@ -141,7 +147,7 @@ def osc_frag_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, e_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, STEPS, TILES, K_OUT, stride_am, stride_ym,
     NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BRANCH: gl.constexpr,
-    PROBE: gl.constexpr = 0, PDL: gl.constexpr = False,
+    PREFETCH: gl.constexpr = False, PROBE: gl.constexpr = 0, PDL: gl.constexpr = False,
 ):
     """a: FP16 operands [M, 128 * STEPS] (split_quantize MODE_F16), sa [M]; w: int32 words
     [STEPS, TILES, 32, 8] and e: int32 [STEPS, TILES, 32] of layout.fragment_pack; sw [N];
@@ -162,6 +168,17 @@ def osc_frag_gemm_kernel(
     per = gl.cdiv(STEPS, SPLIT_K)
     s0 = split * per
     s1 = gl.minimum(s0 + per, STEPS)
+
+    if PREFETCH:
+        # the epilogue's weight-side operands (W_o rows, row scales, bias) are pulled into L2 now, before
+        # split_quantize has finished, so that their DRAM round trip is off the program's tail (loading them
+        # into registers would hold those through the loop). Whole 16-row tiles only: a bulk prefetch must
+        # stay inside the tensors.
+        first = (lane == 0) & (tile * 16 + 16 <= N) & (split == 0) & (K_OUT > 0)
+        gl.inline_asm_elementwise(PREFETCH_EPILOGUE, "=r,r,l,l,r,l",
+                                  [first.to(gl.int32), wo_ptr + tile * 16 * K_OUT, sw_ptr + tile * 16,
+                                   gl.zeros_like(lane) + 32 * K_OUT, (bias_ptr if HAS_BIAS else sw_ptr) + tile * 16],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
     wait_inputs(PDL)
 

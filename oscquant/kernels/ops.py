@@ -142,6 +142,7 @@ class GemmConfig:
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
     fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
     wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked into shared memory
+    prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
 
     @property
     def mode(self) -> int:
@@ -239,11 +240,14 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
     return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
 
 
-def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None) -> GemmConfig:
+def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None,
+                prefetch: bool | None = None) -> GemmConfig:
     """The fragment GEMM's config: one weight tile (16 rows) per warp, 2 warps a program; split-K
     (a power of two up to 16, at least 2 steps of 128 columns each) until the tiles times the
     splits reach 4096 for one token, 2048 for more (more tokens load more activation bytes per
-    step). From the H200 sweeps (scripts/decode_sweep.py, docs/kernels.md)."""
+    step). From the H200 sweeps (scripts/decode_sweep.py, docs/kernels.md). The epilogue prefetch
+    except on the long layers (N >= 16384 or K >= 3N), which stream longer and lost more to its
+    8 registers a thread than they gained (scripts/kernel_ab.py)."""
     tiles = triton.cdiv(n, 16)
     steps = k_pad // 128
     if split_k is None:
@@ -252,7 +256,9 @@ def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: i
         while split_k < 16 and tiles * split_k * 2 <= budget and steps // (split_k * 2) >= 2:
             split_k *= 2
     warps = warps or 2
-    return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True)
+    prefetch = not _long_layer(n, k_pad) if prefetch is None else prefetch
+    return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True,
+                      prefetch=prefetch)
 
 
 _SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
@@ -353,7 +359,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
         m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
         NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
-        PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device))
+        PREFETCH=cfg.prefetch, PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device))
     return y
 
 
@@ -369,6 +375,9 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
     return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True)
+
+
+_WGMMA_PROBE = 0  # scripts/wgmma_probe.py: 1 skips the unpack, 2 the MMAs, 4 the exponent loads (wrong results)
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None) -> torch.Tensor:
@@ -398,7 +407,7 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
         a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
         kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
         y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
-        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps)
+        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=_WGMMA_PROBE)
     return y
 
 

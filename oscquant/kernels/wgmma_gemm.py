@@ -81,17 +81,26 @@ def _unpack_step(c_s, w, st, ev, LW: gl.constexpr):
 
 @gluon.jit
 def _step(c_desc, a_desc, c_s, a_s, w, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0, STAGES: gl.constexpr,
-          LW: gl.constexpr):
+          LW: gl.constexpr, PROBE: gl.constexpr):
     """Step s: wait for its ring stage, unpack into w, issue its wgmma; once the step before has
     finished (its stage and weight buffer free, every warp past the barrier), refill that stage with
-    step s + STAGES - 1. The exponents move along their three-step register queue."""
+    step s + STAGES - 1. The exponents move along their three-step register queue. PROBE (timing only,
+    wrong values; scripts/wgmma_probe.py): bit 1 skips the unpack, 2 the MMAs, 4 the exponent loads."""
     it = s - s0
     st = it % STAGES
     mbarrier.wait(bars.index(st), (it // STAGES) & 1)
-    _unpack_step(c_s, w, st, ec, LW)
-    e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
-    acc = warpgroup_mma(w, a_s.index(st).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    if PROBE & 1 == 0:
+        _unpack_step(c_s, w, st, ec, LW)
+    else:
+        fence_async_shared()
+        gl.thread_barrier()
+    if PROBE & 4 == 0:
+        e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
+    else:
+        e3 = e2
+    if PROBE & 2 == 0:
+        acc = warpgroup_mma(w, a_s.index(st).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
     gl.thread_barrier()
     if s + STAGES - 1 < s1:
         _issue(c_desc, a_desc, c_s, a_s, bars, (it + STAGES - 1) % STAGES, s + STAGES - 1, n0, t0)
@@ -103,7 +112,7 @@ def osc_wgmma_gemm_kernel(
     a_desc, sa_ptr, c_desc, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_be, stride_ym,
     BN: gl.constexpr, BT: gl.constexpr, BO: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, PROBE: gl.constexpr = 0,
 ):
     """a_desc: TMA descriptor of the e4m3 activations [M, K_PAD], blocks [BT, 128]; sa [M] (split_quantize
     MODE_F8); c_desc: of the chunk-layout codes [N, K_PAD / 2], blocks [BN, 64]; be: rel_exp int8
@@ -149,10 +158,10 @@ def osc_wgmma_gemm_kernel(
         # two steps an iteration, so that each step's weight buffer is its own allocation (w_a, w_b)
         for s in range(s0, s1, 2):
             acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_a, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0,
-                                    STAGES, LW)
+                                    STAGES, LW, PROBE)
             if s + 1 < s1:
                 acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_b, bars, erow, nm, acc, ec, e1, e2, s + 1, s0, s1,
-                                        n0, t0, STAGES, LW)
+                                        n0, t0, STAGES, LW, PROBE)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
