@@ -9,8 +9,6 @@ Usage on the device: python3 scripts/kernel_ab.py [Ms] > $OUT/kernel_ab.md
 import importlib
 import sys
 
-import torch
-
 from oscquant import bench
 from oscquant.kernels import frag_gemm, ops, wgmma_gemm
 
@@ -33,14 +31,14 @@ for c in bench.sweep_cases(ms):
     if path is None:
         continue
     times = {"old": [], "new": []}
-    outs = {}
     for _ in range(3):
         for tag, ks in (("old", old), ("new", new)):
             use(ks)
             times[tag].append(bench._graph_time(lambda: ops.osc_linear_2d(x, kw, cfg)))
-            outs[tag] = ops.osc_linear_2d(x, kw, cfg).float()
-    use(new)
+    outs = {}
+    for tag, ks in (("old", old), ("new", new)):
+        use(ks)
+        outs[tag] = ops.osc_linear_2d(x, kw, cfg).float()
     t0, t1 = min(times["old"]), min(times["new"])
     err = ((outs["new"] - outs["old"]).abs().max() / outs["old"].abs().max()).item()
     print(f"| {c.name} | {m} | {path} | {t0:.1f} | {t1:.1f} | {t0 / t1:.3f} | {err:.1e} |", flush=True)
-    torch.cuda.synchronize()

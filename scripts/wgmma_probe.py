@@ -1,6 +1,6 @@
 """On the GPU: where the wgmma GEMM's time goes. Times the GEMM alone (operands split beforehand; CUDA graph,
-L2 flushed before each replay) under its config with parts of the main loop cut out (ops._WGMMA_PROBE; the
-cut versions compute wrong values): 1 no unpack (the MMAs read a stale weight buffer), 2 no MMAs, 3 neither
+L2 flushed before each replay) under its config with parts of the main loop cut out (the probe bits of
+ops._wgmma_gemm; the cut versions compute wrong values): 1 no unpack (the MMAs read a stale weight buffer), 2 no MMAs, 3 neither
 (TMA ring, barriers and epilogue only), 4 no exponent loads; and with other ring depths.
 Usage on the device: python3 scripts/wgmma_probe.py [Ms] > $OUT/wgmma_probe.md
 """
@@ -26,9 +26,7 @@ for c in bench.sweep_cases(ms):
     out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     cells = []
     for p in PROBES:
-        ops._WGMMA_PROBE = p
-        cells.append(bench._graph_time(lambda: ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)))
-    ops._WGMMA_PROBE = 0
+        cells.append(bench._graph_time(lambda: ops._wgmma_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out, probe=p)))
     for st in STAGES:
         c2 = dataclasses.replace(cfg, stages=st)
         try:

@@ -245,7 +245,7 @@ def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: i
     """The fragment GEMM's config: one weight tile (16 rows) per warp, 2 warps a program; split-K
     (a power of two up to 16, at least 2 steps of 128 columns each) until the tiles times the
     splits reach 4096 for one token, 2048 for more (more tokens load more activation bytes per
-    step). From the H200 sweeps (scripts/decode_sweep.py, docs/kernels.md). The epilogue prefetch
+    step). From the H200 sweeps (scripts/decode_sweep.py, docs/kernels.md). The epilogue prefetch is on
     except on the long layers (N >= 16384 or K >= 3N), which stream longer and lost more to its
     8 registers a thread than they gained (scripts/kernel_ab.py)."""
     tiles = triton.cdiv(n, 16)
@@ -377,10 +377,9 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True)
 
 
-_WGMMA_PROBE = 0  # scripts/wgmma_probe.py: 1 skips the unpack, 2 the MMAs, 4 the exponent loads (wrong results)
-
-
-def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None) -> torch.Tensor:
+def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
+    """The wgmma GEMM's launch. probe (scripts/wgmma_probe.py only): bits 1, 2 and 4 skip the unpack,
+    the MMAs and the exponent loads of the main loop; they give wrong values, for timing."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
@@ -407,7 +406,7 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
         a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
         kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
         y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
-        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=_WGMMA_PROBE)
+        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe)
     return y
 
 
