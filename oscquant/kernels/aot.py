@@ -29,7 +29,7 @@ DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N"
 
 
 def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, types: dict | None = None,
-                   source=ASTSource, maxnreg: int | None = None):
+                   source=ASTSource):
     s = {n: (types or {}).get(n, t) for n, t in sig}
     s.update({k: "constexpr" for k in const})
     names = list(s)
@@ -37,10 +37,7 @@ def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, 
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig
                if t.startswith("*") or n.startswith("stride") or n in ("K_PAD", "K_OUT", "K_IN")}
     src = source(fn, s, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned)
-    options = {"num_warps": warps, "num_stages": stages}
-    if maxnreg:
-        options["maxnreg"] = maxnreg
-    return triton.compile(src, target=HOPPER, options=options)
+    return triton.compile(src, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
 
 
 def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 1, warps: int = 4, stages: int = 3):
@@ -86,24 +83,6 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
         ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]
     const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps, PROBE=0)
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
-
-
-def wgmma_ws(bn: int = 128, bt: int = 128, split_k: int = 1, stages: int = 4, cs: int = 6, wb: int = 4, uw: int = 4,
-             unpack_regs: int | None = None, warps: int | None = None):
-    """The warp-specialized mid-size GEMM (loader warp, unpacking warps, MMA warps)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from .wgmma_gemm import descriptor_layouts, osc_wgmma_ws_kernel, ws_registers
-    a_l, c_l = descriptor_layouts(bn, bt)
-    sig = [("a_desc", f"tensordesc<fp8e4nv[{bt}, 128],{a_l!r}>"), ("sa_ptr", "*fp32"),
-           ("c_desc", f"tensordesc<u8[{bn}, 64],{c_l!r}>")] + GEMM_T_SIG[3:11] + [
-        ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]
-    warps = warps or bn // 16
-    maxnreg, regs = ws_registers(warps, uw, unpack_regs)
-    # in the kernel's parameter order
-    const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, CS=cs, WB=wb, UW=uw,
-                 UNPACK_REGS=regs, num_warps=warps, PROBE=0)
-    return compile_kernel(osc_wgmma_ws_kernel, sig, const, warps, 1, source=GluonASTSource, maxnreg=maxnreg)
 
 
 def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True):

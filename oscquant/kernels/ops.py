@@ -143,11 +143,6 @@ class GemmConfig:
     fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
     wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked into shared memory
     prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
-    ws: bool = False  # wgmma GEMM: the warp-specialized kernel (loader warps, unpacking warps, MMA warps)
-    ws_code_stages: int = 6  # its code ring (stages is the activation ring)
-    ws_buffers: int = 4  # its unpacked weight buffers
-    ws_unpack_warps: int = 4  # its unpacking warps
-    maxnreg: int | None = None  # wgmma GEMM: registers a thread at most (None: as the compiler likes)
 
     @property
     def mode(self) -> int:
@@ -369,8 +364,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
 
 
 def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = None, warps: int | None = None,
-                 split_k: int | None = None, stages: int | None = None, ws: int = 0,
-                 maxnreg: int | None = None) -> GemmConfig:
+                 split_k: int | None = None, stages: int | None = None) -> GemmConfig:
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs."""
@@ -380,8 +374,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         split_k = 1
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
-    return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
-                      ws=ws > 0, ws_unpack_warps=ws or 4, maxnreg=maxnreg)
+    return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True)
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -389,7 +382,7 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     the MMAs and the exponent loads of the main loop; they give wrong values, for timing."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel, osc_wgmma_ws_kernel, ws_registers
+    from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
 
     m, n = a.shape[0], kw.row_scale.numel()
     if kw.fmt != "mxfp4" or kw.rel_exp is None:
@@ -397,8 +390,7 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     if a.dtype != torch.float8_e4m3fn or a.stride(1) != 1:
         raise ValueError(f"the wgmma GEMM multiplies contiguous torch.float8_e4m3fn activation operands, got {a.dtype}: "
                          "split_quantize with mode=MODE_F8")
-    wt = cfg.warps // (cfg.bn // 16) if cfg.ws else 1  # warpgroups along the tokens (warp-specialized only)
-    if cfg.bn != 64 * (cfg.warps // 4) // wt or wt not in (1, 2) or cfg.bm not in (16, 32, 64, 128, 256) or cfg.stages < 2:
+    if cfg.bn != 64 * (cfg.warps // 4) or cfg.bm not in (16, 32, 64, 128, 256) or cfg.stages < 2:
         raise ValueError(f"the wgmma GEMM takes 64 weight rows a warpgroup, 16-256 tokens a tile (a power of two) and "
                          f"at least 2 stages; got bn={cfg.bn}, warps={cfg.warps}, bm={cfg.bm}, stages={cfg.stages}")
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -410,18 +402,11 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     a_layout, c_layout = descriptor_layouts(cfg.bn, cfg.bm)
     a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, 128], a_layout)
     c_desc = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, 64], c_layout)
-    args = (a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
-            kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
-            y.stride(0))
-    const = dict(BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None,
-                 STAGES=cfg.stages, num_warps=cfg.warps)
-    if cfg.ws:
-        maxnreg, regs = ws_registers(cfg.warps, cfg.ws_unpack_warps)
-        osc_wgmma_ws_kernel[grid](*args, **const, CS=cfg.ws_code_stages, WB=cfg.ws_buffers, UW=cfg.ws_unpack_warps,
-                                  UNPACK_REGS=regs, PROBE=probe, maxnreg=maxnreg)
-    else:
-        extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
-        osc_wgmma_gemm_kernel[grid](*args, **const, PROBE=probe, **extra)
+    osc_wgmma_gemm_kernel[grid](
+        a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
+        kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
+        y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
+        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe)
     return y
 
 

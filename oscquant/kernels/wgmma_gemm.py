@@ -35,15 +35,6 @@ LUT_HI_STEP = gl.constexpr(FRAG_LUT[3])
 LUT_ASM = gl.constexpr(_E2M1_LUT_ASM.value)
 
 
-def ws_registers(mma_warps: int, uw: int, unpack_regs: int | None = None) -> tuple:
-    """The warp-specialized kernel's register budget: the launch's maxnreg (all 64K registers of an SM over
-    its warps, counted in whole warpgroups) and the unpacking warps' share (the loader warps take 24, the
-    MMA warps what is left)."""
-    groups = -(-(mma_warps + 2 + uw) // 4)
-    maxnreg = min(256, 65536 // (groups * 128)) // 8 * 8
-    return maxnreg, unpack_regs or 96
-
-
 def descriptor_layouts(bn: int, bt: int) -> tuple:
     """The shared layouts of the TMA descriptors (activations [bt, 128] e4m3, codes [bn, 64] bytes): the
     launch builds the descriptors with them, aot.py compiles against them."""
@@ -175,18 +166,7 @@ def osc_wgmma_gemm_kernel(
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
 
-    _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_OUT, stride_ym, pn, pt,
-              split, BN, BT, BO, SPLIT_K, HAS_BIAS, num_warps)
-
-
-@gluon.jit
-def _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_OUT, stride_ym, pn, pt,
-              split, BN: gl.constexpr, BT: gl.constexpr, BO: gl.constexpr, SPLIT_K: gl.constexpr,
-              HAS_BIAS: gl.constexpr, num_warps: gl.constexpr, WT: gl.constexpr = 1):
-    """Scales, bias and the BF16 branch (one wgmma per BO outlier channels) on the accumulator of weight
-    tile pn, token tile pt (its warps WT side by side along the tokens), then the store (split-K through
-    the workspace)."""
-    ACC: gl.constexpr = acc.type.layout
+    # epilogue on the accumulator's layout: scales, the BF16 branch (one wgmma per BO outlier channels)
     en = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ACC))
     et = pt * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
     enm = en < N
@@ -201,8 +181,8 @@ def _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     if BO > 0:
         if split == 0:
             # the BF16 wgmma's k is 16: the same accumulator registers under that instruction shape
-            ACC16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // WT, WT],
-                                                            instr_shape=[16, BT // WT, 16])
+            ACC16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, BT, 16])
             acc16 = gl.convert_layout(acc, ACC16)
             LO: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
             o = gl.arange(0, BO, layout=gl.SliceLayout(0, LO))
@@ -235,187 +215,4 @@ def _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
     yt = pt * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, LY))
     store_tile(out, y_ptr + yt.to(gl.int64)[None, :] * stride_ym + yn[:, None],
                ws_ptr + yt.to(gl.int64)[None, :] * N + yn[:, None], (yn < N)[:, None] & (yt < M)[None, :],
-               cnt_ptr + pn * gl.cdiv(M, BT) + pt, SPLIT_K)
-
-
-# --- warp-specialized variant: loader warps, an unpacking warpgroup and the MMA warps run side by side ---
-#
-# The kernel above does everything on the same warps, so each step's unpack, its CTA barriers and its
-# MMA issue queue behind one another (and the probe found the ring and barriers to be most of its time).
-# Here each job has its own warps and the hand-offs are mbarriers, each ring deep enough that a job can
-# run steps ahead of the one it feeds:
-#   code loader (1 warp)        TMA of a step's code bytes into code stage cs          -> c_ready[cs]
-#   activation loader (1 warp)  TMA of a step's activations into stage as_             -> a_ready[as_]
-#   unpacker (UW warps)         codes of cs -> e4m3 weights in buffer wb                -> c_empty[cs], w_ready[wb]
-#   MMA (BN / 16 warps)         wgmma(w[wb], activations of as_), one step in flight    -> a_empty[as_], w_empty[wb]
-# A producer waits on a fresh "empty" barrier with phase 1, which passes at once.
-
-
-@gluon.jit
-def _ws_load_codes(c_desc, a_desc, c_s, a_s, w_s, c_ready, c_empty, a_ready, a_empty, w_ready, w_empty, be_ptr,
-                   stride_be, N, s0, s1, n0, t0, BN: gl.constexpr, UW: gl.constexpr, PROBE: gl.constexpr):
-    CS: gl.constexpr = c_s.shape[0]
-    for it in range(0, s1 - s0):
-        cs = it % CS
-        mbarrier.wait(c_empty.index(cs), ((it // CS) & 1) ^ 1)
-        mbarrier.expect(c_ready.index(cs), c_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(c_desc, [n0, (s0 + it) * 64], c_ready.index(cs), c_s.index(cs))
-
-
-@gluon.jit
-def _ws_load_acts(c_desc, a_desc, c_s, a_s, w_s, c_ready, c_empty, a_ready, a_empty, w_ready, w_empty, be_ptr,
-                  stride_be, N, s0, s1, n0, t0, BN: gl.constexpr, UW: gl.constexpr, PROBE: gl.constexpr):
-    AS: gl.constexpr = a_s.shape[0]
-    for it in range(0, s1 - s0):
-        st = it % AS
-        mbarrier.wait(a_empty.index(st), ((it // AS) & 1) ^ 1)
-        mbarrier.expect(a_ready.index(st), a_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [t0, (s0 + it) * 128], a_ready.index(st), a_s.index(st))
-
-
-@gluon.jit
-def _ws_unpack_step(c_s, w_s, c_ready, c_empty, w_ready, w_empty, it, ev, BN: gl.constexpr, LW: gl.constexpr,
-                    PROBE: gl.constexpr):
-    """Step it: the codes of its stage and its exponents ev -> its weight buffer. PROBE 1 (timing only):
-    no unpack and no store, the hand-offs kept."""
-    CS: gl.constexpr = c_s.shape[0]
-    WB: gl.constexpr = w_s.shape[0]
-    cs = it % CS
-    mbarrier.wait(c_ready.index(cs), (it // CS) & 1)
-    c = c_s.index(cs)
-    p0 = c.slice(0, 32, dim=1).load(LW)
-    p1 = c.slice(32, 32, dim=1).load(LW)
-    fence_async_shared()  # these generic reads come before the TMA that refills the stage
-    gl.thread_barrier()
-    mbarrier.arrive(c_empty.index(cs), count=1)
-    wb = it % WB
-    if PROBE & 1 == 0:
-        w0, w1 = _unpack(p0, (ev << 24) >> 24, (ev << 16) >> 24)
-        w2, w3 = _unpack(p1, (ev << 8) >> 24, ev >> 24)
-        q = gl.join(gl.join(w0, w1), gl.join(w2, w3))  # column 32 * i + j is w_i[:, j], as _unpack_step
-        mbarrier.wait(w_empty.index(wb), ((it // WB) & 1) ^ 1)
-        w_s.index(wb).store(gl.reshape(gl.permute(q, (0, 3, 2, 1)), [BN, 128]))
-    else:
-        mbarrier.wait(w_empty.index(wb), ((it // WB) & 1) ^ 1)
-    fence_async_shared()
-    gl.thread_barrier()
-    mbarrier.arrive(w_ready.index(wb), count=1)
-
-
-@gluon.jit
-def _ws_unpack(c_desc, a_desc, c_s, a_s, w_s, c_ready, c_empty, a_ready, a_empty, w_ready, w_empty, be_ptr,
-               stride_be, N, s0, s1, n0, t0, BN: gl.constexpr, UW: gl.constexpr, PROBE: gl.constexpr):
-    # UW warps over a [BN, 32] code tile: 16 rows a warp, the rest of the warps split the 32 columns
-    RW: gl.constexpr = min(UW, BN // 16)
-    LW: gl.constexpr = gl.BlockedLayout([1, 16 * RW // UW], [16, 2], [RW, UW // RW], [1, 0])
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LW))
-    nm = rn < N
-    erow = be_ptr.to(gl.pointer_type(gl.int32)) + rn.to(gl.int64) * (stride_be // 4)
-    n = s1 - s0
-    last = gl.maximum(s1 - 1, s0)
-    # the block exponents (one int32 a row and step) of four steps, loaded four steps before they are used: a
-    # load held in a register that is rotated every step stalls the rotation until it arrives
-    e0 = gl.load(erow + gl.minimum(s0, last), mask=nm, other=0)
-    e1 = gl.load(erow + gl.minimum(s0 + 1, last), mask=nm, other=0)
-    e2 = gl.load(erow + gl.minimum(s0 + 2, last), mask=nm, other=0)
-    e3 = gl.load(erow + gl.minimum(s0 + 3, last), mask=nm, other=0)
-    for g in range(0, gl.cdiv(n, 4)):
-        nxt = s0 + 4 * g + 4
-        f0 = gl.load(erow + gl.minimum(nxt, last), mask=nm, other=0)
-        f1 = gl.load(erow + gl.minimum(nxt + 1, last), mask=nm, other=0)
-        f2 = gl.load(erow + gl.minimum(nxt + 2, last), mask=nm, other=0)
-        f3 = gl.load(erow + gl.minimum(nxt + 3, last), mask=nm, other=0)
-        _ws_unpack_step(c_s, w_s, c_ready, c_empty, w_ready, w_empty, 4 * g, e0, BN, LW, PROBE)
-        if 4 * g + 1 < n:
-            _ws_unpack_step(c_s, w_s, c_ready, c_empty, w_ready, w_empty, 4 * g + 1, e1, BN, LW, PROBE)
-        if 4 * g + 2 < n:
-            _ws_unpack_step(c_s, w_s, c_ready, c_empty, w_ready, w_empty, 4 * g + 2, e2, BN, LW, PROBE)
-        if 4 * g + 3 < n:
-            _ws_unpack_step(c_s, w_s, c_ready, c_empty, w_ready, w_empty, 4 * g + 3, e3, BN, LW, PROBE)
-        e0 = f0
-        e1 = f1
-        e2 = f2
-        e3 = f3
-
-
-@gluon.jit
-def _ws_mma(a_s, w_s, a_ready, a_empty, w_ready, w_empty, s0, s1, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
-            ws_ptr, cnt_ptr, M, N, K_OUT, stride_ym, pn, pt, split, BN: gl.constexpr, BT: gl.constexpr,
-            BO: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, MW: gl.constexpr):
-    AS: gl.constexpr = a_s.shape[0]
-    WB: gl.constexpr = w_s.shape[0]
-    WT: gl.constexpr = MW // (BN // 16)  # warpgroups side by side along the tokens (sharing the weight tile)
-    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[BN // 16, WT],
-                                                  instr_shape=[16, BT // WT, 32])
-    acc = gl.zeros([BN, BT], gl.float32, ACC)
-    for it in range(0, s1 - s0):
-        st = it % AS
-        wb = it % WB
-        mbarrier.wait(a_ready.index(st), (it // AS) & 1)
-        mbarrier.wait(w_ready.index(wb), (it // WB) & 1)
-        acc = warpgroup_mma(w_s.index(wb), a_s.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        if it > 0:  # the step before has finished: its activation stage and weight buffer are free
-            gl.thread_barrier()
-            mbarrier.arrive(a_empty.index((it - 1) % AS), count=1)
-            mbarrier.arrive(w_empty.index((it - 1) % WB), count=1)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_OUT, stride_ym, pn, pt,
-              split, BN, BT, BO, SPLIT_K, HAS_BIAS, MW, WT)
-
-
-@gluon.jit
-def osc_wgmma_ws_kernel(
-    a_desc, sa_ptr, c_desc, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K_PAD, K_OUT, stride_be, stride_ym,
-    BN: gl.constexpr, BT: gl.constexpr, BO: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-    STAGES: gl.constexpr, CS: gl.constexpr, WB: gl.constexpr, UW: gl.constexpr, UNPACK_REGS: gl.constexpr,
-    num_warps: gl.constexpr, PROBE: gl.constexpr = 0,
-):
-    """osc_wgmma_gemm_kernel's operands, grid and result, with its jobs on their own warps (above):
-    num_warps (BN / 16, or twice that with two warpgroups along the tokens) issue the MMAs and run the
-    epilogue, UW warps unpack, two single warps load.
-    Rings: STAGES activation stages, CS code stages, WB weight buffers."""
-    num_t = gl.cdiv(M, BT)
-    pt = gl.program_id(0) % num_t
-    pn = gl.program_id(0) // num_t
-    split = gl.program_id(1)
-    steps = K_PAD // 128
-    per = gl.cdiv(steps, SPLIT_K)
-    s0 = split * per
-    s1 = gl.maximum(gl.minimum(s0 + per, steps), s0)
-
-    WS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
-    c_s = gl.allocate_shared_memory(gl.uint8, [CS, BN, 64], c_desc.layout)
-    a_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BT, 128], a_desc.layout)
-    w_s = gl.allocate_shared_memory(gl.float8e4nv, [WB, BN, 128], WS)
-    c_ready = gl.allocate_shared_memory(gl.int64, [CS, 1], mbarrier.MBarrierLayout())
-    c_empty = gl.allocate_shared_memory(gl.int64, [CS, 1], mbarrier.MBarrierLayout())
-    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    a_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_ready = gl.allocate_shared_memory(gl.int64, [WB, 1], mbarrier.MBarrierLayout())
-    w_empty = gl.allocate_shared_memory(gl.int64, [WB, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(CS):
-        mbarrier.init(c_ready.index(b), count=1)
-        mbarrier.init(c_empty.index(b), count=1)
-    for b in gl.static_range(STAGES):
-        mbarrier.init(a_ready.index(b), count=1)
-        mbarrier.init(a_empty.index(b), count=1)
-    for b in gl.static_range(WB):
-        mbarrier.init(w_ready.index(b), count=1)
-        mbarrier.init(w_empty.index(b), count=1)
-
-    n0 = pn * BN
-    t0 = pt * BT
-    # (the workers' argument tuples are written out: a tuple held in a variable loses its constexprs)
-    gl.warp_specialize([
-        (_ws_mma, (a_s, w_s, a_ready, a_empty, w_ready, w_empty, s0, s1, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr,
-                   y_ptr, ws_ptr, cnt_ptr, M, N, K_OUT, stride_ym, pn, pt, split, BN, BT, BO, SPLIT_K, HAS_BIAS,
-                   num_warps)),
-        (_ws_load_codes, (c_desc, a_desc, c_s, a_s, w_s, c_ready, c_empty, a_ready, a_empty, w_ready, w_empty, be_ptr,
-                          stride_be, N, s0, s1, n0, t0, BN, UW, PROBE)),
-        (_ws_load_acts, (c_desc, a_desc, c_s, a_s, w_s, c_ready, c_empty, a_ready, a_empty, w_ready, w_empty, be_ptr,
-                         stride_be, N, s0, s1, n0, t0, BN, UW, PROBE)),
-        (_ws_unpack, (c_desc, a_desc, c_s, a_s, w_s, c_ready, c_empty, a_ready, a_empty, w_ready, w_empty, be_ptr,
-                      stride_be, N, s0, s1, n0, t0, BN, UW, PROBE)),
-    ], [1, 1, UW], [24, 24, UNPACK_REGS])
+               cnt_ptr + gl.program_id(0), SPLIT_K)
