@@ -244,13 +244,16 @@ def test_fragment_gemm_unpack_is_bit_exact_on_the_gpu():
 @pytest.mark.skipif(not CUDA, reason="the wgmma GEMM is Gluon for sm_90 (no interpreter)")
 @pytest.mark.parametrize("m,k_in,n", SHAPES + [(300, 2080, 520), (257, 4160, 1000)])
 @pytest.mark.parametrize("k", [32, 16, 0])
-@pytest.mark.parametrize("bn,warps,bt,split_k,stages", [(128, 8, 128, 1, 4), (64, 4, 64, 3, 2), (128, 8, 16, 2, 3),
-                                                        (64, 4, 256, 1, 3), (64, 4, 32, 2, 4), (128, 8, 256, 1, 3)])
-def test_wgmma_gemm_matches_reference(m, k_in, n, k, bn, warps, bt, split_k, stages):
+@pytest.mark.parametrize("bn,warps,bt,split_k,stages,reg_a", [
+    (128, 8, 128, 1, 4, False), (64, 4, 64, 3, 2, False), (128, 8, 16, 2, 3, False), (64, 4, 256, 1, 3, False),
+    (64, 4, 32, 2, 4, False), (128, 8, 256, 1, 3, False),
+    # the unpacked weights as wgmma's register operand
+    (64, 4, 128, 1, 4, True), (64, 4, 16, 3, 2, True), (128, 8, 64, 2, 3, True), (128, 8, 256, 1, 3, True)])
+def test_wgmma_gemm_matches_reference(m, k_in, n, k, bn, warps, bt, split_k, stages, reg_a):
     layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.wgmma_config(m, n, kw.k_main, bn=bn, bt=bt, warps=warps, split_k=split_k, stages=stages)
+    cfg = ops.wgmma_config(m, n, kw.k_main, bn=bn, bt=bt, warps=warps, split_k=split_k, stages=stages, reg_a=reg_a)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
     y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
@@ -395,6 +398,8 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     wg = [ops.gemm_config(m, n, k) for m, n, k in cases]
     assert [c.wgmma for c in wg] == [True, False, True, False, True, False, True, False, False]
     assert all(c.mode == MODE_F8 and c.bn == 16 * c.warps for c in wg if c.wgmma)
+    # 64-row tiles take the unpacked weights from registers, the widest layers' 128 x 256 tiles from shared memory
+    assert [c.reg_a for c in wg if c.wgmma] == [True, True, True, False]
     assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
     assert not ops.gemm_config(64, 4096, 4096, "int4").wgmma and not ops.gemm_config(64, 4096, 4096, wgmma=False).wgmma
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM

@@ -72,8 +72,8 @@ def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, prefetch: 
     return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 
-def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages: int = 4):
-    """The mid-size GEMM (Gluon: TMA ring, async wgmma on weights unpacked into shared memory)."""
+def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages: int = 4, reg_a: bool = False):
+    """The mid-size GEMM (Gluon: TMA ring, async wgmma on weights unpacked into shared memory or registers)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
@@ -81,7 +81,8 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
     sig = [("a_desc", f"tensordesc<fp8e4nv[{bt}, 128],{a_l!r}>"), ("sa_ptr", "*fp32"),
            ("c_desc", f"tensordesc<u8[{bn}, 64],{c_l!r}>")] + GEMM_T_SIG[3:11] + [
         ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]
-    const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps, PROBE=0)
+    const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps, PROBE=0,
+                 REG_A=reg_a)
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
 
 
@@ -156,7 +157,7 @@ def main() -> int:
                     ("gemm-t mxfp4 e4m3 folded 17-64 tokens", gemm_t(K.FMT_MXFP4, 64, 64, split_k=4, warps=4, stages=3, fold=True)),
                     ("gemm-t mxfp4 e4m3 folded 65-256 tokens", gemm_t(K.FMT_MXFP4, 128, 128, warps=8, stages=3, fold=True)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
-                    ("wgmma gemm mxfp4 16-64 tokens", wgmma(64, 64, split_k=2, warps=4, stages=4)),
+                    ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True)),
                     ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3)),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),

@@ -6,7 +6,8 @@ Regimes, chosen in :func:`gemm_config` only:
                       overlapped with split-quantize (overlap.py).
   MXFP4 on Hopper, 9-1024 tokens where it measured faster (_wgmma_wins): split-quantize to e4m3
                       operands, then the Gluon wgmma GEMM (wgmma_gemm.py: TMA ring, weights unpacked
-                      by byte lookups into shared memory, async wgmma while the next step unpacks).
+                      by byte lookups into wgmma's register operand, or for the widest layers' 128 x 256
+                      tiles into shared memory with an async wgmma while the next step unpacks).
   MXFP4, 17-64 tokens (9-128 where K >= N, to 256 where N >= 16384 or K >= 3N): split-quantize to e4m3
                       operands, then the transposed GEMM with the block factors folded into
                       e4m3 weights (wgmma, the unpacked weights from registers; fold_config).
@@ -143,6 +144,7 @@ class GemmConfig:
     fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
     wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked into shared memory
     prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
+    reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
 
     @property
     def mode(self) -> int:
@@ -179,7 +181,9 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if fmt == "mxfp4" and wgmma and _wgmma_wins(m, n, k_pad):
         if n >= 16384 and m > 64:  # the widest layers: 128 x 256 tiles on two warpgroups
             return wgmma_config(m, n, k_pad, bn=128, bt=min(256, triton.next_power_of_2(m)))
-        return wgmma_config(m, n, k_pad, bn=64)
+        # 64-row tiles take the unpacked weights from registers: 2-13 % faster than through shared memory
+        # (docs/bench/h200_wgmma_rega_2026-11-29.md); at 128 x 256 that measured slower (85.5 against 82.0 µs)
+        return wgmma_config(m, n, k_pad, bn=64, reg_a=True)
     if fmt == "mxfp4" and FRAG_MAX_M < m <= DECODE_MAX_M and k_pad >= n:  # measured 4-9 % faster there
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= DECODE_MAX_M:
@@ -364,7 +368,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
 
 
 def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = None, warps: int | None = None,
-                 split_k: int | None = None, stages: int | None = None) -> GemmConfig:
+                 split_k: int | None = None, stages: int | None = None, reg_a: bool = False) -> GemmConfig:
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs."""
@@ -374,7 +378,8 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         split_k = 1
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
-    return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True)
+    return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
+                      reg_a=reg_a)
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -406,7 +411,7 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
         a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
         kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
         y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
-        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe)
+        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe, REG_A=cfg.reg_a)
     return y
 
 

@@ -1,4 +1,4 @@
-"""The mid-size GEMM (tens to thousands of tokens): 4-bit weights unpacked into shared memory, async wgmma.
+"""The mid-size GEMM (tens to thousands of tokens): 4-bit weights unpacked for an async wgmma.
 
 y = (A · deq(W)^T) * sa * sw + x_o · W_o^T (+ bias), in the transposed form y^T = W · A^T so that the
 weight tile is wgmma's M side (64 rows a warpgroup) and the tokens its N side (8 to 256):
@@ -12,6 +12,12 @@ weight tile is wgmma's M side (64 rows a warpgroup) and the tokens its N side (8
   issued asynchronously, and the warps go on to the next step's unpack while the tensor cores run:
   one step of MMAs stays in flight (the Triton folded GEMM waited for each before unpacking the
   next; docs/kernels.md).
+
+REG_A (what gemm_config takes for 64-row tiles): the codes go from the ring straight into wgmma's A-operand
+register layout, are unpacked there, and each 32-column block is one k = 32 wgmma with A from registers; no
+weight buffer, fence or barrier for it (2-13 % faster; docs/bench/h200_wgmma_rega_2026-11-29.md). Those wgmmas
+are waited for within their step: a wgmma reads its register operand after issue, the compiler does not know
+it, and warpgroup_mma_wait cannot keep 8-bit operands alive (Triton 3.6).
 
 The BF16 branch is one more wgmma per 64 outlier channels on the scaled accumulator. SPLIT_K > 1
 reduces through the FP32 workspace (frag_gemm.store_tile).
@@ -108,11 +114,37 @@ def _step(c_desc, a_desc, c_s, a_s, w, bars, erow, nm, acc, ec, e1, e2, s, s0, s
 
 
 @gluon.jit
+def _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0, STAGES: gl.constexpr,
+              LA: gl.constexpr):
+    """Step s with the unpacked weights as wgmma's register operand (no shared-memory store, no fence): the
+    four 32-column blocks of the step are four k = 32 wgmmas."""
+    it = s - s0
+    st = it % STAGES
+    mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+    c = c_s.index(st)
+    w0, w1 = _unpack(c.slice(0, 32, dim=1).load(LA), (ec << 24) >> 24, (ec << 16) >> 24)
+    w2, w3 = _unpack(c.slice(32, 32, dim=1).load(LA), (ec << 8) >> 24, ec >> 24)
+    e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
+    b = a_s.index(st)
+    acc = warpgroup_mma(w0, b.slice(0, 32, dim=1).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w1, b.slice(32, 32, dim=1).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w2, b.slice(64, 32, dim=1).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w3, b.slice(96, 32, dim=1).permute((1, 0)), acc, is_async=True)
+    # all four waited for here: a wgmma in flight reads its register operand, and the compiler does not know that
+    # the next step's unpack must not reuse those registers (warpgroup_mma_wait cannot take 8-bit deps)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    gl.thread_barrier()  # every warp has read this stage's codes before TMA refills it
+    if s + STAGES - 1 < s1:
+        _issue(c_desc, a_desc, c_s, a_s, bars, (it + STAGES - 1) % STAGES, s + STAGES - 1, n0, t0)
+    return acc, e1, e2, e3
+
+
+@gluon.jit
 def osc_wgmma_gemm_kernel(
     a_desc, sa_ptr, c_desc, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_be, stride_ym,
     BN: gl.constexpr, BT: gl.constexpr, BO: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr, PROBE: gl.constexpr = 0,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, PROBE: gl.constexpr = 0, REG_A: gl.constexpr = False,
 ):
     """a_desc: TMA descriptor of the e4m3 activations [M, K_PAD], blocks [BT, 128]; sa [M] (split_quantize
     MODE_F8); c_desc: of the chunk-layout codes [N, K_PAD / 2], blocks [BN, 64]; be: rel_exp int8
@@ -135,12 +167,18 @@ def osc_wgmma_gemm_kernel(
     n0 = pn * BN
     t0 = pt * BT
 
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LW))
+    gl.static_assert(PROBE == 0 or not REG_A, "the probe bits cut parts of the shared-memory path")
+    LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
+    if REG_A:
+        rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LA))
+    else:
+        rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LW))
     nm = rn < N
     erow = be_ptr.to(gl.pointer_type(gl.int32)) + rn.to(gl.int64) * (stride_be // 4)
 
     c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, 64], c_desc.layout)
     a_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BT, 128], a_desc.layout)
+    # the weight buffers of the shared-memory path (with REG_A unused, and not allocated: 98 -> 82 KB at 64 x 128)
     w_a = gl.allocate_shared_memory(gl.float8e4nv, [BN, 128], WS)
     w_b = gl.allocate_shared_memory(gl.float8e4nv, [BN, 128], WS)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -155,13 +193,18 @@ def osc_wgmma_gemm_kernel(
         ec = gl.load(erow + s0, mask=nm, other=0)
         e1 = gl.load(erow + gl.minimum(s0 + 1, s1 - 1), mask=nm, other=0)
         e2 = gl.load(erow + gl.minimum(s0 + 2, s1 - 1), mask=nm, other=0)
-        # two steps an iteration, so that each step's weight buffer is its own allocation (w_a, w_b)
-        for s in range(s0, s1, 2):
-            acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_a, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0,
-                                    STAGES, LW, PROBE)
-            if s + 1 < s1:
-                acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_b, bars, erow, nm, acc, ec, e1, e2, s + 1, s0, s1,
-                                        n0, t0, STAGES, LW, PROBE)
+        if REG_A:
+            for s in range(s0, s1):
+                acc, ec, e1, e2 = _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0,
+                                            STAGES, LA)
+        else:
+            # two steps an iteration, so that each step's weight buffer is its own allocation (w_a, w_b)
+            for s in range(s0, s1, 2):
+                acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_a, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0,
+                                        t0, STAGES, LW, PROBE)
+                if s + 1 < s1:
+                    acc, ec, e1, e2 = _step(c_desc, a_desc, c_s, a_s, w_b, bars, erow, nm, acc, ec, e1, e2, s + 1, s0,
+                                            s1, n0, t0, STAGES, LW, PROBE)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
