@@ -371,7 +371,8 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
                  split_k: int | None = None, stages: int | None = None, reg_a: bool = False) -> GemmConfig:
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
-    split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs."""
+    split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs. ``reg_a``: the
+    unpacked weights go to wgmma as its register operand instead of through a shared tile."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
