@@ -142,7 +142,7 @@ class GemmConfig:
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
     fold: bool = False  # transposed GEMM on e4m3 operands, the block factors folded into the weights by byte tables
-    wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked into shared memory
+    wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked on the SM
     prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
     reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
 

@@ -73,11 +73,18 @@ def _issue(c_desc, a_desc, c_s, a_s, bars, st, s, n0, t0):
 
 
 @gluon.jit
+def _unpack_blocks(c, ev, L: gl.constexpr):
+    """A step's [BN, 64] code bytes c (shared) and its rows' four block exponents ev (one int32, block i in
+    byte i) -> its four [BN, 32] e4m3 blocks in layout L, columns 32 * i to 32 * i + 31 in block i."""
+    w0, w1 = _unpack(c.slice(0, 32, dim=1).load(L), (ev << 24) >> 24, (ev << 16) >> 24)
+    w2, w3 = _unpack(c.slice(32, 32, dim=1).load(L), (ev << 8) >> 24, ev >> 24)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
 def _unpack_step(c_s, w, st, ev, LW: gl.constexpr):
     """Unpack ring stage st's codes with their exponents ev into the weight buffer w, columns in order."""
-    c = c_s.index(st)
-    w0, w1 = _unpack(c.slice(0, 32, dim=1).load(LW), (ev << 24) >> 24, (ev << 16) >> 24)
-    w2, w3 = _unpack(c.slice(32, 32, dim=1).load(LW), (ev << 8) >> 24, ev >> 24)
+    w0, w1, w2, w3 = _unpack_blocks(c_s.index(st), ev, LW)
     # one [BN, 128] store (four slice stores get a CTA barrier between each): column 32 * i + j is w_i[:, j]
     q = gl.join(gl.join(w0, w1), gl.join(w2, w3))  # [BN, 32, 2, 2], element (r, j, a, b) = w_{2b + a}[r, j]
     w.store(gl.reshape(gl.permute(q, (0, 3, 2, 1)), [q.shape[0], 128]))
@@ -121,9 +128,7 @@ def _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, 
     it = s - s0
     st = it % STAGES
     mbarrier.wait(bars.index(st), (it // STAGES) & 1)
-    c = c_s.index(st)
-    w0, w1 = _unpack(c.slice(0, 32, dim=1).load(LA), (ec << 24) >> 24, (ec << 16) >> 24)
-    w2, w3 = _unpack(c.slice(32, 32, dim=1).load(LA), (ec << 8) >> 24, ec >> 24)
+    w0, w1, w2, w3 = _unpack_blocks(c_s.index(st), ec, LA)
     e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
     b = a_s.index(st)
     acc = warpgroup_mma(w0, b.slice(0, 32, dim=1).permute((1, 0)), acc, is_async=True)
