@@ -71,19 +71,6 @@ def _major(device: torch.device) -> int:
     return _MAJOR[i]
 
 
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the interpreter: 4, for a few loop trips)."""
-    if device.type != "cuda":
-        return 4
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
-
-
 def supported(layer, x: torch.Tensor) -> str | None:
     """None if the kernels can run this call, else the reason they cannot."""
     s = layer.scheme
@@ -100,8 +87,7 @@ def supported(layer, x: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
-                   k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
-                   stages: int = 0, warps: int | None = None, per_sm: int = 4):
+                   k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
@@ -131,14 +117,10 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         rows = rows or (1 if m < 1024 else min(max(1, 16384 // block), 4))
         if rows & (rows - 1):
             raise ValueError(f"rows={rows} per program must be a power of two")
-        groups = triton.cdiv(m, rows)
-        if stages:  # persistent: per_sm programs an SM loop over the row groups
-            groups = min(groups, per_sm * _sm_count(dev))
-        split_quantize_kernel[(groups,)](
+        split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
-            INTERPRET=interpreting(), STAGES=stages, num_warps=warps or (8 if block >= 4096 else 4),
-            **pdl_launch(dev, pdl),
+            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, **pdl_launch(dev, pdl),
         )
     if mode == MODE_PACKED:
         return xo, q, (sc if fmt == "mxfp4" else rs)

@@ -77,30 +77,14 @@ def split_quantize_kernel(
     xo_ptr, q_ptr, s_ptr, rs_ptr,
     M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
-    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, STAGES: tl.constexpr = 0,
+    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """ROWS token rows per group, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
-    rows stay whole in registers). STAGES = 0: one group a program. STAGES > 0: a persistent loop
-    over groups, Triton's pipeliner copying the next STAGES - 1 groups' rows into shared memory
-    (cp.async) while this one is quantized, so the loads never stop.
+    """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
+    rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
     PDL (overlap.py): the GEMM after it may launch at once."""
     release_dependents(PDL)
     wait_inputs(PDL)
-    if STAGES == 0:
-        _split_rows(tl.program_id(0), x_ptr, stride_xm, keep_ptr, out_idx_ptr, xo_ptr, q_ptr, s_ptr, rs_ptr,
-                    M, K_IN, K_OUT, K_PAD, FMT, MODE, BLOCK, BLOCK_O, ROWS, INTERPRET)
-    else:
-        for g in tl.range(tl.program_id(0), tl.cdiv(M, ROWS), tl.num_programs(0), num_stages=STAGES):
-            _split_rows(g, x_ptr, stride_xm, keep_ptr, out_idx_ptr, xo_ptr, q_ptr, s_ptr, rs_ptr,
-                        M, K_IN, K_OUT, K_PAD, FMT, MODE, BLOCK, BLOCK_O, ROWS, INTERPRET)
-
-
-@triton.jit
-def _split_rows(g, x_ptr, stride_xm, keep_ptr, out_idx_ptr, xo_ptr, q_ptr, s_ptr, rs_ptr, M, K_IN, K_OUT, K_PAD,
-                FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr,
-                ROWS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Group g of ROWS rows: x_o, then the main path's codes or operands and scales."""
-    r = tl.arange(0, ROWS).to(tl.int64) + g * ROWS  # int64: row * stride can pass 2**31
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rm = r < M
     c = tl.arange(0, BLOCK)
     # the row is loaded first, in flight while the outlier indices arrive and x_o is gathered (after the
