@@ -2,9 +2,11 @@
 
 Every column is captured in a CUDA graph and timed by replaying it with
 ``triton.testing.do_bench`` (median; the L2 cache is flushed before each replay), so
-launch overhead and cache reuse favour no column. Up to 16 tokens BF16, FP8 and OSC+split are
-also timed "back to back", as a decode step runs its layers: one graph of R calls in a row,
-each on its own copy of the weights (> 256 MB in all, so none is read from L2), per call.
+launch overhead and cache reuse favour no column. Up to 16 tokens BF16, FP8, OSC+split and the
+OSC GEMM alone are also timed "back to back", as a decode step runs its layers: one graph of R calls
+in a row, each on its own copy of the weights (> 256 MB in all, so none is read from L2), per call;
+and a plain device copy of the GEMM's own bytes is timed as the columns are, the floor of this
+harness for a kernel that moves them.
 
 Columns: BF16 ``torch.matmul``; W8A8 INT8 ``torch._int_mm`` (cuBLAS needs M > 16);
 W8A8 FP8 ``torch._scaled_mm`` with row-wise scales; OSC GEMM alone (activation already
@@ -64,6 +66,10 @@ class Row:
     b2b_bf16_us: float | None = None  # back to back (M <= 16)
     b2b_fp8_us: float | None = None
     b2b_osc_us: float | None = None
+    b2b_gemm_us: float | None = None  # the OSC GEMM alone, back to back
+    b2b_gemm_roofline_pct: float | None = None
+    copy_us: float | None = None  # a device copy moving the GEMM's own bytes, timed as the columns (flushed)
+    copy_roofline_pct: float | None = None
 
 
 def _need_cuda(what: str) -> None:
@@ -162,7 +168,15 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
                     b2b_bf16_us=_b2b_time(lambda w: torch.matmul(x, w.T), lin.weight.clone, 2 * n * k_in),
                     b2b_fp8_us=_b2b_time(lambda w: torch._scaled_mm(x_f8, w.T, scale_a=sx, scale_b=sw_row,
                                                                     out_dtype=torch.bfloat16), w_f8.clone, n * k_in),
-                    b2b_osc_us=_b2b_time(lambda w: osc_linear_2d(x, w, cfg), lambda: clone_weights(kw), w_bytes))
+                    b2b_osc_us=_b2b_time(lambda w: osc_linear_2d(x, w, cfg), lambda: clone_weights(kw), w_bytes),
+                    b2b_gemm_us=_b2b_time(lambda w: osc_gemm(a, sa, w, xo, torch.bfloat16, cfg),
+                                          lambda: clone_weights(kw), w_bytes))
+                b2b["b2b_gemm_roofline_pct"] = 100 * gemm_floor_s / (b2b["b2b_gemm_us"] * 1e-6)
+                # the floor of this harness: nothing moving these bytes (half read, half written) can be faster
+                src = torch.empty(gemm_bytes // 2, dtype=torch.uint8, device=dev)
+                dst = torch.empty_like(src)
+                b2b["copy_us"] = _graph_time(lambda: dst.copy_(src))
+                b2b["copy_roofline_pct"] = 100 * gemm_bytes / HBM_BYTES_PER_S / (b2b["copy_us"] * 1e-6)
             rows.append(Row(name, n, k_in, m, k, bf16, int8, fp8, gemm, full, fb,
                             full_bytes / (full * 1e-6) / 1e12, ops / (full * 1e-6) / 1e12,
                             100 * floor_s / (full * 1e-6), 100 * gemm_floor_s / (gemm * 1e-6),
@@ -193,9 +207,12 @@ def markdown(rows: list[Row]) -> str:
     b2b = [r for r in rows if r.b2b_osc_us is not None]
     if b2b:
         out += ["", "Back to back (a graph of calls in a row on distinct weight copies, µs per call):", "",
-                "| shape N×K | M | k | BF16 µs | FP8 µs | OSC+split µs | × FP8 | × BF16 |", "|" + "---|" * 8]
+                "| shape N×K | M | k | BF16 µs | FP8 µs | OSC+split µs | × FP8 | × BF16 | OSC GEMM µs | "
+                "GEMM % roofline | copy of the GEMM's bytes, flushed: µs (% roofline) |", "|" + "---|" * 11]
         out += [f"| {r.shape} {r.n}×{r.k_in} | {r.m} | {r.k_out} | {r.b2b_bf16_us:.1f} | {r.b2b_fp8_us:.1f} | "
-                f"{r.b2b_osc_us:.1f} | {r.b2b_fp8_us / r.b2b_osc_us:.2f} | {r.b2b_bf16_us / r.b2b_osc_us:.2f} |"
+                f"{r.b2b_osc_us:.1f} | {r.b2b_fp8_us / r.b2b_osc_us:.2f} | {r.b2b_bf16_us / r.b2b_osc_us:.2f} | "
+                + (f"{r.b2b_gemm_us:.1f} | {r.b2b_gemm_roofline_pct:.0f} | {r.copy_us:.1f} "
+                   f"({r.copy_roofline_pct:.0f}) |" if r.b2b_gemm_us else "n/a | n/a | n/a |")
                 for r in b2b]
     return "\n".join(out)
 
@@ -219,6 +236,14 @@ def targets(rows: list[Row]) -> list[str]:
     if b2b:
         lines.append(f"M <= 16 back to back, OSC+split >= 1.8x cuBLAS FP8: {sum(v >= 1.8 for v in b2b)}/{len(b2b)} "
                      f"(range {min(b2b):.2f}x to {max(b2b):.2f}x)")
+    pct = [r.b2b_gemm_roofline_pct for r in small if r.b2b_gemm_roofline_pct is not None]
+    if pct:
+        lines.append(f"M <= 16 back to back, GEMM >= 80% of its HBM roofline: {sum(v >= 80 for v in pct)}/{len(pct)} "
+                     f"(range {min(pct):.0f}% to {max(pct):.0f}%)")
+    cp = [r.copy_roofline_pct for r in small if r.copy_roofline_pct is not None]
+    if cp:
+        lines.append(f"M <= 16, a plain copy of the GEMM's bytes, timed flushed as the GEMM: {min(cp):.0f}% to "
+                     f"{max(cp):.0f}% of the same roofline")
     return lines
 
 

@@ -1,5 +1,6 @@
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from tiny import tiny_model, tiny_tokenizer
@@ -107,6 +108,13 @@ def test_bench_tables_and_targets_from_rows():
     t = targets(rows)
     assert "M <= 16, OSC+split >= 1.8x best W8A8: 1/2 rows" in t[0]
     assert t[-1].startswith("M <= 16 back to back, OSC+split >= 1.8x cuBLAS FP8: 1/2")
+    # with the GEMM alone back to back and the copy floor: two more columns and target lines
+    rows[0] = replace(rows[0], b2b_gemm_us=6.0, b2b_gemm_roofline_pct=85.0, copy_us=4.0, copy_roofline_pct=40.0)
+    md = markdown(rows)
+    assert "| 7.5 | 2.00 | 1.87 | 6.0 | 85 | 4.0 (40) |" in md and "| 10.0 | 1.50 | 1.40 | n/a | n/a | n/a |" in md
+    t = targets(rows)
+    assert t[-2] == "M <= 16 back to back, GEMM >= 80% of its HBM roofline: 1/1 (range 85% to 85%)"
+    assert t[-1] == "M <= 16, a plain copy of the GEMM's bytes, timed flushed as the GEMM: 40% to 40% of the same roofline"
 
 
 def test_bench_plot_from_saved_rows(tmp_path, capsys):

@@ -400,6 +400,8 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert all(c.mode == MODE_F8 and c.bn == 16 * c.warps for c in wg if c.wgmma)
     # 64-row tiles take the unpacked weights from registers, the widest layers' 128 x 256 tiles from shared memory
     assert [c.reg_a for c in wg if c.wgmma] == [True, True, True, False]
+    # launched overlapped with split-quantize above 64 tokens only (slower at 16-64), as the fragment GEMM always
+    assert [c.pdl for c in wg if c.wgmma] == [False, False, True, True] and ops.gemm_config(1, 4096, 4096).pdl
     assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
     assert not ops.gemm_config(64, 4096, 4096, "int4").wgmma and not ops.gemm_config(64, 4096, 4096, wgmma=False).wgmma
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM
@@ -441,19 +443,25 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("gemm") == 13 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
     assert r.stdout.count("folded") == 2 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
-    # split-quantize and the fragment GEMM launch overlapped (overlap.py): no memory access before their wait
-    assert r.stdout.count("PDL order: ok") == 3
+    # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
+    # before their wait but the wgmma GEMM's first code tiles (TMA)
+    assert r.stdout.count("PDL order: ok") == 5
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize("m", [1, 8, 16, 128])
 def test_overlapped_launches_read_what_the_kernel_before_wrote(m, monkeypatch):
     """Two layers in a row inside a CUDA graph, the first fed by a torch kernel: with programmatic
-    dependent launch the fragment GEMM (M <= 8) starts while split-quantize runs, so reading its
-    operands too early would show as stale or mixed activations. Replayed with new inputs, the results
-    must equal the launches without overlap bit for bit, and the reference (M = 16: no overlap)."""
-    a, idx = make_layer(4160, 2016, "mxfp4", 32)
-    b, _ = make_layer(2016, 1000, "mxfp4", 16, seed=2)
+    dependent launch the fragment GEMM (M <= 8) and the wgmma GEMM (M = 128 here) start while
+    split-quantize runs, so reading their operands too early would show as stale or mixed activations.
+    Replayed with new inputs, the results must equal the launches without overlap bit for bit, and the
+    reference (M = 16: no overlap)."""
+    n_a, n_b = (1024, 3000) if m == 128 else (2016, 1000)
+    a, idx = make_layer(4160, n_a, "mxfp4", 32)
+    b, _ = make_layer(n_a, n_b, "mxfp4", 16, seed=2)
+    if m == 128:  # both layers on the wgmma GEMM, launched overlapped
+        cfgs = [ops.gemm_config(m, lay.out_features, ops.layer_weights(lay).k_main) for lay in (a, b)]
+        assert all(c.wgmma and c.pdl for c in cfgs)
     x = activations(m, 4160, idx)
 
     def chain(t, scale):

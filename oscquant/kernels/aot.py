@@ -72,7 +72,8 @@ def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, prefetch: 
     return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 
-def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages: int = 4, reg_a: bool = False):
+def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages: int = 4, reg_a: bool = False,
+          pdl: bool = True):
     """The mid-size GEMM (Gluon: TMA ring, async wgmma on weights unpacked into shared memory or registers)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -82,7 +83,7 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
            ("c_desc", f"tensordesc<u8[{bn}, 64],{c_l!r}>")] + GEMM_T_SIG[3:11] + [
         ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]
     const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps, PROBE=0,
-                 REG_A=reg_a)
+                 REG_A=reg_a, PDL=pdl)
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
 
 
@@ -134,31 +135,44 @@ def sass(c) -> str:
         os.unlink(f.name)
 
 
-def pdl_order(c) -> str | None:
+def _opcode(line: str) -> str:
+    """A PTX line's instruction, without its predicate ("" for labels, directives and braces)."""
+    words = line.split("//")[0].split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0] if words else ""
+
+
+def pdl_order(c, weight_tma: int = 0) -> str | None:
     """None if the PTX keeps programmatic dependent launch safe (overlap.py): one griddepcontrol.wait,
-    and no global load, atomic or store before it, only L2 prefetches; else what is wrong."""
+    and no global load, atomic or store before it, only L2 prefetches and exactly ``weight_tma`` TMA
+    copies (the wgmma GEMM's first weight tiles, which no kernel writes); else what is wrong."""
     lines = c.asm["ptx"].splitlines()
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     if len(waits) != 1:
         return f"{len(waits)} griddepcontrol.wait"
-    early = [line.strip() for line in lines[:waits[0]]
-             if any(op in line for op in ("ld.global", "st.global", "atom.", "red.", "cp.async.ca", "cp.async.cg"))]
-    return f"before griddepcontrol.wait: {early[:3]}" if early else None
+    ops = [_opcode(line) for line in lines[:waits[0]]]
+    early = [op for op in ops if op.startswith(("ld.global", "st.global", "atom.", "red.", "cp.async.ca", "cp.async.cg"))]
+    if early:
+        return f"before griddepcontrol.wait: {early[:3]}"
+    tma = sum(op.startswith("cp.async.bulk.tensor") for op in ops)
+    return None if tma == weight_tma else f"{tma} TMA copies before griddepcontrol.wait, expected {weight_tma}"
 
 
 def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack or touches
     memory before its PDL wait."""
     spills = 0
-    for name, c in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
+    # (name, kernel[, TMA copies before the PDL wait: the wgmma GEMM's first stages - 1 code tiles])
+    for name, c, *tma in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
                     ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t mxfp4 e4m3 M=1", gemm_t(K.FMT_MXFP4, 1, 32, split_k=2, op_f8=True)),
                     ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),
                     ("gemm-t mxfp4 e4m3 folded 17-64 tokens", gemm_t(K.FMT_MXFP4, 64, 64, split_k=4, warps=4, stages=3, fold=True)),
                     ("gemm-t mxfp4 e4m3 folded 65-256 tokens", gemm_t(K.FMT_MXFP4, 128, 128, warps=8, stages=3, fold=True)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
-                    ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True)),
-                    ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3)),
+                    ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True), 3),
+                    ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3), 2),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
@@ -168,7 +182,7 @@ def main() -> int:
         print(f"{name}: {usage}")
         spills += "STACK:" in usage and "STACK:0 " not in usage
         if "griddepcontrol" in c.asm["ptx"]:
-            bad = pdl_order(c)
+            bad = pdl_order(c, weight_tma=tma[0] if tma else 0)
             print(f"  PDL order: {bad or 'ok'}")
             spills += bad is not None
         if "--sass" in sys.argv:

@@ -49,7 +49,7 @@ def interpreting() -> bool:
     return INTERPRETED
 
 
-# programmatic dependent launch (overlap.py) of split-quantize and the fragment GEMM after it (M <= 8):
+# programmatic dependent launch (overlap.py) of split-quantize and the GEMM after it (GemmConfig.pdl):
 # OSCQUANT_PDL=0, or setting this False, launches them one after the other (scripts/pdl_rows.py times both)
 PDL = os.environ.get("OSCQUANT_PDL", "1") != "0"
 
@@ -145,6 +145,7 @@ class GemmConfig:
     wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked on the SM
     prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
     reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
+    pdl: bool = False  # launched while split-quantize before it still runs (overlap.py)
 
     @property
     def mode(self) -> int:
@@ -262,7 +263,7 @@ def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: i
     warps = warps or 2
     prefetch = not _long_layer(n, k_pad) if prefetch is None else prefetch
     return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True,
-                      prefetch=prefetch)
+                      prefetch=prefetch, pdl=True)
 
 
 _SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
@@ -363,7 +364,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
         m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
         NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
-        PREFETCH=cfg.prefetch, PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device))
+        PREFETCH=cfg.prefetch, PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device, cfg.pdl))
     return y
 
 
@@ -372,7 +373,9 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs. ``reg_a``: the
-    unpacked weights go to wgmma as its register operand instead of through a shared tile."""
+    unpacked weights go to wgmma as its register operand instead of through a shared tile. Above 64 tokens it
+    is launched overlapped with split-quantize (``pdl``): 2-6 % faster at 256 tokens, 0-3 % at 1024, but
+    slower at 16-64 (docs/bench/h200_wgmma_pdl_2026-11-29.md)."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
@@ -380,7 +383,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
     return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
-                      reg_a=reg_a)
+                      reg_a=reg_a, pdl=m > 64)
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -412,7 +415,8 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
         a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
         kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
         y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
-        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe, REG_A=cfg.reg_a)
+        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe, REG_A=cfg.reg_a,
+        **pdl_launch(a.device, cfg.pdl))
     return y
 
 
@@ -449,7 +453,8 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED,
                              wgmma=wgmma_runs(x))
-    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.frag)
+    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main,
+                               pdl=cfg.pdl)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 

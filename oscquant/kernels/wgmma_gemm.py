@@ -32,6 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .frag_gemm import store_tile
 from .layout import FRAG_LUT
+from .overlap import wait_inputs
 from .triton_osc import _E2M1_LUT_ASM
 
 LUT_LO = gl.constexpr(FRAG_LUT[0])
@@ -66,10 +67,21 @@ def _unpack(p, e0, e1):
 @gluon.jit
 def _issue(c_desc, a_desc, c_s, a_s, bars, st, s, n0, t0):
     """TMA for step s into ring stage st: the [BN, 64] code bytes and the [BT, 128] activations."""
+    _issue_codes(c_desc, a_desc, c_s, bars, st, s, n0)
+    _issue_acts(a_desc, a_s, bars, st, s, t0)
+
+
+@gluon.jit
+def _issue_codes(c_desc, a_desc, c_s, bars, st, s, n0):
+    """The weight half of _issue (the stage's barrier then also waits for the activations' bytes)."""
     bar = bars.index(st)
     mbarrier.expect(bar, c_desc.block_type.nbytes + a_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(c_desc, [n0, s * 64], bar, c_s.index(st))
-    tma.async_copy_global_to_shared(a_desc, [t0, s * 128], bar, a_s.index(st))
+
+
+@gluon.jit
+def _issue_acts(a_desc, a_s, bars, st, s, t0):
+    tma.async_copy_global_to_shared(a_desc, [t0, s * 128], bars.index(st), a_s.index(st))
 
 
 @gluon.jit
@@ -150,12 +162,16 @@ def osc_wgmma_gemm_kernel(
     M, N, K_PAD, K_OUT, stride_be, stride_ym,
     BN: gl.constexpr, BT: gl.constexpr, BO: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, PROBE: gl.constexpr = 0, REG_A: gl.constexpr = False,
+    PDL: gl.constexpr = False,
 ):
     """a_desc: TMA descriptor of the e4m3 activations [M, K_PAD], blocks [BT, 128]; sa [M] (split_quantize
     MODE_F8); c_desc: of the chunk-layout codes [N, K_PAD / 2], blocks [BN, 64]; be: rel_exp int8
     [N, K_PAD / 32], sb [N] (layout.KernelWeights); xo [M, K_OUT], wo [N, K_OUT] BF16.
     Program (i, j): weight tile i // cdiv(M, BT), token tile i % cdiv(M, BT) (token tiles vary
-    fastest: the programs sharing a weight tile run together), split j of the K steps."""
+    fastest: the programs sharing a weight tile run together), split j of the K steps.
+    PDL (overlap.py): launched while split_quantize still runs, the program sets up its ring and
+    fetches its first steps' weights (codes by TMA, exponents), which no kernel writes, and then
+    waits for split_quantize before anything else: activations, x_o, the workspace and y."""
     LW: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BT, 32])
@@ -190,10 +206,16 @@ def osc_wgmma_gemm_kernel(
     for b in gl.static_range(STAGES):
         mbarrier.init(bars.index(b), count=1)
     acc = gl.zeros([BN, BT], gl.float32, ACC)
+    for b in gl.static_range(STAGES - 1):
+        if s0 + b < s1:
+            _issue_codes(c_desc, a_desc, c_s, bars, b, s0 + b, n0)
+    # what split_quantize writes is read from here on; the TMA copies above are the only memory accesses
+    # before it (aot.pdl_order counts them)
+    wait_inputs(PDL)
     if s0 < s1:
         for b in gl.static_range(STAGES - 1):
             if s0 + b < s1:
-                _issue(c_desc, a_desc, c_s, a_s, bars, b, s0 + b, n0, t0)
+                _issue_acts(a_desc, a_s, bars, b, s0 + b, t0)
         # a step's exponents, three steps ahead in registers (a step past s1 reloads s1 - 1)
         ec = gl.load(erow + s0, mask=nm, other=0)
         e1 = gl.load(erow + gl.minimum(s0 + 1, s1 - 1), mask=nm, other=0)
