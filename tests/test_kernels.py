@@ -394,14 +394,15 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
                                                                             (512, 24576, 4096)))
     # MXFP4 on Hopper: the wgmma GEMM where it measured faster (ops._wgmma_wins)
     cases = ((16, 24576, 4096), (16, 4096, 4096), (64, 4096, 4096), (64, 2048, 4096), (256, 6144, 4096),
-             (256, 4096, 4096), (1024, 24576, 4096), (1024, 6144, 4096), (4096, 24576, 4096))
+             (256, 4096, 4096), (1024, 24576, 4096), (1024, 6144, 4096), (4096, 24576, 4096), (1024, 2048, 4096),
+             (256, 2048, 4096), (1024, 2048, 2048))
     wg = [ops.gemm_config(m, n, k) for m, n, k in cases]
-    assert [c.wgmma for c in wg] == [True, False, True, False, True, False, True, False, False]
+    assert [c.wgmma for c in wg] == [True, False, True, False, True, False, True, False, False, True, False, False]
     assert all(c.mode == MODE_F8 and c.bn == 16 * c.warps for c in wg if c.wgmma)
     # 64-row tiles take the unpacked weights from registers, the widest layers' 128 x 256 tiles from shared memory
-    assert [c.reg_a for c in wg if c.wgmma] == [True, True, True, False]
+    assert [c.reg_a for c in wg if c.wgmma] == [True, True, True, False, True]
     # launched overlapped with split-quantize above 64 tokens only (slower at 16-64), as the fragment GEMM always
-    assert [c.pdl for c in wg if c.wgmma] == [False, False, True, True] and ops.gemm_config(1, 4096, 4096).pdl
+    assert [c.pdl for c in wg if c.wgmma] == [False, False, True, True, True] and ops.gemm_config(1, 4096, 4096).pdl
     assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
     assert not ops.gemm_config(64, 4096, 4096, "int4").wgmma and not ops.gemm_config(64, 4096, 4096, wgmma=False).wgmma
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM

@@ -173,7 +173,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     architecture), where it measured faster than the above (``scripts/wgmma_rows.py``,
     docs/bench/h200_wgmma_rows_2026-11-29.md): the Gluon wgmma GEMM (``wgmma_config``) at 9-16
     tokens on the long layers (N >= 16384 or K >= 3N), 17-64 tokens where N and K are both >= 4096,
-    65-256 tokens except where N <= K < 3N, 257-1024 tokens where N >= 16384.
+    65-256 tokens except where N <= K < 3N, 257-1024 tokens where N >= 16384 or N <= 2048 <= K / 2.
     """
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
@@ -219,7 +219,9 @@ def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
         return n >= 4096 and k_pad >= 4096
     if SWAP_MAX_M < m <= 256:
         return not n <= k_pad < 3 * n
-    return 256 < m <= 1024 and n >= 16384
+    # above 256 tokens the widest layers, and the narrow o-shaped one (30B-A3B o, N = 2048, K = 2N: 37.9 µs at 1024
+    # tokens against the expansion path's 44.8; docs/bench/h200_wgmma_rega_2026-11-29.md)
+    return 256 < m <= 1024 and (n >= 16384 or (n <= 2048 and k_pad >= 2 * n))
 
 
 def _long_layer(n: int, k_pad: int) -> bool:
