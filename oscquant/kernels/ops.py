@@ -376,8 +376,8 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs. ``reg_a``: the
     unpacked weights go to wgmma as its register operand instead of through a shared tile. Above 64 tokens it
-    is launched overlapped with split-quantize (``pdl``): 2-6 % faster at 256 tokens, 0-3 % at 1024, but
-    slower at 16-64 (docs/bench/h200_wgmma_pdl_2026-11-29.md)."""
+    is launched overlapped with split-quantize (``pdl``): back to back 2-6 % faster at 256 tokens, 0-1 % at
+    512-1024, but 8-27 % slower at 16-64 (docs/bench/h200_wgmma_pdl_2026-11-29.md)."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)

@@ -170,8 +170,8 @@ def osc_wgmma_gemm_kernel(
     Program (i, j): weight tile i // cdiv(M, BT), token tile i % cdiv(M, BT) (token tiles vary
     fastest: the programs sharing a weight tile run together), split j of the K steps.
     PDL (overlap.py): launched while split_quantize still runs, the program sets up its ring and
-    fetches its first steps' weights (codes by TMA, exponents), which no kernel writes, and then
-    waits for split_quantize before anything else: activations, x_o, the workspace and y."""
+    copies its first steps' code tiles (TMA), which no kernel writes, and then waits for split_quantize
+    before anything else: activations, exponents, x_o, the workspace and y."""
     LW: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BT, 32])
