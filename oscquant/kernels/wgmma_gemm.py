@@ -105,15 +105,31 @@ def _unpack_step(c_s, w, st, ev, LW: gl.constexpr):
 
 
 @gluon.jit
+def _wait_stage(bars, s, s0, STAGES: gl.constexpr):
+    """Wait until step s's ring stage has landed; returns the stage."""
+    it = s - s0
+    st = it % STAGES
+    mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+    return st
+
+
+@gluon.jit
+def _refill(c_desc, a_desc, c_s, a_s, bars, s, s0, s1, n0, t0, STAGES: gl.constexpr):
+    """After step s: once every warp is past it (the step before's stage is free), refill that stage with
+    step s + STAGES - 1."""
+    gl.thread_barrier()
+    if s + STAGES - 1 < s1:
+        _issue(c_desc, a_desc, c_s, a_s, bars, (s - s0 + STAGES - 1) % STAGES, s + STAGES - 1, n0, t0)
+
+
+@gluon.jit
 def _step(c_desc, a_desc, c_s, a_s, w, bars, erow, nm, acc, ec, e1, e2, s, s0, s1, n0, t0, STAGES: gl.constexpr,
           LW: gl.constexpr, PROBE: gl.constexpr):
     """Step s: wait for its ring stage, unpack into w, issue its wgmma; once the step before has
     finished (its stage and weight buffer free, every warp past the barrier), refill that stage with
     step s + STAGES - 1. The exponents move along their three-step register queue. PROBE (timing only,
     wrong values; scripts/wgmma_probe.py): bit 1 skips the unpack, 2 the MMAs, 4 the exponent loads."""
-    it = s - s0
-    st = it % STAGES
-    mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+    st = _wait_stage(bars, s, s0, STAGES)
     if PROBE & 1 == 0:
         _unpack_step(c_s, w, st, ec, LW)
     else:
@@ -126,9 +142,7 @@ def _step(c_desc, a_desc, c_s, a_s, w, bars, erow, nm, acc, ec, e1, e2, s, s0, s
     if PROBE & 2 == 0:
         acc = warpgroup_mma(w, a_s.index(st).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-    gl.thread_barrier()
-    if s + STAGES - 1 < s1:
-        _issue(c_desc, a_desc, c_s, a_s, bars, (it + STAGES - 1) % STAGES, s + STAGES - 1, n0, t0)
+    _refill(c_desc, a_desc, c_s, a_s, bars, s, s0, s1, n0, t0, STAGES)
     return acc, e1, e2, e3
 
 
@@ -137,9 +151,7 @@ def _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, 
               LA: gl.constexpr):
     """Step s with the unpacked weights as wgmma's register operand (no shared-memory store, no fence): the
     four 32-column blocks of the step are four k = 32 wgmmas."""
-    it = s - s0
-    st = it % STAGES
-    mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+    st = _wait_stage(bars, s, s0, STAGES)
     w0, w1, w2, w3 = _unpack_blocks(c_s.index(st), ec, LA)
     e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
     b = a_s.index(st)
@@ -150,9 +162,7 @@ def _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, 
     # all four waited for here: a wgmma in flight reads its register operand, and the compiler does not know that
     # the next step's unpack must not reuse those registers (warpgroup_mma_wait cannot take 8-bit deps)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    gl.thread_barrier()  # every warp has read this stage's codes before TMA refills it
-    if s + STAGES - 1 < s1:
-        _issue(c_desc, a_desc, c_s, a_s, bars, (it + STAGES - 1) % STAGES, s + STAGES - 1, n0, t0)
+    _refill(c_desc, a_desc, c_s, a_s, bars, s, s0, s1, n0, t0, STAGES)
     return acc, e1, e2, e3
 
 
