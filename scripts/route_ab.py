@@ -12,10 +12,6 @@ names = sys.argv[2].split(",") if len(sys.argv) > 2 else None
 shapes = [s for s in bench.qwen3_shapes() if names is None or s[0] in names]
 
 
-def path(g):
-    return "wgmma" if g.wgmma else "fold" if g.fold else "expand" if g.expand else "frag" if g.frag else "t"
-
-
 print("| shape | M | BF16 | FP8 | OSC+split, gemm_config | path | wgmma=False | path | × | err |\n" + "|---" * 10 + "|")
 for c in bench.sweep_cases(ms, shapes=shapes):
     kw, x = c.kw, c.x
@@ -23,5 +19,5 @@ for c in bench.sweep_cases(ms, shapes=shapes):
     ta = bench._graph_time(lambda: ops.osc_linear_2d(x, kw, a))
     tb = bench._graph_time(lambda: ops.osc_linear_2d(x, kw, b))
     ya, yb = ops.osc_linear_2d(x, kw, a).float(), ops.osc_linear_2d(x, kw, b).float()
-    print(f"| {c.name} | {c.m} | {bench._graph_time(c.bf16):.1f} | {bench._graph_time(c.fp8):.1f} | {ta:.1f} | {path(a)} | "
-          f"{tb:.1f} | {path(b)} | {tb / ta:.2f} | {((ya - yb).norm() / yb.norm()).item():.1e} |", flush=True)
+    print(f"| {c.name} | {c.m} | {bench._graph_time(c.bf16):.1f} | {bench._graph_time(c.fp8):.1f} | {ta:.1f} | {a.path} | "
+          f"{tb:.1f} | {b.path} | {tb / ta:.2f} | {((ya - yb).norm() / yb.norm()).item():.1e} |", flush=True)

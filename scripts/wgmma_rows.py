@@ -30,8 +30,7 @@ for c in bench.sweep_cases(ms):
         errs.append(((y - ref).norm() / ref.norm()).item())
         cells.append((bench._graph_time(lambda: ops.osc_linear_2d(x, kw, cfg)), cfg))
     best = min(t for t, _ in cells)
-    tag = "wgmma" if ship_cfg.wgmma else "fold" if ship_cfg.fold else "expand" if ship_cfg.expand else \
-        "frag" if ship_cfg.frag else "t"
+    tag = ship_cfg.path
     print(f"| {c.name} | {m} | {bf16:.1f} | {fp8:.1f} | {ship:.1f} ({tag} {ship_cfg.bm}x{ship_cfg.bn} s{ship_cfg.split_k}) | "
           + ", ".join(f"{t:.1f} ({cfg.bn},{cfg.warps},{cfg.bm},{cfg.split_k}{',a' if cfg.reg_a else ''})" for t, cfg in cells)
           + f" | {ship / best:.2f} | {bf16 / best:.2f} | {fp8 / best:.2f} | {max(errs):.1e} |", flush=True)

@@ -404,6 +404,9 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     # launched overlapped with split-quantize above 64 tokens only (slower at 16-64), as the fragment GEMM always
     assert [c.pdl for c in wg if c.wgmma] == [False, False, True, True, True] and ops.gemm_config(1, 4096, 4096).pdl
     assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
+    # the path's name in the benchmark tables
+    assert [ops.gemm_config(m, 4096, 4096, wgmma=w).path for m, w in ((1, True), (64, True), (64, False), (4096, True))] \
+        == ["frag", "wgmma", "fold", "expand"] and ops.gemm_config(16, 4096, 4096, "int4").path == "t"
     assert not ops.gemm_config(64, 4096, 4096, "int4").wgmma and not ops.gemm_config(64, 4096, 4096, wgmma=False).wgmma
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM
     assert ops.gemm_config(1, 4096, 4096, frag=False).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs

@@ -152,6 +152,14 @@ class GemmConfig:
         """The split_quantize mode whose activation operands this config multiplies."""
         return MODE_F8 if self.op_f8 else MODE_F16
 
+    @property
+    def path(self) -> str:
+        """Which GEMM runs, in a word (benchmark tables): frag, wgmma, fold, t (transposed), expand or plain."""
+        for name in ("frag", "wgmma", "fold", "expand"):
+            if getattr(self, name):
+                return name
+        return "t" if self.swap else "plain"
+
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True) -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
@@ -455,8 +463,7 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED,
                              wgmma=wgmma_runs(x))
-    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main,
-                               pdl=cfg.pdl)
+    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 
