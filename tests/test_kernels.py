@@ -401,8 +401,12 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert all(c.mode == MODE_F8 and c.bn == 16 * c.warps for c in wg if c.wgmma)
     # 64-row tiles take the unpacked weights from registers, the widest layers' 128 x 256 tiles from shared memory
     assert [c.reg_a for c in wg if c.wgmma] == [True, True, True, False, True]
-    # launched overlapped with split-quantize above 64 tokens only (slower at 16-64), as the fragment GEMM always
-    assert [c.pdl for c in wg if c.wgmma] == [False, False, True, True, True] and ops.gemm_config(1, 4096, 4096).pdl
+    # launched overlapped with split-quantize: from its start above 64 tokens, as the fragment GEMM; up to 64 tokens,
+    # as the Triton GEMMs, from when its stores are issued
+    assert all(c.pdl for c in wg if c.wgmma) and ops.gemm_config(1, 4096, 4096).pdl
+    assert [c.pdl_late for c in wg if c.wgmma] == [True, True, False, False, False]
+    assert not ops.gemm_config(1, 4096, 4096).pdl_late and all(c.pdl and not c.pdl_late for c in wg if c.expand)
+    assert all(c.pdl and c.pdl_late for c in mid + [ops.gemm_config(16, 4096, 4096, "int4"), few[2]])
     assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
     # the path's name in the benchmark tables
     assert [ops.gemm_config(m, 4096, 4096, wgmma=w).path for m, w in ((1, True), (64, True), (64, False), (4096, True))] \
@@ -449,23 +453,28 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("folded") == 2 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 5
+    assert r.stdout.count("PDL order: ok") == 13
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 8, 16, 128])
-def test_overlapped_launches_read_what_the_kernel_before_wrote(m, monkeypatch):
+@pytest.mark.parametrize("m", [1, 8, 16, 128, 2048])
+@pytest.mark.parametrize("late", [False, True])
+def test_overlapped_launches_read_what_the_kernel_before_wrote(m, late, monkeypatch):
     """Two layers in a row inside a CUDA graph, the first fed by a torch kernel: with programmatic
-    dependent launch the fragment GEMM (M <= 8) and the wgmma GEMM (M = 128 here) start while
-    split-quantize runs, so reading their operands too early would show as stale or mixed activations.
-    Replayed with new inputs, the results must equal the launches without overlap bit for bit, and the
-    reference (M = 16: no overlap)."""
+    dependent launch the GEMM (the fragment GEMM at M <= 8, the folded transposed GEMM at 16, the wgmma GEMM
+    at 128), or the weight expansion before the FP8 GEMM (2048), starts while split-quantize runs, from its
+    start or (late) from when its stores are issued, so reading their operands too early, or the FP8 GEMM
+    starting before split-quantize ends, would show as stale or mixed activations. Every config is launched
+    overlapped here, whatever gemm_config ships. Replayed with new inputs, the results must equal the
+    launches without overlap bit for bit, and the reference."""
     n_a, n_b = (1024, 3000) if m == 128 else (2016, 1000)
     a, idx = make_layer(4160, n_a, "mxfp4", 32)
     b, _ = make_layer(n_a, n_b, "mxfp4", 16, seed=2)
-    if m == 128:  # both layers on the wgmma GEMM, launched overlapped
-        cfgs = [ops.gemm_config(m, lay.out_features, ops.layer_weights(lay).k_main) for lay in (a, b)]
-        assert all(c.wgmma and c.pdl for c in cfgs)
+    shipped = ops.gemm_config
+    monkeypatch.setattr(ops, "gemm_config", lambda *args, **kw: dataclasses.replace(shipped(*args, **kw), pdl=True,
+                                                                                       pdl_late=late))
+    cfgs = [ops.gemm_config(m, lay.out_features, ops.layer_weights(lay).k_main) for lay in (a, b)]
+    assert [c.path for c in cfgs] == 2 * [{1: "frag", 8: "frag", 16: "fold", 128: "wgmma", 2048: "expand"}[m]]
     x = activations(m, 4160, idx)
 
     def chain(t, scale):

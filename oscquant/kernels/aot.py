@@ -3,6 +3,7 @@ gives the PTX/SASS and register counts to read (``python -m oscquant.kernels.aot
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import triton
@@ -30,9 +31,16 @@ DECODE_SIG = [("b_ptr", "*u8"), ("be_ptr", "*i8"), ("out_ptr", "*fp8e4nv"), ("N"
 
 def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, types: dict | None = None,
                    source=ASTSource):
-    s = {n: (types or {}).get(n, t) for n, t in sig}
-    s.update({k: "constexpr" for k in const})
-    names = list(s)
+    given = {n: (types or {}).get(n, t) for n, t in sig}
+    given.update({k: "constexpr" for k in const})
+    # every parameter, in the kernel's own order (constexprs are matched to parameters by position)
+    params = inspect.signature(fn.fn).parameters
+    names = [n for n in params if n in given]
+    left_out = [n for n, p in params.items() if n not in given and p.default is inspect.Parameter.empty]
+    if left_out or len(names) != len(given):
+        raise ValueError(f"{fn.__name__}: parameters without a type or value {left_out}, "
+                         f"or not the kernel's {sorted(set(given) - set(params))}")
+    s = {n: given[n] for n in names}
     # as Triton's JIT does for the real calls: pointers and strides divisible by 16
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig
                if t.startswith("*") or n.startswith("stride") or n in ("K_PAD", "K_OUT", "K_IN")}
@@ -50,10 +58,10 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
 
 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
-           fold: bool = False):
+           fold: bool = False, pdl: bool = True):
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
                           dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8 or fold,
-                               F8_FOLD=fold, INTERPRET=False),
+                               F8_FOLD=fold, INTERPRET=False, PDL=pdl),
                           warps, stages, {"a_ptr": "*fp8e4nv" if op_f8 or fold else "*fp16"})
 
 
@@ -87,17 +95,18 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
 
 
-def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True):
+def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
     return compile_kernel(K.split_quantize_kernel, SPLIT_SIG,
-                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl), 8, 1,
-                          {"q_ptr": q})
+                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl,
+                               RELEASE_LATE=late), 8, 1, {"q_ptr": q})
 
 
-def decode(fmt: int, op_f8: bool):
+def decode(fmt: int, op_f8: bool, pdl: bool = True):
     out = "*fp8e4nv" if op_f8 else "*fp16"
-    return compile_kernel(K.decode_weights_kernel, DECODE_SIG, dict(FMT=fmt, OP_F8=op_f8, BN=64, INTERPRET=False),
-                          4, 1, {"out_ptr": out})
+    return compile_kernel(K.decode_weights_kernel, DECODE_SIG,
+                          dict(FMT=fmt, OP_F8=op_f8, BN=64, RAW_E4M3=False, LUT=False, INTERPRET=False, PDL=pdl), 4, 1,
+                          {"out_ptr": out})
 
 
 def resources(c) -> str:
@@ -143,16 +152,24 @@ def _opcode(line: str) -> str:
     return words[0] if words else ""
 
 
-def pdl_order(c, weight_tma: int = 0) -> str | None:
+MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "cp.async.ca", "cp.async.cg")
+
+
+def pdl_order(c, weight_tma: int = 0, at_end: bool = False) -> str | None:
     """None if the PTX keeps programmatic dependent launch safe (overlap.py): one griddepcontrol.wait,
     and no global load, atomic or store before it, only L2 prefetches and exactly ``weight_tma`` TMA
-    copies (the wgmma GEMM's first weight tiles, which no kernel writes); else what is wrong."""
+    copies (the wgmma GEMM's first weight tiles, which no kernel writes); else what is wrong. ``at_end``
+    (the weight expansion, which reads no output of the kernel before it): the wait comes after every
+    global memory access, so the kernel completes only once the one before it has."""
     lines = c.asm["ptx"].splitlines()
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     if len(waits) != 1:
         return f"{len(waits)} griddepcontrol.wait"
+    if at_end:
+        late = [op for op in map(_opcode, lines[waits[0]:]) if op.startswith(MEMORY_OPS)]
+        return f"after griddepcontrol.wait: {late[:3]}" if late else None
     ops = [_opcode(line) for line in lines[:waits[0]]]
-    early = [op for op in ops if op.startswith(("ld.global", "st.global", "atom.", "red.", "cp.async.ca", "cp.async.cg"))]
+    early = [op for op in ops if op.startswith(MEMORY_OPS)]
     if early:
         return f"before griddepcontrol.wait: {early[:3]}"
     tma = sum(op.startswith("cp.async.bulk.tensor") for op in ops)
@@ -177,12 +194,13 @@ def main() -> int:
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
                     ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),
+                    ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
         usage = resources(c)
         print(f"{name}: {usage}")
         spills += "STACK:" in usage and "STACK:0 " not in usage
         if "griddepcontrol" in c.asm["ptx"]:
-            bad = pdl_order(c, weight_tma=tma[0] if tma else 0)
+            bad = pdl_order(c, weight_tma=tma[0] if tma else 0, at_end=name.startswith("decode"))
             print(f"  PDL order: {bad or 'ok'}")
             spills += bad is not None
         if "--sass" in sys.argv:

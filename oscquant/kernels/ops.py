@@ -52,6 +52,11 @@ def interpreting() -> bool:
 # programmatic dependent launch (overlap.py) of split-quantize and the GEMM after it (GemmConfig.pdl):
 # OSCQUANT_PDL=0, or setting this False, launches them one after the other (scripts/pdl_rows.py times both)
 PDL = os.environ.get("OSCQUANT_PDL", "1") != "0"
+# The Triton GEMMs, and the wgmma GEMM up to 64 tokens, launch once split-quantize's programs have issued their
+# stores: launched from their start they were slower on most shapes (up to 9 µs; split-quantize's few programs
+# hold most registers of their SMs, and the GEMM's programs crowd onto the others), late 0.2-0.8 µs faster back
+# to back than not overlapped on all 19 rows at 8-64 tokens (docs/bench/h200_pdl_late_2026-11-30.md)
+PDL_LATE = dict(pdl=True, pdl_late=True)
 
 
 def pdl_launch(device: torch.device, want: bool = True) -> dict:
@@ -87,11 +92,13 @@ def supported(layer, x: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
-                   k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False):
+                   k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
+                   pdl_late: bool = False):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
-    write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped."""
+    write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped, from the start of
+    this kernel's programs or (``pdl_late``) from when they have issued their stores."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
     m = x.shape[0]
@@ -120,7 +127,8 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
-            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, **pdl_launch(dev, pdl),
+            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
+            **pdl_launch(dev, pdl),
         )
     if mode == MODE_PACKED:
         return xo, q, (sc if fmt == "mxfp4" else rs)
@@ -146,6 +154,7 @@ class GemmConfig:
     prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
     reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
     pdl: bool = False  # launched while split-quantize before it still runs (overlap.py)
+    pdl_late: bool = False  # ... from when split-quantize's programs have issued their stores, not from their start
 
     @property
     def mode(self) -> int:
@@ -198,25 +207,26 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if fmt != "fp8" and m <= DECODE_MAX_M:
         mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
         if triton.cdiv(n, 32) >= 512:
-            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True)
+            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True, **PDL_LATE)
         split = 8 if m == 1 and n > k_pad else 4
-        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True)
+        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True, **PDL_LATE)
     if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad >= n)
                                                   or (m <= 256 and _long_layer(n, k_pad))):
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
         if n >= 16384:
-            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True)
-        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True)
+            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True, **PDL_LATE)
+        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True, **PDL_LATE)
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         if n >= 16384:
             return GemmConfig(bm, 64, 2, False, 4, 3, bk=256)
         return GemmConfig(bm, 32, 4 if k_pad >= 1024 else 1, False, 2, 2, bk=256)
+    # the expansion reads only the weights: it runs beside split-quantize (overlap.py)
     if m <= 256:
-        return GemmConfig(64, 128, 1, True, 4, 4, expand=True)
-    return GemmConfig(128, 256, 1, True, 8, 3, expand=True)
+        return GemmConfig(64, 128, 1, True, 4, 4, expand=True, pdl=True)
+    return GemmConfig(128, 256, 1, True, 8, 3, expand=True, pdl=True)
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
@@ -252,7 +262,7 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
         while split < 8 and tiles * split < 256:
             split *= 2
     stages = 4 if (split == 1 and n < 16384) or mp == 16 else 3
-    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True)
+    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True, **PDL_LATE)
 
 
 def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None,
@@ -319,7 +329,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     fmt, codes, rel = kw.fmt, kw.codes, kw.rel_exp
     sb_half = cfg.op_f8 and fmt == "mxfp4"
     if cfg.expand and fmt != "fp8":
-        codes, rel, fmt = decode_weights(kw, cfg.op_f8), None, "fp8"
+        codes, rel, fmt = decode_weights(kw, cfg.op_f8, pdl=cfg.pdl), None, "fp8"
     grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k) if cfg.swap else \
         (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
@@ -333,7 +343,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0),
             rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,
-            **common)
+            **common, **pdl_launch(dev, cfg.pdl))
     else:
         osc_gemm_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
@@ -383,9 +393,10 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs. ``reg_a``: the
-    unpacked weights go to wgmma as its register operand instead of through a shared tile. Above 64 tokens it
-    is launched overlapped with split-quantize (``pdl``): back to back 2-6 % faster at 256 tokens, 0-1 % at
-    512-1024, but 8-27 % slower at 16-64 (docs/bench/h200_wgmma_pdl_2026-11-29.md)."""
+    unpacked weights go to wgmma as its register operand instead of through a shared tile. It is launched
+    overlapped with split-quantize (``pdl``): above 64 tokens from split-quantize's start, back to back 2-6 %
+    faster at 256 tokens and 0-1 % at 512-1024 (docs/bench/h200_wgmma_pdl_2026-11-29.md); up to 64 tokens, where
+    that was 8-27 % slower, from when split-quantize's stores are issued (PDL_LATE)."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
@@ -393,7 +404,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
     return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
-                      reg_a=reg_a, pdl=m > 64)
+                      reg_a=reg_a, pdl=True, pdl_late=m <= SWAP_MAX_M)
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -430,13 +441,15 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     return y
 
 
-def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: bool = False) -> torch.Tensor:
+def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: bool = False,
+                   pdl: bool = False) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
     FP16: value * 2**rel_exp (MXFP4), the int4 value, or the e4m3 value. FP8 (MXFP4): twice that.
     raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
     block factors go on the partial products). lut (MXFP4): the byte-table unpack of the folded
-    GEMM, value * 2**(rel_exp + 6) in e4m3.
+    GEMM, value * 2**(rel_exp + 6) in e4m3. ``pdl``: launched overlapped with the split-quantize before it (the
+    expansion path, overlap.py).
     """
     if kw.fmt == "fp8":
         return kw.codes if op_f8 else kw.codes.to(torch.float16)
@@ -448,7 +461,8 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
     bn = 64
     decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
         kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
-        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, LUT=lut, INTERPRET=interpreting(), num_warps=4)
+        FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, LUT=lut, INTERPRET=interpreting(), num_warps=4,
+        **pdl_launch(kw.codes.device, pdl))
     return out
 
 
@@ -463,7 +477,8 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
     cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED,
                              wgmma=wgmma_runs(x))
-    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl)
+    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
+                               pdl_late=cfg.pdl_late)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 

@@ -8,12 +8,17 @@ finished and its writes are visible. Every load and store comes after the wait, 
 does not depend on the overlap: what is saved is the launch latency. Without the launch
 attribute both instructions are no-ops.
 
-Used (``GemmConfig.pdl``, set in ops.gemm_config) for the fragment GEMM (M <= 8): 0.3-1.0 µs faster per
-layer (all shapes but 8B down at 8 tokens, 0.1-0.3 µs slower); and for the wgmma GEMM above 64 tokens,
-which copies its first weight tiles (constant) by TMA before its wait: 2-6 % faster at 256 tokens. The
-Triton GEMMs at 9-64 tokens, and the wgmma GEMM at 16-64, measured slower launched early, and so did
-prefetching the weights into L2 during the wait (docs/bench/h200_pdl_rows_2026-11-29.md,
-docs/bench/h200_wgmma_pdl_2026-11-29.md).
+Used (``GemmConfig.pdl``, set in ops.gemm_config) for every GEMM that waits for its inputs this way:
+- the fragment GEMM (M <= 8): 0.3-1.0 µs faster per layer (all shapes but 8B down at 8 tokens, 0.1-0.3 µs
+  slower);
+- the wgmma GEMM above 64 tokens, which copies its first weight tiles (constant) by TMA before its wait: 2-6 %
+  faster at 256 tokens;
+- the Triton transposed GEMMs, and the wgmma GEMM up to 64 tokens, launched only once split-quantize's programs
+  have issued their stores (``GemmConfig.pdl_late``): launched from split-quantize's start they were slower on most
+  shapes, up to 9 µs (its few register-heavy programs hold their SMs, and the GEMM's programs crowd onto the
+  others); launched late they are 0.2-0.8 µs faster back to back than without overlap on all 19 rows measured.
+Prefetching the weights into L2 during the wait was slower (docs/bench/h200_pdl_rows_2026-11-29.md,
+docs/bench/h200_wgmma_pdl_2026-11-29.md, docs/bench/h200_pdl_late_2026-11-30.md).
 
 The helpers are plain ``triton.jit`` functions of inline PTX; the Gluon fragment GEMM calls them too.
 """

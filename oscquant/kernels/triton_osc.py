@@ -77,12 +77,13 @@ def split_quantize_kernel(
     xo_ptr, q_ptr, s_ptr, rs_ptr,
     M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
-    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
-    PDL (overlap.py): the GEMM after it may launch at once."""
-    release_dependents(PDL)
+    PDL (overlap.py): the GEMM after it may launch at once, or (RELEASE_LATE) once this program's stores
+    are issued."""
+    release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rm = r < M
@@ -159,6 +160,7 @@ def split_quantize_kernel(
         else:
             tl.store(q_ptr + out, q8, mask=cm)
         tl.store(rs_ptr + r, scale, mask=rm)
+    release_dependents(PDL and RELEASE_LATE)
 
 
 @triton.jit
@@ -417,10 +419,12 @@ def _store_tile(acc, y, ws, mask, cnt, SPLIT_K: tl.constexpr):
 @triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
                           FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, RAW_E4M3: tl.constexpr = False,
-                          LUT: tl.constexpr = False, INTERPRET: tl.constexpr = False):
+                          LUT: tl.constexpr = False, INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False):
     """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
     expansion of 4-bit weights ahead of a large-M GEMM. RAW_E4M3 (MXFP4, for tests): the e4m3
-    operands of the transposed GEMM's e4m3 variant, before their block factors (e2m1 * 2**-6)."""
+    operands of the transposed GEMM's e4m3 variant, before their block factors (e2m1 * 2**-6).
+    PDL (overlap.py): launched while split-quantize still runs; it reads only the weights, and waits for
+    split-quantize at its end, so that the GEMM launched after it finds both kernels' outputs complete."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     ck = tl.program_id(1)
     nm = rn < N
@@ -436,6 +440,7 @@ def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
     base = out_ptr + rn64[:, None] * K_PAD + ck * 64 + h[None, :]
     tl.store(base, b_lo, mask=nm[:, None])
     tl.store(base + 32, b_hi, mask=nm[:, None])
+    wait_inputs(PDL)
 
 
 @triton.jit
@@ -574,7 +579,7 @@ def osc_gemm_t_kernel(
     M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
     SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, F8_FOLD: tl.constexpr = False,
-    INTERPRET: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """y^T [BN, MP] = deq(B) · A^T for MP tokens a program (grid axis 0: weight tiles x token tiles), A the FP16
     (OP_F8: e4m3) operands of split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and
@@ -590,6 +595,7 @@ def osc_gemm_t_kernel(
     all: codes, A, and the four MXFP4 block exponents of the pair as one little-endian int32
     per row (1-byte loads could not be asynchronous). SPLIT_K > 1: see _store_tile.
     """
+    wait_inputs(PDL)  # launched overlapped (overlap.py): every load comes after split-quantize has finished
     # token tiles vary fastest: the programs that share a weight tile run together, so the weights
     # come from HBM once and the (small) activations from L2
     num_m = tl.cdiv(M, MP)
