@@ -392,9 +392,11 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert few[0].fold and few[0].bm == 16 and few[1].split_k == 8 and not few[2].fold  # 9-16 tokens where K >= N
     assert all(ops.gemm_config(m, n, k, wgmma=False).expand for m, n, k in ((128, 6144, 4096), (256, 4096, 4096),
                                                                             (512, 24576, 4096)))
-    # above 256 tokens 128 x 256 tiles, or 128 x 128 where those would fill half the SMs or fewer
-    assert [(c.bm, c.bn) for c in (ops.gemm_config(m, n, 4096) for m, n in ((512, 4096), (512, 6144), (1024, 4096)))] \
-        == [(128, 128), (128, 256), (128, 256)]
+    # 64 x 128 tiles up to 256 tokens, 128 x 256 above; half as many weight rows where those would fill half the SMs
+    # or fewer
+    assert [(c.bm, c.bn) for c in (ops.gemm_config(m, n, 4096) for m, n in (
+        (256, 2048), (256, 4096), (512, 4096), (512, 6144), (1024, 4096)))] \
+        == [(64, 64), (64, 128), (128, 128), (128, 256), (128, 256)]
     # MXFP4 on Hopper: the wgmma GEMM where it measured faster (ops._wgmma_wins)
     cases = ((16, 24576, 4096), (16, 4096, 4096), (64, 4096, 4096), (64, 2048, 4096), (256, 6144, 4096),
              (256, 4096, 4096), (1024, 24576, 4096), (1024, 6144, 4096), (4096, 24576, 4096), (1024, 2048, 4096),

@@ -224,10 +224,14 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
             return GemmConfig(bm, 64, 2, False, 4, 3, bk=256)
         return GemmConfig(bm, 32, 4 if k_pad >= 1024 else 1, False, 2, 2, bk=256)
     # the expansion reads only the weights: it runs beside split-quantize (overlap.py)
+    # where the usual tiles would leave half the SMs idle, half as many weight rows a tile: 1.16-1.18x at 160-256
+    # tokens on 30B-A3B o (64 x 64), 1.20-1.28x at 320-512 tokens on 8B o, 8B down and 30B-A3B qkv (128 x 128)
+    # (scripts/config_ab.py, docs/bench/h200_expand_tiles_2026-11-30.md)
     if m <= 256:
-        return GemmConfig(64, 128, 1, True, 4, 4, expand=True, pdl=True)
-    if triton.cdiv(m, 128) * triton.cdiv(n, 256) <= 64:  # half the SMs or fewer: 1.23-1.27x faster on 128 x 128
-        return GemmConfig(128, 128, 1, True, 8, 4, expand=True, pdl=True)  # (8B o and down, 512 tokens)
+        return GemmConfig(64, 64 if triton.cdiv(m, 64) * triton.cdiv(n, 128) <= 64 else 128, 1, True, 4, 4,
+                          expand=True, pdl=True)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 256) <= 64:
+        return GemmConfig(128, 128, 1, True, 8, 4, expand=True, pdl=True)
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True, pdl=True)
 
 
