@@ -31,6 +31,7 @@ import torch
 import triton
 
 from .layout import FragWeights, KernelWeights, kernel_weights
+from .overlap import prefer_shared_carveout
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
                          osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
@@ -52,11 +53,15 @@ def interpreting() -> bool:
 # programmatic dependent launch (overlap.py) of split-quantize and the GEMM after it (GemmConfig.pdl):
 # OSCQUANT_PDL=0, or setting this False, launches them one after the other (scripts/pdl_rows.py times both)
 PDL = os.environ.get("OSCQUANT_PDL", "1") != "0"
-# The Triton GEMMs, and the wgmma GEMM up to 64 tokens, launch once split-quantize's programs have issued their
-# stores: launched from their start they were slower on most shapes (up to 9 µs; split-quantize's few programs
-# hold most registers of their SMs, and the GEMM's programs crowd onto the others), late 0.2-0.8 µs faster back
-# to back than not overlapped on all 19 rows at 8-64 tokens (docs/bench/h200_pdl_late_2026-11-30.md)
-PDL_LATE = dict(pdl=True, pdl_late=True)
+
+
+def overlapped(k_pad: int) -> dict:
+    """How the GEMM after split-quantize is launched (overlap.py): from split-quantize's start, or, where its rows
+    are long enough (K > 4096) that its programs' registers leave no room beside them for a GEMM program, once they
+    have issued their stores. Early with split-quantize's shared-memory carve-out raised was 0.1-1.3 µs faster than
+    late at 16-64 tokens on every layer with K <= 4096, and up to 4 µs slower on 8B down (K = 12288)
+    (docs/bench/h200_carveout_2026-11-30.md)."""
+    return dict(pdl=True, pdl_late=k_pad > 4096)
 
 
 def pdl_launch(device: torch.device, want: bool = True) -> dict:
@@ -124,12 +129,14 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         rows = rows or (1 if m < 1024 else min(max(1, 16384 // block), 4))
         if rows & (rows - 1):
             raise ValueError(f"rows={rows} per program must be a power of two")
-        split_quantize_kernel[(triton.cdiv(m, rows),)](
+        launch = pdl_launch(dev, pdl)
+        kernel = split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
-            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
-            **pdl_launch(dev, pdl),
+            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late, **launch,
         )
+        if launch["PDL"]:  # a GEMM needing shared memory may start beside it (overlap.py)
+            prefer_shared_carveout(kernel)
     if mode == MODE_PACKED:
         return xo, q, (sc if fmt == "mxfp4" else rs)
     return xo, q, rs
@@ -207,17 +214,17 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if fmt != "fp8" and m <= DECODE_MAX_M:
         mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
         if triton.cdiv(n, 32) >= 512:
-            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True, **PDL_LATE)
+            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True, **overlapped(k_pad))
         split = 8 if m == 1 and n > k_pad else 4
-        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True, **PDL_LATE)
+        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True, **overlapped(k_pad))
     if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad >= n)
                                                   or (m <= 256 and _long_layer(n, k_pad))):
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
         if n >= 16384:
-            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True, **PDL_LATE)
-        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True, **PDL_LATE)
+            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True, **overlapped(k_pad))
+        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True, **overlapped(k_pad))
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         if n >= 16384:
@@ -268,7 +275,7 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
         while split < 8 and tiles * split < 256:
             split *= 2
     stages = 4 if (split == 1 and n < 16384) or mp == 16 else 3
-    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True, **PDL_LATE)
+    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True, **overlapped(k_pad))
 
 
 def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None,
@@ -401,8 +408,8 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs. ``reg_a``: the
     unpacked weights go to wgmma as its register operand instead of through a shared tile. It is launched
     overlapped with split-quantize (``pdl``): above 64 tokens from split-quantize's start, back to back 2-6 %
-    faster at 256 tokens and 0-1 % at 512-1024 (docs/bench/h200_wgmma_pdl_2026-11-29.md); up to 64 tokens, where
-    that was 8-27 % slower, from when split-quantize's stores are issued (PDL_LATE)."""
+    faster at 256 tokens and 0-1 % at 512-1024 (docs/bench/h200_wgmma_pdl_2026-11-29.md); up to 64 tokens as
+    ``overlapped`` says."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
@@ -410,7 +417,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
     return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
-                      reg_a=reg_a, pdl=True, pdl_late=m <= SWAP_MAX_M)
+                      reg_a=reg_a, pdl=True, pdl_late=m <= SWAP_MAX_M and overlapped(k_pad)["pdl_late"])
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:

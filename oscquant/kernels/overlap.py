@@ -8,22 +8,28 @@ finished and its writes are visible. Every load and store comes after the wait, 
 does not depend on the overlap: what is saved is the launch latency. Without the launch
 attribute both instructions are no-ops.
 
-Used (``GemmConfig.pdl``, set in ops.gemm_config) for every GEMM that waits for its inputs this way:
-- the fragment GEMM (M <= 8): 0.3-1.0 µs faster per layer (all shapes but 8B down at 8 tokens, 0.1-0.3 µs
-  slower);
-- the wgmma GEMM above 64 tokens, which copies its first weight tiles (constant) by TMA before its wait: 2-6 %
-  faster at 256 tokens;
-- the Triton transposed GEMMs, and the wgmma GEMM up to 64 tokens, launched only once split-quantize's programs
-  have issued their stores (``GemmConfig.pdl_late``): launched from split-quantize's start they were slower on most
-  shapes, up to 9 µs (its few register-heavy programs hold their SMs, and the GEMM's programs crowd onto the
-  others); launched late they are 0.2-0.8 µs faster back to back than without overlap on all 19 rows measured.
-Prefetching the weights into L2 during the wait was slower (docs/bench/h200_pdl_rows_2026-11-29.md,
-docs/bench/h200_wgmma_pdl_2026-11-29.md, docs/bench/h200_pdl_late_2026-11-30.md).
+Used (``GemmConfig.pdl``, set in ops.gemm_config) for every GEMM that waits for its inputs this way, and for the
+prefill path's weight expansion (which reads only the weights and waits at its end instead). Two things decide
+whether starting early pays (docs/bench/h200_pdl_late_2026-11-30.md, docs/bench/h200_carveout_2026-11-30.md):
+- **the shared-memory carve-out.** split-quantize needs almost no shared memory, so the driver runs it with a small
+  carve-out, and a GEMM program that needs 80+ KB of shared memory cannot start on an SM where split-quantize still
+  runs: its programs crowd onto the other SMs, and grids sized to fill the GPU run a partial second wave (early
+  release was up to 9 µs slower than no overlap). :func:`prefer_shared_carveout` asks the driver to run
+  split-quantize with the largest carve-out instead; with that, early release is 0.1-1.3 µs faster than late;
+- **registers**, where split-quantize's rows are long (K > 4096: 16384 lanes a row, 114 registers a thread on 8
+  warps) and a GEMM program no longer fits beside it: there the GEMM is released once split-quantize's programs have
+  issued their stores (``GemmConfig.pdl_late``), 0.2-0.8 µs faster back to back than no overlap.
+The fragment GEMM (M <= 8) holds no shared memory and always starts early (0.3-1.0 µs faster per layer); the wgmma
+GEMM copies its first weight tiles (constant) by TMA before its wait. Prefetching the weights into L2 during the wait
+was slower (docs/bench/h200_pdl_rows_2026-11-29.md).
 
-The helpers are plain ``triton.jit`` functions of inline PTX; the Gluon fragment GEMM calls them too.
+The device helpers are plain ``triton.jit`` functions of inline PTX; the Gluon fragment GEMM calls them too.
 """
 
 from __future__ import annotations
+
+import ctypes
+import warnings
 
 import triton
 import triton.language as tl
@@ -42,3 +48,29 @@ def wait_inputs(PDL: tl.constexpr):
     """Block until the kernel before this one has completed and its memory is visible."""
     if PDL:
         tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+_CARVEOUT_SET: set = set()  # compiled kernels (id) already given the preference
+_PREFER_SHARED, _PREFERRED_CARVEOUT = 1, 9  # CU_FUNC_CACHE_PREFER_SHARED, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+
+
+def prefer_shared_carveout(kernel) -> bool:
+    """Ask the CUDA driver to run a compiled kernel with the largest shared-memory carve-out (as Triton does for
+    kernels above 48 KB), from its next launch on, so that a dependent launched early that needs shared memory fits
+    beside it. Once per kernel; False (with one warning) where the driver call is not available."""
+    if id(kernel) in _CARVEOUT_SET:
+        return True
+    _CARVEOUT_SET.add(id(kernel))
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        kernel._init_handles()
+        fn = ctypes.c_void_p(kernel.function)
+        ok = cuda.cuFuncSetCacheConfig(fn, _PREFER_SHARED) == 0 and \
+            cuda.cuFuncSetAttribute(fn, _PREFERRED_CARVEOUT, 100) == 0
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        warnings.warn("oscquant: could not set split-quantize's shared-memory carve-out; overlapped launches of the "
+                      "GEMM after it may be slower (set OSCQUANT_PDL=0 to launch them one after the other)",
+                      RuntimeWarning, stacklevel=2)
+    return ok
