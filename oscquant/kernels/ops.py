@@ -55,13 +55,16 @@ def interpreting() -> bool:
 PDL = os.environ.get("OSCQUANT_PDL", "1") != "0"
 
 
-def overlapped(k_pad: int) -> dict:
-    """How the GEMM after split-quantize is launched (overlap.py): from split-quantize's start, or, where its rows
-    are long enough (K > 4096) that its programs' registers leave no room beside them for a GEMM program, once they
-    have issued their stores. Early with split-quantize's shared-memory carve-out raised was 0.1-1.3 µs faster than
-    late at 16-64 tokens on every layer with K <= 4096, and up to 4 µs slower on 8B down (K = 12288)
-    (docs/bench/h200_carveout_2026-11-30.md)."""
-    return dict(pdl=True, pdl_late=k_pad > 4096)
+def overlapped(m: int, k_pad: int, wgmma: bool = False) -> dict:
+    """How a GEMM is launched after split-quantize (overlap.py): released from split-quantize's start (early), or once
+    its programs have issued their stores (late). Up to 64 tokens early, with split-quantize's shared-memory carve-out
+    raised: 0.1-1.3 µs faster than late back to back on every layer with K <= 4096; late where K > 4096, whose long
+    rows hold registers that leave no room for a GEMM program beside them (8B down: early up to 4 µs slower)
+    (docs/bench/h200_carveout_2026-11-30.md). Above 64 tokens the wgmma GEMM early (2-6 % faster at 256 tokens,
+    docs/bench/h200_wgmma_pdl_2026-11-29.md) and the folded GEMM late (early was measured only without the raised
+    carve-out, and lost there: docs/bench/h200_pdl_late_2026-11-30.md)."""
+    late = not wgmma if m > SWAP_MAX_M else k_pad > 4096
+    return dict(pdl=True, pdl_late=late)
 
 
 def pdl_launch(device: torch.device, want: bool = True) -> dict:
@@ -214,17 +217,17 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if fmt != "fp8" and m <= DECODE_MAX_M:
         mp = max(1, triton.next_power_of_2(m)) if n > k_pad else 16
         if triton.cdiv(n, 32) >= 512:
-            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True, **overlapped(k_pad))
+            return GemmConfig(mp, 32, 2, True, 2, 3, swap=True, **overlapped(m, k_pad))
         split = 8 if m == 1 and n > k_pad else 4
-        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True, **overlapped(k_pad))
+        return GemmConfig(mp, 32, split, False, 2, 6 if k_pad > n else 3, swap=True, **overlapped(m, k_pad))
     if fmt == "mxfp4" and m > DECODE_MAX_M and (m <= SWAP_MAX_M or (m <= 128 and k_pad >= n)
                                                   or (m <= 256 and _long_layer(n, k_pad))):
         return fold_config(m, n, k_pad)
     if fmt != "fp8" and m <= SWAP_MAX_M:
         mp = max(16, triton.next_power_of_2(m))
         if n >= 16384:
-            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True, **overlapped(k_pad))
-        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True, **overlapped(k_pad))
+            return GemmConfig(mp, 128, 1, False, 4, 4, swap=True, **overlapped(m, k_pad))
+        return GemmConfig(mp, 64, 4 if k_pad >= n else 1, False, 4, 4, swap=True, **overlapped(m, k_pad))
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         if n >= 16384:
@@ -275,7 +278,7 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
         while split < 8 and tiles * split < 256:
             split *= 2
     stages = 4 if (split == 1 and n < 16384) or mp == 16 else 3
-    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True, **overlapped(k_pad))
+    return GemmConfig(mp, bn, split, True, warps, stages, swap=True, fold=True, **overlapped(m, k_pad))
 
 
 def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None,
@@ -417,7 +420,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
     return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
-                      reg_a=reg_a, pdl=True, pdl_late=m <= SWAP_MAX_M and overlapped(k_pad)["pdl_late"])
+                      reg_a=reg_a, **overlapped(m, k_pad, wgmma=True))
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:

@@ -19,7 +19,7 @@ whether starting early pays (docs/bench/h200_pdl_late_2026-11-30.md, docs/bench/
 - **registers**, where split-quantize's rows are long (K > 4096: 16384 lanes a row, 114 registers a thread on 8
   warps) and a GEMM program no longer fits beside it: there the GEMM is released once split-quantize's programs have
   issued their stores (``GemmConfig.pdl_late``), 0.2-0.8 µs faster back to back than no overlap.
-The fragment GEMM (M <= 8) holds no shared memory and always starts early (0.3-1.0 µs faster per layer); the wgmma
+The fragment GEMM (M <= 8) needs almost no shared memory and always starts early (0.3-1.0 µs faster per layer); the wgmma
 GEMM copies its first weight tiles (constant) by TMA before its wait. Prefetching the weights into L2 during the wait
 was slower (docs/bench/h200_pdl_rows_2026-11-29.md).
 
