@@ -117,7 +117,7 @@ def clone_weights(kw):
 
 def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], fmt: str = "mxfp4") -> list[Row]:
     from .config import LayerScheme
-    from .kernels.ops import gemm_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize, wgmma_runs
+    from .kernels.ops import layer_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
     from .linear import OSCLinear
 
     dev = "cuda"
@@ -148,7 +148,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
         for k in k_outs:
             layer = OSCLinear.from_linear(lin, LayerScheme(fmt, k), planted[:k])
             kw = layer_weights(layer)
-            cfg = gemm_config(m, n, kw.k_main, wgmma=wgmma_runs(x))  # as osc_linear_2d picks it
+            cfg = layer_config(x, kw)
             xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, cfg.mode, kw.k_main)
             gemm = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
             full = _graph_time(lambda: osc_linear_2d(x, kw, cfg))

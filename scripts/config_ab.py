@@ -28,7 +28,7 @@ print("| shape | M | BF16 | FP8 | path | shipped | " + " | ".join(variants) + " 
       + "|---" * (8 + len(variants)) + "|")
 for c in bench.sweep_cases(ms, shapes=shapes):
     kw, x = c.kw, c.x
-    shipped = ops.gemm_config(c.m, c.n, kw.k_main)
+    shipped = ops.layer_config(x, kw)
     if path != "any" and shipped.path != path:
         continue
     cfgs = [shipped] + [replace(shipped, **f) for f in variants.values()]

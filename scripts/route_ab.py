@@ -15,7 +15,7 @@ shapes = [s for s in bench.qwen3_shapes() if names is None or s[0] in names]
 print("| shape | M | BF16 | FP8 | OSC+split, gemm_config | path | wgmma=False | path | × | err |\n" + "|---" * 10 + "|")
 for c in bench.sweep_cases(ms, shapes=shapes):
     kw, x = c.kw, c.x
-    a, b = ops.gemm_config(c.m, c.n, kw.k_main), ops.gemm_config(c.m, c.n, kw.k_main, wgmma=False)
+    a, b = ops.layer_config(x, kw), ops.gemm_config(c.m, c.n, kw.k_main, wgmma=False)
     ta = bench._graph_time(lambda: ops.osc_linear_2d(x, kw, a))
     tb = bench._graph_time(lambda: ops.osc_linear_2d(x, kw, b))
     ya, yb = ops.osc_linear_2d(x, kw, a).float(), ops.osc_linear_2d(x, kw, b).float()

@@ -19,7 +19,7 @@ print("| shape | M | config | steps a program | programs | GEMM µs | no unpack 
       + "".join(f"{s} stages | " for s in STAGES) + "\n" + "|---" * (10 + len(STAGES)) + "|")
 for c in bench.sweep_cases(ms):
     kw, x, m, n = c.kw, c.x, c.m, c.n
-    cfg = ops.gemm_config(m, n, kw.k_main)
+    cfg = ops.layer_config(x, kw)
     if not cfg.wgmma:
         cfg = ops.wgmma_config(m, n, kw.k_main, bn=64)
     cfg = dataclasses.replace(cfg, reg_a=False)  # the probe bits cut parts of the shared-memory path

@@ -20,7 +20,7 @@ print("| shape | M | BF16 | FP8 | shipped (config) | wgmma variants (BN, warps, 
 for c in bench.sweep_cases(ms):
     kw, x, m, n = c.kw, c.x, c.m, c.n
     bf16, fp8 = bench._graph_time(c.bf16), bench._graph_time(c.fp8)
-    ship_cfg = ops.gemm_config(m, n, kw.k_main)
+    ship_cfg = ops.layer_config(x, kw)
     ship = bench._graph_time(lambda: ops.osc_linear_2d(x, kw, ship_cfg))
     ref = ops.osc_linear_2d(x, kw, ship_cfg).float()
     cells, errs = [], []

@@ -487,12 +487,17 @@ def wgmma_runs(x: torch.Tensor) -> bool:
     return not INTERPRETED and x.is_cuda and _major(x.device) == 9
 
 
+def layer_config(x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
+    """The config osc_linear_2d runs for a 2-D input x on a layer's kernel weights (gemm_config's choice for the
+    paths that can run there)."""
+    # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
+    return gemm_config(x.shape[0], kw.row_scale.numel(), kw.k_main, kw.fmt,
+                       frag=kw.frag is not None and not INTERPRETED, wgmma=wgmma_runs(x))
+
+
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
-    m = x.shape[0]
-    # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
-    cfg = cfg or gemm_config(m, kw.row_scale.numel(), kw.k_main, kw.fmt, frag=kw.frag is not None and not INTERPRETED,
-                             wgmma=wgmma_runs(x))
+    cfg = cfg or layer_config(x, kw)
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
                                pdl_late=cfg.pdl_late)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
