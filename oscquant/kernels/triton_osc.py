@@ -527,6 +527,72 @@ def osc_gemm_kernel(
                 mm[:, None] & nm[None, :], cnt_ptr + pid, SPLIT_K)
 
 
+
+@triton.jit
+def _f8_tile(a_desc, b_desc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, row0, col0, M, N, K_PAD, K_OUT,
+             stride_ym, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             BO: tl.constexpr, SB_HALF: tl.constexpr, INTERPRET: tl.constexpr):
+    """One [BM, BN] output tile of osc_gemm_f8_kernel at (row0, col0): the FP8 main loop, then the epilogue."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K_PAD, BK):
+        a = a_desc.load([row0, k])
+        b = b_desc.load([col0, k])
+        if INTERPRET:  # the CPU interpreter has no FP8 matmul; e4m3 -> FP16 is exact
+            a = a.to(tl.float16)
+            b = b.to(tl.float16)
+        acc = tl.dot(a, b.T, acc)
+    rm = row0 + tl.arange(0, BM)
+    rn = col0 + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
+    if SB_HALF:
+        sb = sb * 0.5
+    acc = acc * sa[:, None] * sb[None, :]
+    if BO > 0:
+        acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn.to(tl.int64), nm, K_OUT, BO, False, INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def osc_gemm_f8_kernel(
+    a_desc, sa_ptr, b_desc, b_sub_desc, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr,
+    M, N, K_PAD, K_OUT, stride_ym,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, SUB: tl.constexpr, SB_HALF: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
+):
+    """The prefill GEMM on e4m3 operands: y = (A @ B^T) * sa * sb + x_o @ W_o^T (+ bias), A [M, K_PAD] and
+    B [N, K_PAD] read by TMA (host tensor descriptors; ``b_sub_desc`` reads [BN / SUB, BK] blocks of B).
+    PROGRAMS persistent programs walk the [BM, BN] tiles, GROUP_M token tiles a weight tile (its bytes then come
+    from HBM once). The ``tiles % PROGRAMS`` tiles of the last, partial round would leave SMs idle (8B qkv at 1024
+    tokens: 192 tiles on 132 SMs take two full rounds), so each of them is cut into SUB tiles [BM, BN / SUB],
+    one a program."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    tiles = num_m * num_n
+    tail = tiles % PROGRAMS if SUB > 1 else 0
+    group = GROUP_M * num_n
+    for t in range(pid, tiles + tail * (SUB - 1), PROGRAMS):
+        tile = tl.where(t < tiles - tail, t, tiles - tail + (t - tiles + tail) // SUB)
+        first_m = (tile // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pm = first_m + (tile % group) % size_m
+        pn = (tile % group) // size_m
+        if SUB == 1 or t < tiles - tail:  # (SUB == 1: one tile shape compiled, one pipeline's shared memory)
+            _f8_tile(a_desc, b_desc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, pm * BM, pn * BN, M, N, K_PAD,
+                     K_OUT, stride_ym, HAS_BIAS, BM, BN, BK, BO, SB_HALF, INTERPRET)
+        else:
+            sub = (t - tiles + tail) % SUB
+            _f8_tile(a_desc, b_sub_desc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, pm * BM,
+                     pn * BN + sub * (BN // SUB), M, N, K_PAD, K_OUT, stride_ym, HAS_BIAS, BM, BN // SUB, BK, BO,
+                     SB_HALF, INTERPRET)
+
 @triton.jit
 def _t_loads(wrow, erow, arow, nm, mm, ck, FMT: tl.constexpr):
     """Step ``ck`` of the transposed GEMM (chunks ck, ck + 1): code bytes [BN, 32] x 2, the four MXFP4
