@@ -368,57 +368,6 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     return y
 
 
-
-
-
-def gemm_f8(a, sa, w8, sb, xo, w_outlier, bias, out_dtype, bm: int = 128, bn: int = 256, bk: int = 128, warps: int = 8,
-            stages: int = 3, group_m: int = 8, sb_half: bool = False, ctas_per_sm: int = 1, sub: int | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """The persistent TMA GEMM on e4m3 operands (``osc_gemm_f8_kernel``): y = (a @ w8^T) * sa * sb (/ 2 with
-    ``sb_half``) + x_o @ W_o^T (+ bias); a [M, K] and w8 [N, K] e4m3 with contiguous rows. One program per SM
-    (``ctas_per_sm``); the tiles of the last, partial round are cut into ``sub`` narrower ones (by default as many
-    as fill the idle SMs: 1, 2 or 4, at least 64 columns each)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from .triton_osc import osc_gemm_f8_kernel
-
-    m, n, k = a.shape[0], w8.shape[0], a.shape[1]
-    if a.dtype != torch.float8_e4m3fn or w8.dtype != torch.float8_e4m3fn or w8.shape[1] != k:
-        raise ValueError(f"gemm_f8 multiplies e4m3 operands of one K, got {a.dtype} {tuple(a.shape)} and "
-                         f"{w8.dtype} {tuple(w8.shape)}: split_quantize with mode=MODE_F8, decode_weights(op_f8=True)")
-    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=a.device)
-    if m == 0:
-        return y
-    slots = _sm_count(a.device) * ctas_per_sm
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    tail = tiles % slots
-    if sub is None:
-        sub = 1
-        while tail and sub < 4 and tail * sub * 2 <= slots and bn // (sub * 2) >= 64:
-            sub *= 2
-    k_out = xo.shape[1]
-    osc_gemm_f8_kernel[(min(slots, tiles + tail * (sub - 1)),)](
-        TensorDescriptor.from_tensor(a, [bm, bk]), sa, TensorDescriptor.from_tensor(w8, [bn, bk]),
-        TensorDescriptor.from_tensor(w8, [bn // sub, bk]), sb, xo, w_outlier, bias if bias is not None else sb, y,
-        m, n, k, k_out, y.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, BO=0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out))),
-        GROUP_M=group_m, PROGRAMS=slots, SUB=sub, SB_HALF=sb_half, INTERPRET=interpreting(), num_warps=warps,
-        num_stages=stages)
-    return y
-
-
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (4 in the CPU interpreter, so that its tests split tails)."""
-    if device.type != "cuda":
-        return 4
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
-
 def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
     """The fragment GEMM's launch. probe (scripts/frag_probe.py only): 1 skips the e4m3 -> FP16
     conversions, 2 all arithmetic after the loads; both give wrong values, for timing."""
