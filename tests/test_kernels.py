@@ -92,33 +92,6 @@ def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
     assert torch.equal(got, deq), (got - deq).abs().max()
 
 
-@pytest.mark.parametrize("mode", [MODE_F16, MODE_F8])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_split_quantize_reads_long_rows_in_chunks_to_the_same_bytes(mode, rows):
-    """Rows read in chunks (twice: the largest block exponent, then the operands) give the bytes of whole rows and
-    the reference dequantization; the largest block sits in the last, partial chunk, which the first pass must see."""
-    m, n = SHAPES[1][0], SHAPES[1][2]
-    k_in, chunk = (4160, 1024) if CUDA else (608, 256)  # K padded to 4224 or 640
-    layer, idx = make_layer(k_in, n, "mxfp4", 16)
-    kw = ops.layer_weights(layer)
-    x = activations(m, k_in, idx)
-    keep = [c for c in range(k_in - 40, k_in) if c not in set(idx.tolist())]
-    x[:, keep] *= 64
-    assert kw.k_main % chunk and kw.k_main > 2 * chunk  # several chunks, the last one partial
-    whole = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", mode, kw.k_main, rows=rows, chunk=0)
-    parts = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", mode, kw.k_main, rows=rows, chunk=chunk)
-    for a, b in zip(whole, parts):
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
-    main = nn.functional.pad(layer.zero_outliers(x), (0, kw.k_main - k_in))
-    deq = F.fake_quantize(main.cpu(), "mxfp4", per_row_global=True)
-    assert torch.equal(parts[1].float().cpu() * parts[2].cpu()[:, None], deq)
-    with pytest.raises(ValueError, match="chunks only for MXFP4 operands"):
-        ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_PACKED, kw.k_main, chunk=chunk)
-    with pytest.raises(ValueError, match="power of two"):
-        ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", mode, kw.k_main, chunk=chunk + 32)
-
-
 @pytest.mark.parametrize("fmt,k", [("mxfp4", 32), ("int4", 16), ("fp8", 0)])
 @pytest.mark.parametrize("op_f8", [False, True])
 def test_weight_unpacking_is_bit_exact(fmt, k, op_f8):

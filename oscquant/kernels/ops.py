@@ -39,10 +39,7 @@ FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
 DECODE_MAX_M = 16
 FRAG_MAX_M = 8  # the fragment GEMM's one token group; at 9-16 tokens the transposed GEMM measured faster
 SWAP_MAX_M = 64
-MAX_K = 32768  # split_quantize keeps a whole row in registers (all but MXFP4 operands, read in chunks)
-# split_quantize reads longer rows of MXFP4 operands in chunks of this many columns, twice (the second time from L2):
-# 8B down (K = 12288) then takes 3 x 4096 lanes instead of 16384, with a quarter of the registers
-CHUNK_K = 4096
+MAX_K = 32768  # split_quantize keeps a whole row in registers
 
 
 # Triton decides at import whether its kernels run compiled or in the CPU interpreter
@@ -104,13 +101,12 @@ def supported(layer, x: torch.Tensor) -> str | None:
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
                    k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
-                   pdl_late: bool = False, chunk: int | None = None):
+                   pdl_late: bool = False):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
     write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped, from the start of
-    this kernel's programs or (``pdl_late``) from when they have issued their stores. ``chunk``: columns a row is
-    read in (MXFP4 operands only; 0 reads it whole; by default 4096 where K > 4096, CHUNK_K)."""
+    this kernel's programs or (``pdl_late``) from when they have issued their stores."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
     m = x.shape[0]
@@ -125,13 +121,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         q = torch.empty(m, k_pad, dtype=torch.float16 if mode == MODE_F16 else torch.float8_e4m3fn, device=dev)
         sc = q
         rs = torch.empty(m, dtype=torch.float32, device=dev)
-    if chunk is None:
-        chunk = CHUNK_K if k_pad > CHUNK_K and fmt == "mxfp4" and mode != MODE_PACKED else 0
-    if chunk and (fmt != "mxfp4" or mode == MODE_PACKED or chunk & (chunk - 1) or chunk < 32):
-        raise ValueError(f"split_quantize reads rows in chunks only for MXFP4 operands (MODE_F16 / MODE_F8), in a power "
-                         f"of two of at least 32 columns; got chunk={chunk} for {fmt}, mode={mode}")
-    block = min(chunk, triton.next_power_of_2(k_pad)) if chunk else triton.next_power_of_2(k_pad)
-    chunks = triton.cdiv(k_pad, block)
+    block = triton.next_power_of_2(k_pad)
     block_o = max(16, triton.next_power_of_2(k_out))
     if out is not None:
         xo, q, sc, rs = out
@@ -146,8 +136,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         kernel = split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
-            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late, CHUNKS=chunks,
-            **launch,
+            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late, **launch,
         )
         if launch["PDL"]:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)

@@ -72,51 +72,21 @@ def _e2m1_round(v):
 
 
 @triton.jit
-def _mx_exponents(xb):
-    """The MX (E8M0) exponent of each 32-value block of xb [..., 32]: floor(log2(amax)) - 2, one up where the
-    mantissa rounds past 1.5 (formats.py), -127 for an all-zero block."""
-    amax = tl.max(tl.abs(xb), axis=2)
-    bits = amax.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127 - 2 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
-    e = tl.where(amax > 0, e, -127)
-    return tl.minimum(tl.maximum(e, -127), 127)
-
-
-@triton.jit
-def _main_chunk(x_ptr, keep_ptr, r, rm, stride_xm, c0, K_IN, K_PAD, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns c0 .. c0 + BLOCK of the main path as [ROWS, BLOCK / 32, 32] FP32 blocks: outlier channels and
-    padding zero."""
-    c = c0 + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :], other=0.0)
-    keep = tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0
-    return tl.reshape(tl.where(keep[None, :], x.to(tl.float32), 0.0), [ROWS, BLOCK // 32, 32])
-
-
-@triton.jit
 def split_quantize_kernel(
     x_ptr, stride_xm, keep_ptr, out_idx_ptr,
     xo_ptr, q_ptr, s_ptr, rs_ptr,
     M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
-    CHUNKS: tl.constexpr = 1,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
-    CHUNKS > 1 (MXFP4 operands of long rows, MODE_F16 / MODE_F8): the row is CHUNKS tiles of BLOCK columns, read
-    twice, first for its largest block exponent, then (from L2) to quantize: no padding to a power of two
-    (12288 -> 16384 lanes) and a quarter of the registers.
     PDL (overlap.py): the GEMM after it may launch at once, or (RELEASE_LATE) once this program's stores
     are issued."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rm = r < M
-    if CHUNKS > 1:
-        _split_chunked(x_ptr, stride_xm, keep_ptr, out_idx_ptr, xo_ptr, q_ptr, rs_ptr, r, rm, K_IN, K_OUT, K_PAD, MODE,
-                       BLOCK, BLOCK_O, ROWS, CHUNKS)
-        release_dependents(PDL and RELEASE_LATE)
-        return
     c = tl.arange(0, BLOCK)
     # the row is loaded first, in flight while the outlier indices arrive and x_o is gathered (after the
     # x_o store it would wait for it: the pointers may alias). tl.gather from the registers instead
@@ -135,7 +105,12 @@ def split_quantize_kernel(
 
     if FMT == 0:  # MXFP4
         xb = tl.reshape(x, [ROWS, BLOCK // 32, 32])
-        e = _mx_exponents(xb)
+        amax = tl.max(tl.abs(xb), axis=2)
+        bits = amax.to(tl.int32, bitcast=True)
+        ex = ((bits >> 23) & 0xFF) - 127
+        e = ex - 2 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+        e = tl.where(amax > 0, e, -127)
+        e = tl.minimum(tl.maximum(e, -127), 127)
         v = xb * _pow2(-tl.maximum(e, -126))[:, :, None]
         nb = tl.arange(0, BLOCK // 32)
         if MODE == 0:
@@ -148,8 +123,15 @@ def split_quantize_kernel(
                      mask=rm[:, None] & (nb < K_PAD // 32)[None, :])
         else:
             top = tl.max(e, axis=1)
-            _store_operands(q_ptr + out, cm, v, e, top, MODE, ROWS, BLOCK)
-            tl.store(rs_ptr + r, _pow2(tl.maximum(top - (5 if MODE == 2 else 0), -126)), mask=rm)
+            d = tl.maximum(e - top[:, None], -60)
+            if MODE == 1:
+                val = _e2m1_round(v) * tl.exp2(d.to(tl.float32))[:, :, None]
+                tl.store(q_ptr + out, tl.reshape(val, [ROWS, BLOCK]).to(tl.float16), mask=cm)
+                tl.store(rs_ptr + r, _pow2(tl.maximum(top, -126)), mask=rm)
+            else:  # e4m3 holds e2m1 * 2**(d + 5) exactly down to d = -13
+                val = _e2m1_round(v) * tl.exp2((d + 5).to(tl.float32))[:, :, None]
+                tl.store(q_ptr + out, tl.reshape(val, [ROWS, BLOCK]).to(tl.float8e4nv), mask=cm)
+                tl.store(rs_ptr + r, _pow2(tl.maximum(top - 5, -126)), mask=rm)
     elif FMT == 1:  # INT4, one scale per token
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
@@ -180,44 +162,6 @@ def split_quantize_kernel(
         tl.store(rs_ptr + r, scale, mask=rm)
     release_dependents(PDL and RELEASE_LATE)
 
-
-
-@triton.jit
-def _store_operands(ptr, mask, v, e, top, MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """MXFP4 operands of blocks v [ROWS, BLOCK / 32, 32] (x / 2**e) with each block's exponent e folded in relative
-    to its row's largest, top: FP16 e2m1 * 2**d (MODE_F16), or e4m3 e2m1 * 2**(d + 5), exact down to d = -13."""
-    d = tl.maximum(e - top[:, None], -60)
-    if MODE == 1:
-        val = _e2m1_round(v) * tl.exp2(d.to(tl.float32))[:, :, None]
-        tl.store(ptr, tl.reshape(val, [ROWS, BLOCK]).to(tl.float16), mask=mask)
-    else:
-        val = _e2m1_round(v) * tl.exp2((d + 5).to(tl.float32))[:, :, None]
-        tl.store(ptr, tl.reshape(val, [ROWS, BLOCK]).to(tl.float8e4nv), mask=mask)
-
-
-@triton.jit
-def _split_chunked(x_ptr, stride_xm, keep_ptr, out_idx_ptr, xo_ptr, q_ptr, rs_ptr, r, rm, K_IN, K_OUT, K_PAD,
-                   MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
-                   CHUNKS: tl.constexpr):
-    """split_quantize_kernel's MXFP4 operands (MODE_F16 / MODE_F8) for rows of CHUNKS tiles of BLOCK columns."""
-    o = tl.arange(0, BLOCK_O)
-    om = rm[:, None] & (o < K_OUT)[None, :]
-    oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
-    xo = tl.load(x_ptr + r[:, None] * stride_xm + oi[None, :], mask=om, other=0.0)
-    tl.store(xo_ptr + r[:, None] * K_OUT + o[None, :], xo.to(tl.bfloat16), mask=om)
-    top = tl.full([ROWS], -127, tl.int32)
-    for ch in tl.static_range(CHUNKS):  # unrolled: every chunk's loads are issued together
-        xb = _main_chunk(x_ptr, keep_ptr, r, rm, stride_xm, ch * BLOCK, K_IN, K_PAD, ROWS, BLOCK)
-        top = tl.maximum(top, tl.max(_mx_exponents(xb), axis=1))
-    c = tl.arange(0, BLOCK)
-    for ch in tl.static_range(CHUNKS):
-        xb = _main_chunk(x_ptr, keep_ptr, r, rm, stride_xm, ch * BLOCK, K_IN, K_PAD, ROWS, BLOCK)
-        e = _mx_exponents(xb)
-        v = xb * _pow2(-tl.maximum(e, -126))[:, :, None]
-        cc = ch * BLOCK + c
-        _store_operands(q_ptr + r[:, None] * K_PAD + cc[None, :], rm[:, None] & (cc < K_PAD)[None, :], v, e, top,
-                        MODE, ROWS, BLOCK)
-    tl.store(rs_ptr + r, _pow2(tl.maximum(top - (5 if MODE == 2 else 0), -126)), mask=rm)
 
 @triton.jit
 def _round_e4m3(v):
