@@ -407,7 +407,7 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     # 64-row tiles take the unpacked weights from registers, the widest layers' 128 x 256 tiles from shared memory
     assert [c.reg_a for c in wg if c.wgmma] == [True, True, True, False, True]
     # every GEMM that waits for split-quantize is launched overlapped with it: from its start, but from when its stores
-    # are issued where its rows are long (K > 4096: its registers leave no room beside it) and for the folded GEMM
+    # are issued where its rows are long (K > 4096: its registers leave no room beside it), but for the wgmma GEMM
     # above 64 tokens
     shapes = [(m, n, k, "mxfp4", False) for m, n, k in ((17, 4096, 4096), (256, 4096, 12288), (2048, 4096, 4096))] \
         + [(m, n, k, "mxfp4", True) for m, n, k in cases] \
@@ -415,9 +415,10 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
            (64, 4096, 12288, "int4", True), (128, 4096, 4096, "mxfp4", True)]
     overlapped = [ops.gemm_config(m, n, k, fmt, wgmma=w) for m, n, k, fmt, w in shapes]
     assert all(c.pdl for c in overlapped)
-    late = [((c.path in ("t", "fold") or c.wgmma) and m <= 64 and k > 4096) or (c.fold and m > 64)
+    late = [c.path in ("t", "fold", "wgmma") and k > 4096 and not (c.wgmma and m > 64)
             for c, (m, _, k, _, _) in zip(overlapped, shapes)]
-    assert [c.pdl_late for c in overlapped] == late and sum(late) == 4
+    assert [c.pdl_late for c in overlapped] == late and sum(late) == 3
+    assert overlapped[-1].fold and not overlapped[-1].pdl_late  # the folded GEMM at 128 tokens, K = 4096: early
     assert (wg[6].bm, wg[6].bn, wg[2].bm, wg[2].bn, wg[0].bm) == (256, 128, 64, 64, 16)
     # the path's name in the benchmark tables
     assert [ops.gemm_config(m, 4096, 4096, wgmma=w).path for m, w in ((1, True), (64, True), (64, False), (4096, True))] \

@@ -57,13 +57,13 @@ PDL = os.environ.get("OSCQUANT_PDL", "1") != "0"
 
 def overlapped(m: int, k_pad: int, wgmma: bool = False) -> dict:
     """How a GEMM is launched after split-quantize (overlap.py): released from split-quantize's start (early), or once
-    its programs have issued their stores (late). Up to 64 tokens early, with split-quantize's shared-memory carve-out
-    raised: 0.1-1.3 µs faster than late back to back on every layer with K <= 4096; late where K > 4096, whose long
-    rows hold registers that leave no room for a GEMM program beside them (8B down: early up to 4 µs slower)
-    (docs/bench/h200_carveout_2026-11-30.md). Above 64 tokens the wgmma GEMM early (2-6 % faster at 256 tokens,
-    docs/bench/h200_wgmma_pdl_2026-11-29.md) and the folded GEMM late (early was measured only without the raised
-    carve-out, and lost there: docs/bench/h200_pdl_late_2026-11-30.md)."""
-    late = not wgmma if m > SWAP_MAX_M else k_pad > 4096
+    its programs have issued their stores (late). Early, with split-quantize's shared-memory carve-out raised: at 16-64
+    tokens 0.1-1.3 µs faster than late back to back on every layer with K <= 4096 (docs/bench/h200_carveout_2026-11-30.md),
+    the folded GEMM at 96-128 tokens 0.3-0.8 µs flushed and 0.4-0.6 back to back (docs/bench/h200_pdl_fold_2026-11-30.md),
+    the wgmma GEMM above 64 tokens 2-6 % at 256 (docs/bench/h200_wgmma_pdl_2026-11-29.md). Late where K > 4096, whose long
+    rows hold registers that leave no room for a GEMM program beside them (8B down at 9-64 tokens: early up to 4 µs
+    slower), except for the wgmma GEMM above 64 tokens."""
+    late = k_pad > 4096 and not (wgmma and m > SWAP_MAX_M)
     return dict(pdl=True, pdl_late=late)
 
 
