@@ -478,14 +478,18 @@ def test_split_quantize_launched_overlapped_asks_for_the_largest_shared_memory_c
 
     layer, idx = make_layer(1024, 64, "mxfp4", 16)
     kw = ops.layer_weights(layer)
-    ops.split_quantize(activations(3, 1024, idx), kw.keep, kw.outlier_idx, "mxfp4", MODE_F8, kw.k_main, pdl=True)
+    x = activations(3, 1024, idx)
+    ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8, kw.k_main, pdl=True)  # a GEMM starts beside it
+    # the prefill path's weight expansion beside it needs no shared memory: its own kernel, the driver's carve-out
+    ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", MODE_F8, kw.k_main, pdl=True, shared_beside=False)
     cuda, value = ctypes.CDLL("libcuda.so.1"), ctypes.c_int(-2)
     kernels = [k for cache in triton_osc.split_quantize_kernel.device_caches.values() for k in cache[0].values()]
-    prefs = []
-    for k in kernels:
+    at = (triton_osc.split_quantize_kernel.arg_names.index("SHARED_BESIDE"),)
+    prefs = {True: set(), False: set()}
+    for k in kernels:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
         assert cuda.cuFuncGetAttribute(ctypes.byref(value), 9, ctypes.c_void_p(k.function)) == 0
-        prefs.append(value.value)
-    assert 100 in prefs, prefs  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT of the kernel just launched
+        prefs[bool(k.src.constants.get(at, False))].add(value.value)
+    assert prefs[True] == {100} and 100 not in prefs[False], prefs
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

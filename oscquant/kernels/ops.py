@@ -101,12 +101,15 @@ def supported(layer, x: torch.Tensor) -> str | None:
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
                    k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
-                   pdl_late: bool = False):
+                   pdl_late: bool = False, shared_beside: bool = True):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
     write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped, from the start of
-    this kernel's programs or (``pdl_late``) from when they have issued their stores."""
+    this kernel's programs or (``pdl_late``) from when they have issued their stores; ``shared_beside``: that kernel
+    needs shared memory, so this one runs with the largest shared-memory carve-out (overlap.py). The prefill path's
+    weight expansion, which needs none, runs beside it with the default carve-out instead: with the raised one,
+    split-quantize there took 2-15 µs longer at 256-4096 tokens (docs/bench/h200_carveout_expand_2026-11-30.md)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
     m = x.shape[0]
@@ -136,9 +139,10 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         kernel = split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
-            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late, **launch,
+            INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
+            SHARED_BESIDE=launch["PDL"] and shared_beside, **launch,
         )
-        if launch["PDL"]:  # a GEMM needing shared memory may start beside it (overlap.py)
+        if launch["PDL"] and shared_beside:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)
     if mode == MODE_PACKED:
         return xo, q, (sc if fmt == "mxfp4" else rs)
@@ -499,7 +503,7 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     cfg = cfg or layer_config(x, kw)
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
-                               pdl_late=cfg.pdl_late)
+                               pdl_late=cfg.pdl_late, shared_beside=not cfg.expand)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 

@@ -78,11 +78,14 @@ def split_quantize_kernel(
     M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
+    SHARED_BESIDE: tl.constexpr = False,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
     PDL (overlap.py): the GEMM after it may launch at once, or (RELEASE_LATE) once this program's stores
-    are issued."""
+    are issued. SHARED_BESIDE changes no code: it compiles a kernel of its own, to which the driver is asked
+    for the largest shared-memory carve-out (set per compiled kernel), for launches whose overlapped dependent
+    needs shared memory (overlap.py); the others keep the default carve-out and with it their L1."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
