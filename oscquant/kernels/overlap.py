@@ -15,7 +15,10 @@ whether starting early pays (docs/bench/h200_pdl_late_2026-11-30.md, docs/bench/
   carve-out, and a GEMM program that needs 80+ KB of shared memory cannot start on an SM where split-quantize still
   runs: its programs crowd onto the other SMs, and grids sized to fill the GPU run a partial second wave (early
   release was up to 9 µs slower than no overlap). :func:`prefer_shared_carveout` asks the driver to run
-  split-quantize with the largest carve-out instead; with that, early release is 0.1-1.3 µs faster than late;
+  split-quantize with the largest carve-out instead; with that, early release is 0.1-1.3 µs faster than late. The
+  preference belongs to the compiled kernel, so the prefill path, whose weight expansion needs no shared memory,
+  launches a split-quantize compiled apart (``SHARED_BESIDE``) that keeps the default carve-out and its L1 (the raised
+  one cost it 2-15 µs at 256-4096 tokens);
 - **registers**, where split-quantize's rows are long (K > 4096: 16384 lanes a row, 114 registers a thread on 8
   warps) and a GEMM program no longer fits beside it: there the GEMM is released once split-quantize's programs have
   issued their stores (``GemmConfig.pdl_late``), 0.2-0.8 µs faster back to back than no overlap.
