@@ -278,6 +278,40 @@ def load(path_json: str) -> list[Row]:
         raise ValueError(f"{path_json} is not an `oscquant bench gemm --json` file: {e}") from None
 
 
+
+DIFF_COLUMNS = (("OSC + split", "osc_us"), ("OSC GEMM", "osc_gemm_us"), ("cuBLAS FP8", "fp8_us"),
+                ("cuBLAS BF16", "bf16_us"), ("b2b OSC + split", "b2b_osc_us"), ("b2b cuBLAS FP8", "b2b_fp8_us"))
+
+
+def diff(base: list[Row], rows: list[Row], slower: float = 0.97) -> str:
+    """Markdown comparing a run with an earlier one (``base``) on the rows both have: old time / new time by M
+    (median and range over the M's rows) for OSC's and cuBLAS's columns, so that a change shows beside how much the
+    baselines moved between the runs; then every row whose OSC + split took longer by more than 1 / ``slower``, with
+    its GEMM alone and the rest (split-quantize's unhidden share) old and new."""
+    old = {(r.shape, r.m, r.k_out): r for r in base}
+    pairs = [(old[k], r) for r in rows if (k := (r.shape, r.m, r.k_out)) in old]
+    if not pairs:
+        raise ValueError("the two runs share no row (shape, M, k); compare runs of the same `oscquant bench gemm` grid")
+    lines = ["| M | " + " | ".join(name for name, _ in DIFF_COLUMNS) + " |", "|---" * (1 + len(DIFF_COLUMNS)) + "|"]
+    for m in sorted({new.m for _, new in pairs}):
+        cells = []
+        for _, field in DIFF_COLUMNS:
+            v = sorted(getattr(a, field) / getattr(b, field) for a, b in pairs
+                       if b.m == m and getattr(a, field) and getattr(b, field))
+            cells.append(f"{v[len(v) // 2]:.2f} ({v[0]:.2f}-{v[-1]:.2f})" if v else "n/a")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    worse = sorted(((a, b) for a, b in pairs if a.osc_us / b.osc_us < slower), key=lambda p: p[0].osc_us / p[1].osc_us)
+    lines += ["", f"Rows whose OSC + split took longer than 1/{slower:.2f} of the earlier run: {len(worse)} of {len(pairs)}"]
+    if worse:
+        lines += ["", "| shape | M | k | OSC + split µs | old / new | OSC GEMM µs | old / new | rest µs (split-quantize's "
+                  "share) |", "|---|---|---|---|---|---|---|---|"]
+        for a, b in worse:
+            lines.append(f"| {b.shape} {b.n}×{b.k_in} | {b.m} | {b.k_out} | {a.osc_us:.1f} → {b.osc_us:.1f} | "
+                         f"{a.osc_us / b.osc_us:.2f} | {a.osc_gemm_us:.1f} → {b.osc_gemm_us:.1f} | "
+                         f"{a.osc_gemm_us / b.osc_gemm_us:.2f} | {a.osc_us - a.osc_gemm_us:.1f} → "
+                         f"{b.osc_us - b.osc_gemm_us:.1f} |")
+    return "\n".join(lines)
+
 def plot(rows: list[Row], path_png: str, k_out: int | None = None):
     """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M (both log scale) for
     OSC + split-quantize, the two cuBLAS W8A8 GEMMs and the FP8-fallback layer, k = k_out planted

@@ -148,8 +148,16 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import bench_gemm, load, markdown, plot, save, sweep, sweep_small, targets
+    from .bench import bench_gemm, diff, load, markdown, plot, save, sweep, sweep_small, targets
 
+    if a.what == "diff":  # two saved runs, anywhere: no GPU needed
+        if not a.json or not a.base:
+            print("oscquant bench diff needs --json (a run of `oscquant bench gemm --json`) and --base (an earlier run "
+                  "to compare it with)", file=sys.stderr)
+            return 2
+        print(diff(load(a.base), load(a.json)))
+        return 0
+    base = load(a.base) if a.base else None  # read before a GPU run, so that a bad path fails at once
     if a.what == "plot":  # a saved run, anywhere: no GPU needed
         if not a.json or not a.png:
             print("oscquant bench plot needs --json (rows of `oscquant bench gemm --json`) and --png (the figure)",
@@ -170,6 +178,8 @@ def cmd_bench(a) -> int:
     print()
     for t in targets(rows):
         print(f"- {t}")
+    if base is not None:
+        print(f"\nAgainst {a.base}, old time / new time:\n\n{diff(base, rows)}")
     if a.png:
         try:
             plot(rows, a.png)
@@ -245,15 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     an.set_defaults(fn=cmd_analyze)
 
     b = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
-    b.add_argument("what", choices=["gemm", "sweep", "small", "plot"],
+    b.add_argument("what", choices=["gemm", "sweep", "small", "plot", "diff"],
                    help="gemm: OSC against BF16 and W8A8 at Qwen3 layer shapes; sweep: tile configs of the prefill "
                         "and untransposed decode GEMMs; small: configs of the transposed small-M GEMM; plot: the "
-                        "figure of a saved gemm run (--json in, --png out; no GPU)")
+                        "figure of a saved gemm run (--json in, --png out; no GPU); diff: a saved gemm run (--json) "
+                        "against an earlier one (--base), by M and row (no GPU)")
     b.add_argument("--m", default="1,8,16,64,256,1024,4096,16384", help="token counts, comma-separated")
     b.add_argument("--k", default="64,128", help="outlier channel counts, comma-separated")
     b.add_argument("--json", default=None, help="write the rows as JSON here (plot: read them from here)")
     b.add_argument("--md", default=None, help="write the Markdown table and target checks here")
     b.add_argument("--png", default=None, help="write the figure (speed against BF16 by M, one panel a shape) here")
+    b.add_argument("--base", default=None, help="an earlier gemm run's JSON: gemm and diff compare against it")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="describe a checkpoint")

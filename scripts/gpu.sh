@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, then the GEMM benchmark, one run.
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
-# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md, bench.png.
+# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md, bench.png, bench.log (with the comparison).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -10,5 +10,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+# compared, row by row, with the newest full run kept in the docs (BENCH_BASE= to name another, or none)
+BASE=${BENCH_BASE-$(ls docs/bench/h200_full_*.json 2>/dev/null | sort | tail -1)}
 python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \
-    --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" 2>&1 | tail -${BENCH_TAIL:-80}
+    --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" ${BASE:+--base "$BASE"} 2>&1 \
+    | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80}

@@ -119,6 +119,31 @@ def test_bench_tables_and_targets_from_rows():
     assert t[-1] == "M <= 16, that copy alone >= 1.8x best W8A8 (the target's ceiling here): 1/1 (range 4.50x to 4.50x)"
 
 
+
+def test_bench_diff_against_an_earlier_run(tmp_path, capsys):
+    """`oscquant bench diff`: old time / new time by M for OSC and cuBLAS, and the rows whose OSC + split got slower
+    with their GEMM alone and split-quantize's share, so that a change hurting one path shows beside the baselines."""
+    from oscquant.bench import Row, save
+
+    def row(m, osc, gemm, fp8=18.0):
+        return Row("8B o", 4096, 4096, m, 128, 20.0, None, fp8, gemm, osc, 21.0, 1.0, 1.0, 50.0, 60.0, fp8 / osc,
+                   20.0 / osc)
+    base = [row(1, 10.0, 8.0), row(256, 30.0, 28.0), row(1024, 50.0, 44.0), row(4096, 100.0, 90.0)]
+    new = [row(1, 10.0, 8.0, fp8=16.0), row(256, 36.0, 28.0), row(1024, 50.0, 44.0), row(16384, 500.0, 450.0)]
+    save(base, str(tmp_path / "base.json"))
+    save(new, str(tmp_path / "new.json"))
+    code, out, err = run(capsys, "bench", "diff", "--json", tmp_path / "new.json", "--base", tmp_path / "base.json")
+    assert code == 0, err
+    assert "| 1 | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) | 1.12 (1.12-1.12) |" in out  # cuBLAS FP8 18 -> 16 µs
+    assert "| 256 | 0.83 (0.83-0.83) | 1.00 (1.00-1.00) |" in out and "| 16384 |" not in out  # rows of both runs only
+    assert "took longer than 1/0.97 of the earlier run: 1 of 3" in out
+    assert "| 8B o 4096×4096 | 256 | 128 | 30.0 → 36.0 | 0.83 | 28.0 → 28.0 | 1.00 | 2.0 → 8.0 |" in out
+    code, _, err = run(capsys, "bench", "diff", "--json", tmp_path / "new.json")
+    assert code == 2 and "needs --json" in err and "--base" in err
+    save([row(8, 10.0, 8.0)], str(tmp_path / "other.json"))
+    code, _, err = run(capsys, "bench", "diff", "--json", tmp_path / "other.json", "--base", tmp_path / "base.json")
+    assert code == 2 and "share no row" in err
+
 def test_bench_plot_from_saved_rows(tmp_path, capsys):
     """`oscquant bench plot` draws a saved GPU run anywhere: one panel a shape, OSC's speed against BF16."""
     from oscquant.bench import Row, load, plot, save
