@@ -8,6 +8,7 @@ from .config import LayerScheme, OSCConfig  # noqa: E402
 from .convert import quantize, summary  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .linear import OSCLinear  # noqa: E402
+from .siblings import fuse_siblings  # noqa: E402
 
-__all__ = ["ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "load_quantized",
+__all__ = ["ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "fuse_siblings", "load_quantized",
            "perplexity", "quantize", "save_quantized", "summary"]

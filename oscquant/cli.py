@@ -59,8 +59,10 @@ def cmd_eval(a) -> int:
     from .data import read_text, split_text
     from .evaluate import perplexity
     from .models import load_model
+    from .siblings import fuse_siblings
 
     model, tok, src = load_model(a.model)
+    fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
     if calib and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
         print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
@@ -84,8 +86,10 @@ def cmd_generate(a) -> int:
     import torch
 
     from .models import load_model
+    from .siblings import fuse_siblings
 
     model, tok, _ = load_model(a.model)
+    fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer to generate with")
     if a.chat and getattr(tok, "chat_template", None):

@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py tests/test_siblings.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 # compared, row by row, with the newest full run kept in the docs (BENCH_BASE= to name another, or none)
 BASE=${BENCH_BASE-$(ls docs/bench/h200_full_*.json 2>/dev/null | sort | tail -1)}
 python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \

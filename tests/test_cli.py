@@ -51,6 +51,12 @@ def test_quantize_eval_generate_info(local_model, capsys):
     code, out, _ = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32", "--json")
     rec = json.loads(out)
     assert rec["perplexity"] == pytest.approx(ppl, rel=1e-4) and rec["part"] == "heldout"
+    # eval runs the sibling projections stacked (siblings.py): the perplexity of the layers run one by one
+    from oscquant import load_quantized, perplexity
+    from oscquant.data import read_text, split_text
+    model, tok = load_quantized(ck)
+    apart = perplexity(model, tok, split_text(read_text(str(root / "text.txt")), "heldout"), 32, progress=False)
+    assert apart.perplexity == pytest.approx(rec["perplexity"], rel=1e-5)
     # the held-out part is the tail of the file, which calibration never reads
     assert rec["tokens"] < 0.2 * len(TEXT)
 
