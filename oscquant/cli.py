@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .config import OSCConfig
 from .formats import FP4_FORMATS
@@ -161,6 +162,17 @@ def cmd_bench(a) -> int:
             return 2
         print(diff(load(a.base), load(a.json)))
         return 0
+    if a.what == "model":
+        from .bench_model import bench_model
+        from .bench_model import markdown as model_markdown
+
+        rows, errs = bench_model(a.layers, a.prefill)
+        text = model_markdown(rows, a.prefill) + "\n\n" + "\n".join(
+            f"- first decode step's logits, {k}: relative difference {v:.1e}" for k, v in errs.items())
+        print(text)
+        if a.md:
+            Path(a.md).write_text(text + "\n")
+        return 0
     base = load(a.base) if a.base else None  # read before a GPU run, so that a bad path fails at once
     if a.what == "plot":  # a saved run, anywhere: no GPU needed
         if not a.json or not a.png:
@@ -259,17 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     an.set_defaults(fn=cmd_analyze)
 
     b = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
-    b.add_argument("what", choices=["gemm", "sweep", "small", "plot", "diff"],
+    b.add_argument("what", choices=["gemm", "sweep", "small", "plot", "diff", "model"],
                    help="gemm: OSC against BF16 and W8A8 at Qwen3 layer shapes; sweep: tile configs of the prefill "
                         "and untransposed decode GEMMs; small: configs of the transposed small-M GEMM; plot: the "
                         "figure of a saved gemm run (--json in, --png out; no GPU); diff: a saved gemm run (--json) "
-                        "against an earlier one (--base), by M and row (no GPU)")
+                        "against an earlier one (--base), by M and row (no GPU); model: a Qwen3-8B-shaped model of "
+                        "--layers decoder layers end to end, BF16 against OSC with its q/k/v and gate/up apart and "
+                        "stacked (prefill of --prefill tokens and a decode step, ms a layer)")
     b.add_argument("--m", default="1,8,16,64,256,1024,4096,16384", help="token counts, comma-separated")
     b.add_argument("--k", default="64,128", help="outlier channel counts, comma-separated")
     b.add_argument("--json", default=None, help="write the rows as JSON here (plot: read them from here)")
     b.add_argument("--md", default=None, help="write the Markdown table and target checks here")
     b.add_argument("--png", default=None, help="write the figure (speed against BF16 by M, one panel a shape) here")
     b.add_argument("--base", default=None, help="an earlier gemm run's JSON: gemm and diff compare against it")
+    b.add_argument("--layers", type=int, default=4, help="model: decoder layers of the Qwen3-8B-shaped model")
+    b.add_argument("--prefill", type=int, default=512, help="model: prompt tokens (also the decode step's KV cache)")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="describe a checkpoint")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, then the GEMM benchmark, one run.
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
-# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md, bench.png, bench.log (with the comparison).
+# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md, bench.png, bench.log (with the comparison),
+# model.md (the model end to end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -15,3 +16,6 @@ BASE=${BENCH_BASE-$(ls docs/bench/h200_full_*.json 2>/dev/null | sort | tail -1)
 python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \
     --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" ${BASE:+--base "$BASE"} 2>&1 \
     | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80}
+# end to end: a Qwen3-8B-shaped model, BF16 against OSC with q/k/v and gate/up apart and stacked
+python3 -m oscquant.cli bench model --layers "${MODEL_LAYERS:-4}" --prefill "${MODEL_PREFILL:-512}" --md "$OUT/model.md" 2>&1 \
+    | tail -8

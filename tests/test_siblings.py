@@ -111,3 +111,26 @@ def test_fused_siblings_through_the_kernels(m, monkeypatch):
     # per block: q, k, v, o, gate, up, down one by one; q+k+v, o, gate+up, down stacked
     assert (n_apart, len(calls) - n_apart) == (7 * 2, 4 * 2)
     assert torch.isfinite(together).all() and rel_err(together, apart) <= 2e-2
+
+
+def test_model_bench_runs_the_three_models_and_compares_their_logits():
+    """`oscquant bench model`'s harness, on a tiny Qwen3 on the CPU: BF16 (here float32), OSC with siblings apart and
+    stacked; stacking changes no logit, quantizing changes some."""
+    from oscquant.bench_model import bench_model, markdown
+
+    dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    rows, errs = bench_model(layers=2, prefill=16, reps=2, device="cpu", dims=dims, vocab=128, outliers=16)
+    assert [r.variant for r in rows] == ["float", "OSC, siblings apart", "OSC, siblings stacked"]
+    assert all(r.prefill_ms > 0 and r.decode_ms > 0 for r in rows)
+    apart, stacked = errs.values()
+    assert 1e-4 < apart < 0.5 and stacked < 1e-5, errs
+    md = markdown(rows, 16)
+    assert md.count("\n| OSC") == 2 and "prefill of 16 tokens, ms a layer" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_model_bench_needs_a_gpu(capsys):
+    from oscquant.cli import main
+
+    assert main(["bench", "model", "--layers", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
