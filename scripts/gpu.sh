@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# On a CUDA machine (the lent H200): the GPU tests, then the GEMM benchmark, one run.
+# On a CUDA machine (the lent H200): the GPU tests, the GEMM benchmark and the model end to end.
+# Usage: bash scripts/gpu.sh [tests] [bench] [model]   (all three without arguments; on the lent device, whose commands
+# stop after 10 minutes, run "tests" (about 6 minutes) and "bench model" (about 3) as two calls)
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
-# Results land in ${OUT:-out}/: pytest log, bench.json, bench.md, bench.png, bench.log (with the comparison),
-# model.md (the model end to end).
+# Results land in ${OUT:-out}/: gpu.txt, pytest.log, bench.json, bench.md, bench.png, bench.log (with the comparison
+# against the newest full run in docs/bench), model.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+PARTS=" ${*:-tests bench model} "
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py tests/test_siblings.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
-# compared, row by row, with the newest full run kept in the docs (BENCH_BASE= to name another, or none)
-BASE=${BENCH_BASE-$(ls docs/bench/h200_full_*.json 2>/dev/null | sort | tail -1)}
-python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \
-    --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" ${BASE:+--base "$BASE"} 2>&1 \
-    | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80}
-# end to end: a Qwen3-8B-shaped model, BF16 against OSC with q/k/v and gate/up apart and stacked
-python3 -m oscquant.cli bench model --layers "${MODEL_LAYERS:-4}" --prefill "${MODEL_PREFILL:-512}" --md "$OUT/model.md" 2>&1 \
-    | tail -8
+if [[ $PARTS == *" tests "* ]]; then
+    python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py tests/test_siblings.py -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest.log" | tail -15
+fi
+if [[ $PARTS == *" bench "* ]]; then
+    # compared, row by row, with the newest full run kept in the docs (BENCH_BASE= to name another, or none)
+    BASE=${BENCH_BASE-$(ls docs/bench/h200_full_*.json 2>/dev/null | sort | tail -1)}
+    python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \
+        --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" ${BASE:+--base "$BASE"} 2>&1 \
+        | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80}
+fi
+if [[ $PARTS == *" model "* ]]; then
+    # end to end: a Qwen3-8B-shaped model, BF16 against OSC with q/k/v and gate/up apart and stacked
+    python3 -m oscquant.cli bench model --layers "${MODEL_LAYERS:-4}" --prefill "${MODEL_PREFILL:-512}" \
+        --md "$OUT/model.md" 2>&1 | tail -8
+fi
