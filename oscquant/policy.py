@@ -15,6 +15,9 @@ The rule (docs/analysis.md):
 3. k: the other layers start at k = 0. Channels are handed out 16 at a time to the layer
    whose noise power e(k)^2 drops the most per channel, until the BF16 channels reach
    ``bf16_budget`` of all their input channels or no step helps.
+
+Sibling projections (q/k/v, gate/up: one input, so one curve) are decided as one unit in
+steps 2 and 3, so that they keep one scheme and one k and can run stacked (siblings.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .analysis import activation_error
 from .calibration import ChannelStats
 from .config import OUTLIER_MULTIPLE, LayerScheme
 from .outliers import select_outlier_channels
+from .siblings import sibling_units
 
 
 @dataclass
@@ -61,31 +65,42 @@ def auto_plan(layers: dict[str, LayerScheme], stats: dict[str, ChannelStats], sa
         c = curves[name]
         return c[min(k // OUTLIER_MULTIPLE, len(c) - 1)]
 
-    # step 2: FP8 for the layers that separation cannot fix
+    # the units decided together: sibling projections read one input (siblings.py)
+    units = sibling_units(layers)
+
+    # step 2: FP8 for the layers that separation cannot fix, whole units, as many layers as the budget allows
     fair = {n: int(bf16_budget * K[n]) // OUTLIER_MULTIPLE * OUTLIER_MULTIPLE for n in layers}
-    candidates = sorted(layers, key=lambda n: err_at(n, fair[n]), reverse=True)
-    fp8 = set(candidates[:int(fp8_budget * len(layers) + 1e-9)])
+    fp8, allowed = set(), int(fp8_budget * len(layers) + 1e-9)
+    for unit in sorted(units, key=lambda u: max(err_at(n, fair[n]) for n in u), reverse=True):
+        if len(fp8) + len(unit) <= allowed:
+            fp8.update(unit)
 
-    # step 3: greedy BF16 channels for the 4-bit layers
-    four_bit = [n for n in layers if n not in fp8]
-    budget = int(bf16_budget * sum(K[n] for n in four_bit))
-    k = {n: 0 for n in four_bit}
+    # step 3: greedy BF16 channels for the 4-bit layers, 16 a layer of a unit at a time
+    four_bit = [u for u in units if u[0] not in fp8]
+    budget = int(bf16_budget * sum(K[n] for u in four_bit for n in u))
+    k = {n: 0 for u in four_bit for n in u}
 
-    def gain(n):
-        c = curves[n]
-        i = k[n] // OUTLIER_MULTIPLE
-        return (c[i] ** 2 - c[i + 1] ** 2) / OUTLIER_MULTIPLE if i + 1 < len(c) else 0.0
+    def gain(unit):  # the noise power one more step removes, per BF16 channel
+        total = 0.0
+        for n in unit:
+            c, i = curves[n], k[n] // OUTLIER_MULTIPLE
+            total += c[i] ** 2 - c[i + 1] ** 2 if i + 1 < len(c) else 0.0
+        return total / (OUTLIER_MULTIPLE * len(unit))
 
-    heap = [(-gain(n), n) for n in four_bit]
+    heap = [(-gain(u), i) for i, u in enumerate(four_bit)]
     heapq.heapify(heap)
     used = 0
-    while heap and used + OUTLIER_MULTIPLE <= budget:
-        g, n = heapq.heappop(heap)
+    while heap:
+        g, i = heapq.heappop(heap)
+        cost = OUTLIER_MULTIPLE * len(four_bit[i])
         if -g <= 0:
             break
-        k[n] += OUTLIER_MULTIPLE
-        used += OUTLIER_MULTIPLE
-        heapq.heappush(heap, (-gain(n), n))
+        if used + cost > budget:  # this unit no longer fits; a smaller one may
+            continue
+        for n in four_bit[i]:
+            k[n] += OUTLIER_MULTIPLE
+        used += cost
+        heapq.heappush(heap, (-gain(four_bit[i]), i))
 
     plan = {}
     for n, scheme in layers.items():

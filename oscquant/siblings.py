@@ -26,6 +26,25 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 STACKED_BUFFERS = ("w_outlier", "qweight", "wscale", "bias")  # one row per output feature: stacked
 
 
+def sibling_units(names) -> list[list[str]]:
+    """Layer names as the units a per-layer policy should decide together: each complete sibling group of one parent
+    (q/k/v, gate/up) as one unit, every other layer alone, in the order the names come."""
+    names = list(names)
+    present, done, units = set(names), set(), []
+    for name in names:
+        if name in done:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        unit = [name]
+        for group in GROUPS:
+            members = [f"{parent}.{n}" if parent else n for n in group]
+            if leaf in group and all(m in present for m in members):
+                unit = members
+        units.append(unit)
+        done.update(unit)
+    return units
+
+
 def why_not_stackable(layers: list[OSCLinear]) -> str | None:
     """None if the layers can run as one stacked layer, else why not."""
     first = layers[0]

@@ -81,6 +81,23 @@ def test_auto_policy_on_a_model_respects_both_budgets():
     assert q.k == 0 or {5, 17, 40} & set(q.outlier_idx.tolist())
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_auto_policy_decides_siblings_together_so_they_stack(arch):
+    """q/k/v and gate/up read one input: the auto policy gives each group one scheme and one k (with 16 channels a
+    layer at a time, the budget used to run out inside a group), so fuse_siblings stacks every group."""
+    from oscquant import fuse_siblings
+    from oscquant.siblings import sibling_units
+
+    assert sibling_units(["a.q_proj", "a.k_proj", "a.o_proj", "a.v_proj", "b.gate_proj", "b.up_proj", "c.up_proj"]) \
+        == [["a.q_proj", "a.k_proj", "a.v_proj"], ["a.o_proj"], ["b.gate_proj", "b.up_proj"], ["c.up_proj"]]
+    model = tiny_model(arch)
+    quantize(model, OSCConfig.auto("mxfp4", 0.04, 0.143), batches(8, 64), progress=False)
+    for block in model.model.layers:
+        for parent, group in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            assert len({(getattr(parent, n).scheme.format, getattr(parent, n).k) for n in group}) == 1
+    assert len(fuse_siblings(model)) == 2 * model.config.num_hidden_layers
+
+
 def test_policy_config_validation():
     with pytest.raises(ValueError, match="unknown policy"):
         OSCConfig(policy="magic")
