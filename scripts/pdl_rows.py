@@ -7,16 +7,13 @@ With "carveout", each way is timed twice: with split-quantize's compiled kernels
 carve-out (what ops.split_quantize asks for when launched overlapped) and reset to the driver's default, set
 explicitly before each timing.
 Usage: python3 scripts/pdl_rows.py 1,8,16,64 [carveout]"""
-import ctypes
 import sys
 from dataclasses import replace
 
 from oscquant import bench
 from oscquant.kernels import ops
 from oscquant.kernels import triton_osc as K
-
-CUDA = ctypes.CDLL("libcuda.so.1")
-PREFER_NONE, PREFER_SHARED, CARVEOUT = 0, 1, 9  # CUfunc_cache values; CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+from oscquant.kernels.overlap import set_shared_carveout
 
 
 def split_carveout(shared: bool) -> None:
@@ -24,10 +21,7 @@ def split_carveout(shared: bool) -> None:
     for cache in K.split_quantize_kernel.device_caches.values():
         for kernel in cache[0].values():
             kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a future while compiling asynchronously
-            kernel._init_handles()
-            fn = ctypes.c_void_p(kernel.function)
-            assert CUDA.cuFuncSetCacheConfig(fn, PREFER_SHARED if shared else PREFER_NONE) == 0
-            assert CUDA.cuFuncSetAttribute(fn, CARVEOUT, 100 if shared else -1) == 0
+            assert set_shared_carveout(kernel, shared)
 
 
 ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,8").split(",")]

@@ -54,24 +54,31 @@ def wait_inputs(PDL: tl.constexpr):
 
 
 _CARVEOUT_SET: set = set()  # compiled kernels (id) already given the preference
-_PREFER_SHARED, _PREFERRED_CARVEOUT = 1, 9  # CU_FUNC_CACHE_PREFER_SHARED, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+_PREFER_NONE, _PREFER_SHARED = 0, 1  # CUfunc_cache: CU_FUNC_CACHE_PREFER_NONE, CU_FUNC_CACHE_PREFER_SHARED
+_PREFERRED_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 
 
-def prefer_shared_carveout(kernel) -> bool:
-    """Ask the CUDA driver to run a compiled kernel with the largest shared-memory carve-out (as Triton does for
-    kernels above 48 KB), from its next launch on, so that a dependent launched early that needs shared memory fits
-    beside it. Once per kernel; False (with one warning) where the driver call is not available."""
-    if id(kernel) in _CARVEOUT_SET:
-        return True
-    _CARVEOUT_SET.add(id(kernel))
+def set_shared_carveout(kernel, largest: bool = True) -> bool:
+    """Set a compiled Triton kernel's driver preference to the largest shared-memory carve-out (as Triton does for
+    kernels above 48 KB), or back to the driver's default; from its next launch on. False where the driver call is
+    not available or refused."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
         kernel._init_handles()
         fn = ctypes.c_void_p(kernel.function)
-        ok = cuda.cuFuncSetCacheConfig(fn, _PREFER_SHARED) == 0 and \
-            cuda.cuFuncSetAttribute(fn, _PREFERRED_CARVEOUT, 100) == 0
+        return cuda.cuFuncSetCacheConfig(fn, _PREFER_SHARED if largest else _PREFER_NONE) == 0 and \
+            cuda.cuFuncSetAttribute(fn, _PREFERRED_CARVEOUT, 100 if largest else -1) == 0
     except (OSError, AttributeError):
-        ok = False
+        return False
+
+
+def prefer_shared_carveout(kernel) -> bool:
+    """:func:`set_shared_carveout` once per compiled kernel, so that a dependent launched early that needs shared
+    memory fits beside it; False (with one warning) where the driver call is not available."""
+    if id(kernel) in _CARVEOUT_SET:
+        return True
+    _CARVEOUT_SET.add(id(kernel))
+    ok = set_shared_carveout(kernel)
     if not ok:
         warnings.warn("oscquant: could not set split-quantize's shared-memory carve-out; overlapped launches of the "
                       "GEMM after it may be slower (set OSCQUANT_PDL=0 to launch them one after the other)",
