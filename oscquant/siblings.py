@@ -127,17 +127,19 @@ class Sibling(nn.Module):
 def fuse_siblings(model: nn.Module) -> list[str]:
     """Run each group of OSC sibling projections (q/k/v, gate/up) that can be stacked as one layer, in place.
     Returns the groups fused, as "parent: q_proj+k_proj+v_proj"."""
+    osc = {name: m for name, m in model.named_modules() if isinstance(m, OSCLinear)}
     fused = []
-    for parent_name, parent in list(model.named_modules()):
-        for group in GROUPS:
-            layers = [getattr(parent, n, None) for n in group]
-            if not all(isinstance(m, OSCLinear) for m in layers) or why_not_stackable(layers):
-                continue
-            stacked = Stacked(stack(layers), [m.out_features for m in layers])
-            parent.add_module("_".join(n.removesuffix("_proj") for n in group) + "_stacked", stacked)
-            for slot, name in enumerate(group):
-                setattr(parent, name, Sibling(stacked, slot))
-            fused.append(f"{parent_name}: {'+'.join(group)}")
+    for unit in sibling_units(osc):
+        layers = [osc[n] for n in unit]
+        if len(unit) == 1 or why_not_stackable(layers):
+            continue
+        parent_name = unit[0].rpartition(".")[0]
+        parent, leaves = model.get_submodule(parent_name), [n.rpartition(".")[2] for n in unit]
+        stacked = Stacked(stack(layers), [m.out_features for m in layers])
+        parent.add_module("_".join(n.removesuffix("_proj") for n in leaves) + "_stacked", stacked)
+        for slot, leaf in enumerate(leaves):
+            setattr(parent, leaf, Sibling(stacked, slot))
+        fused.append(f"{parent_name}: {'+'.join(leaves)}")
     return fused
 
 
