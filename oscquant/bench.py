@@ -278,7 +278,6 @@ def load(path_json: str) -> list[Row]:
         raise ValueError(f"{path_json} is not an `oscquant bench gemm --json` file: {e}") from None
 
 
-
 DIFF_COLUMNS = (("OSC + split", "osc_us"), ("OSC GEMM", "osc_gemm_us"), ("cuBLAS FP8", "fp8_us"),
                 ("cuBLAS BF16", "bf16_us"), ("b2b OSC + split", "b2b_osc_us"), ("b2b cuBLAS FP8", "b2b_fp8_us"))
 
@@ -311,6 +310,7 @@ def diff(base: list[Row], rows: list[Row], slower: float = 0.97) -> str:
                          f"{a.osc_gemm_us / b.osc_gemm_us:.2f} | {a.osc_us - a.osc_gemm_us:.1f} → "
                          f"{b.osc_us - b.osc_gemm_us:.1f} |")
     return "\n".join(lines)
+
 
 def plot(rows: list[Row], path_png: str, k_out: int | None = None):
     """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M (both log scale) for

@@ -79,7 +79,8 @@ def measure(model, prefill: int, device: str, reps: int) -> tuple[float, float, 
     def step():
         out = model(ids[:, pos[0]:pos[0] + 1], past_key_values=cache, use_cache=True)
         pos[0] += 1
-        first.append(out.logits[0, -1].float()) if not first else None
+        if not first:
+            first.append(out.logits[0, -1].float())
     dec = _time_ms(step, device, reps)
     return pre, dec, first[0]
 
