@@ -5,8 +5,13 @@ The model is built from Qwen3's config class with random weights (speed does not
 shapes (hidden 4096, intermediate 12288, 32 query and 8 KV heads of 128), a few decoder layers, and a small
 vocabulary so that the (unquantized) lm_head does not hide the layers. It is quantized by the library's own path:
 calibration on random tokens, the outlier channels picked per layer, FP8 for down_proj. Times are CUDA-event
-medians of eager forwards, as Hugging Face's generate runs them: a prefill of P tokens, and one decode step (a
-token with a KV cache of P tokens), both per decoder layer.
+medians, per decoder layer: eager forwards as Hugging Face's generate runs them by default (a prefill of P tokens, and
+a decode step with a KV cache of P tokens), and both replayed from CUDA graphs (the decode step on a static cache),
+which take the host's launch work away and leave the kernels' time.
+
+Attention runs on one SDPA backend choice for every model, without cuDNN: PyTorch builds a cuDNN attention plan for
+each new sequence length (about 10 ms of host time a layer on the H200), and the plans are cached across models, so
+whichever model decoded first paid for all of them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class ModelRow:
     variant: str
     prefill_ms: float  # P tokens, per decoder layer
     decode_ms: float  # one token after P, per decoder layer
+    graph_ms: float | None = None  # the same decode step replayed from a CUDA graph (GPU only)
+    prefill_graph_ms: float | None = None  # the prefill replayed from a CUDA graph (GPU only)
 
 
 def build(layers: int = 4, vocab: int = 4096, dims: dict | None = None, device: str = "cuda",
@@ -63,13 +70,11 @@ def _time_ms(fn, device: str, reps: int) -> float:
 
 
 @torch.no_grad()
-def measure(model, prefill: int, device: str, reps: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill ms, decode-step ms, the first decode step's logits) for one model. The decode steps run one after
-    another, as in generation: the cache grows from P to P + reps + 2 tokens."""
+def measure(model, ids: torch.Tensor, prefill: int, device: str, reps: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill ms, decode-step ms, the first decode step's logits) for one model on ids [1, >= P + reps + 3]. The
+    decode steps run one after another, as in generation: the cache grows from P to P + reps + 2 tokens."""
     from transformers import DynamicCache
 
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (1, prefill + reps + 3), generator=g).to(device)
     pre = _time_ms(lambda: model(ids[:, :prefill], use_cache=False), device, reps)
     cache = DynamicCache()
     model(ids[:, :prefill], past_key_values=cache, use_cache=True)
@@ -83,6 +88,49 @@ def measure(model, prefill: int, device: str, reps: int) -> tuple[float, float, 
             first.append(out.logits[0, -1].float())
     dec = _time_ms(step, device, reps)
     return pre, dec, first[0]
+
+
+@torch.no_grad()
+def measure_graph(model, ids: torch.Tensor, prefill: int, reps: int) -> tuple[float, torch.Tensor]:
+    """(ms, logits) of the decode step at position P (token ids[:, P]) replayed from a CUDA graph: a static KV cache
+    filled by a prefill, the step captured once and replayed."""
+    from transformers import StaticCache
+
+    dev = ids.device
+    cache = StaticCache(config=model.config, max_cache_len=prefill + 16)
+    model(ids[:, :prefill], past_key_values=cache, cache_position=torch.arange(prefill, device=dev), use_cache=True)
+    tok, pos = ids[:, prefill:prefill + 1].clone(), torch.tensor([prefill], device=dev)
+
+    def step():
+        # the static cache counts the tokens it has stored on the device (transformers 5): set back to P, so that every
+        # replay writes slot P again rather than one slot further
+        for layer in cache.layers:
+            layer.cumulative_length.copy_(pos[0])
+        return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    replay, logits = _capture(step)
+    return _time_ms(replay, "cuda", reps), logits[0, -1].float().clone()
+
+
+@torch.no_grad()
+def measure_prefill_graph(model, ids: torch.Tensor, prefill: int, reps: int) -> float:
+    """ms of the prefill of P tokens (no cache) replayed from a CUDA graph: the kernels' time without the host's."""
+    replay, _ = _capture(lambda: model(ids[:, :prefill], use_cache=False).logits)
+    return _time_ms(replay, "cuda", reps)
+
+
+def _capture(fn):
+    """(replay, fn's captured output): warm-ups on a side stream, as torch.cuda.graph's notes ask, then the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
 
 
 def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str = "cuda", dims: dict | None = None,
@@ -102,24 +150,55 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     quantize(osc, OSCConfig.osc(fmt, outliers), calib, progress=False)
     stacked = copy.deepcopy(osc)
     fuse_siblings(stacked)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (1, prefill + reps + 3), generator=g).to(device)
     rows, logits = [], {}
     for name, m in (("BF16" if device == "cuda" else "float", model), ("OSC, siblings apart", osc),
                     ("OSC, siblings stacked", stacked)):
-        pre, dec, logits[name] = measure(m, prefill, device, reps)
-        rows.append(ModelRow(name, pre / layers, dec / layers))
+        with _attention_backends(device):
+            pre, dec, logits[name] = measure(m, ids, prefill, device, reps)
+            graph = pre_graph = None
+            if device == "cuda":
+                graph, graph_logits = measure_graph(m, ids, prefill, reps)
+                # the graphed step at position P computes what the eager one did
+                logits[name + ", CUDA graph"] = graph_logits
+                pre_graph = measure_prefill_graph(m, ids, prefill, reps) / layers
+        rows.append(ModelRow(name, pre / layers, dec / layers, graph and graph / layers, pre_graph))
     names = [r.variant for r in rows]
 
     def err(a, b):
         return ((logits[a] - logits[b]).norm() / logits[b].norm()).item()
-    # the first decode step's logits: quantization's effect, and stacking's (none but the GEMMs' summation order)
-    return rows, {f"{names[1]} vs {names[0]}": err(names[1], names[0]), f"{names[2]} vs {names[1]}": err(names[2], names[1])}
+    # the first decode step's logits: quantization's effect (both OSC models equally far from BF16), stacking's (only
+    # the GEMMs' summation order, which W4A4's rounding of the next layers' inputs can magnify in a random model), and
+    # the graph's (none)
+    errs = {f"{names[1]} vs {names[0]}": err(names[1], names[0]), f"{names[2]} vs {names[0]}": err(names[2], names[0]),
+            f"{names[2]} vs {names[1]}": err(names[2], names[1])}
+    for name in names if device == "cuda" else ():  # a static cache and its attention kernels against the eager ones
+        errs[f"{name}, CUDA graph vs eager"] = err(name + ", CUDA graph", name)
+    return rows, errs
+
+
+def _attention_backends(device: str):
+    """SDPA without cuDNN, for every model alike (the module docstring says why)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device != "cuda":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def markdown(rows: list[ModelRow], prefill: int) -> str:
+    """One column per time (ms a decoder layer), each followed by its ratio to the first row (BF16)."""
     base = rows[0]
-    lines = [f"| model | prefill of {prefill} tokens, ms a layer | × {base.variant} | decode step, ms a layer | "
-             f"× {base.variant} |", "|---|---|---|---|---|"]
+    cols = [(f"prefill of {prefill} tokens", "prefill_ms"), ("decode step", "decode_ms")]
+    if base.graph_ms is not None:
+        cols = [cols[0], (f"prefill of {prefill} tokens from a CUDA graph", "prefill_graph_ms"), cols[1],
+                ("decode step from a CUDA graph", "graph_ms")]
+    lines = ["| model | " + " | ".join(f"{title}, ms a layer | × {base.variant}" for title, _ in cols) + " |",
+             "|---|" + "---|---|" * len(cols)]
     for r in rows:
-        lines.append(f"| {r.variant} | {r.prefill_ms:.3f} | {base.prefill_ms / r.prefill_ms:.2f} | {r.decode_ms:.3f} | "
-                     f"{base.decode_ms / r.decode_ms:.2f} |")
+        cells = [f"{getattr(r, f):.3f} | {getattr(base, f) / getattr(r, f):.2f}" for _, f in cols]
+        lines.append(f"| {r.variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Greedy generation whose decode steps replay a CUDA graph.
+
+Eagerly, every OSC layer costs the host 100-250 µs of Python and launches for 9-110 µs of GPU work (two to three
+Triton launches, each with its argument handling; docs/bench/h200_model_2026-11-30.md), so a decode step waits on the
+host and the 4-bit GEMMs' speed never shows. Here the prompt runs eagerly into a static KV cache, one decode step is
+captured, and each further token replays it: the step reads its token and position from device buffers and writes the
+next ones back (argmax, position + 1), so the host only launches the graph. On the CPU, or with ``graph=False``, the
+same steps run eagerly: the tests check that both give model.generate's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, graph: bool | None = None,
+             check_every: int = 16) -> torch.Tensor:
+    """ids [1, P] -> [1, P + new] greedy tokens, stopping after an end-of-sequence token (``eos_token_id``: an id,
+    a list of ids, or None for the model's generation config). ``graph``: replay a CUDA graph for the decode steps
+    (default: on a CUDA model)."""
+    from transformers import StaticCache
+
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"generate takes one prompt of at least one token, ids [1, P]; got shape {tuple(ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    dev = next(model.parameters()).device
+    graph = dev.type == "cuda" if graph is None else graph
+    if graph and dev.type != "cuda":
+        raise RuntimeError("a CUDA graph needs the model on a CUDA GPU; move it there, or pass graph=False")
+    eos = _eos_ids(model, eos_token_id)
+    ids = ids.to(dev)
+    p = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+    logits = model(ids, past_key_values=cache, cache_position=torch.arange(p, device=dev), use_cache=True).logits
+    tok = logits[:, -1:].argmax(-1)  # [1, 1], the next step's input, updated in place by each step
+    pos = torch.tensor([p], device=dev)
+
+    def step():
+        # transformers 5's static cache counts stored tokens on the device and writes at that count: set it to the
+        # position, so that a replayed step writes where its token belongs
+        for layer in cache.layers:
+            layer.cumulative_length.copy_(pos[0])
+        out = model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        tok.copy_(out[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    run = step
+    if graph and max_new_tokens > 1:
+        run = _captured(step, tok, pos)
+    new = [tok.clone()]
+    for i in range(1, max_new_tokens):
+        if eos and i % check_every == 0 and _ended(new, eos):
+            break
+        run()
+        new.append(tok.clone())
+    out = torch.cat(new, dim=1)
+    if eos:  # cut after the first end-of-sequence token, as model.generate stops there
+        hits = torch.isin(out[0], torch.tensor(sorted(eos), device=dev)).nonzero()
+        if hits.numel():
+            out = out[:, :hits[0, 0] + 1]
+    return torch.cat([ids, out], dim=1)
+
+
+def _captured(step, tok: torch.Tensor, pos: torch.Tensor):
+    """``step`` captured into a CUDA graph (after warm-ups on a side stream that compile the kernels); the warm-ups
+    advance the token and position, so both are put back before the capture and after it."""
+    saved_tok, saved_pos = tok.clone(), pos.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            tok.copy_(saved_tok)
+            pos.copy_(saved_pos)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    tok.copy_(saved_tok)
+    pos.copy_(saved_pos)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):  # recorded, not run: the token and position stay where they were put back
+        step()
+    return g.replay
+
+
+def _eos_ids(model, eos_token_id) -> set:
+    if eos_token_id is None:
+        cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(cfg, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+
+def _ended(new: list, eos: set) -> bool:
+    return bool(torch.isin(torch.cat(new, dim=1), torch.tensor(sorted(eos), device=new[0].device)).any())
