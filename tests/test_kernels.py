@@ -556,4 +556,3 @@ def test_whole_model_on_gpu_matches_the_reference(arch, monkeypatch):
         monkeypatch.setenv("OSCQUANT_BACKEND", "reference")
         ref = model(ids).logits.float()
     assert torch.isfinite(fast).all() and rel_err(fast, ref) <= 2e-2
-
