@@ -132,8 +132,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_quantized(path: str | os.PathLike, device: str = "cpu"):
-    """Returns (model, tokenizer). Raises CheckpointError for a damaged or mismatched checkpoint."""
+def load_quantized(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Returns (model, tokenizer), the model's float tensors in ``dtype`` (default: the dtype it was quantized in; the
+    OSC layers' encoded weights never change). Raises CheckpointError for a damaged or mismatched checkpoint."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -179,6 +180,6 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu"):
     model.osc_config = OSCConfig.from_dict(meta["osc_config"])
     model.osc_source = meta.get("source", {})
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    # float buffers that are not saved (rotary tables) follow the dtype the model ran in
-    model.to(getattr(torch, meta.get("dtype", "float32")))
+    # float buffers that are not saved (rotary tables) follow the dtype the model ran in, or the one asked for
+    model.to(dtype or getattr(torch, meta.get("dtype", "float32")))
     return model.to(device).eval(), tok

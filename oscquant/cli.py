@@ -26,6 +26,22 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-budget", type=float, default=1 / 7, help="auto: share of layers allowed to fall back")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU where one is visible; on a GPU the model runs in BF16, on the CPU in float32 "
+                        "(a checkpoint: in the dtype it was quantized in)")
+
+
+def _device(a):
+    """(device, dtype) for --device: BF16 on a GPU, where the kernels run; None (the model's default) on the CPU."""
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (torch.bfloat16 if device == "cuda" else None)
+
+
 def config_from_args(a) -> OSCConfig:
     if getattr(a, "policy", "fixed") == "auto":
         if a.outliers is not None or a.outlier_ratio is not None:
@@ -42,7 +58,8 @@ def cmd_quantize(a) -> int:
     from .models import load_model
 
     cfg = config_from_args(a)
-    model, tok, src = load_model(a.model)
+    device, dtype = _device(a)
+    model, tok, src = load_model(a.model, dtype, device)
     text = split_text(read_text(a.calib), a.calib_part)
     batches = windows(tok, text, a.seq_len, a.calib_samples)
     t = time.time()
@@ -62,7 +79,8 @@ def cmd_eval(a) -> int:
     from .models import load_model
     from .siblings import fuse_siblings
 
-    model, tok, src = load_model(a.model)
+    device, dtype = _device(a)
+    model, tok, src = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
     if calib and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
@@ -86,16 +104,12 @@ def _calibration_of(path: str) -> dict:
 def cmd_generate(a) -> int:
     import time
 
-    import torch
-
     from .generate import generate
     from .models import load_model
     from .siblings import fuse_siblings
 
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
-    model, tok, _ = load_model(a.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    device, dtype = _device(a)
+    model, tok, _ = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer to generate with")
@@ -238,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--out", required=True)
     _add_scheme_args(q)
+    _add_device_arg(q)
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity on held-out text")
@@ -248,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--json", action="store_true")
+    _add_device_arg(e)
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy text generation")
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA where a GPU is visible")
+    _add_device_arg(g)
     g.add_argument("--no-graph", action="store_true",
                    help="on CUDA, run every decode step eagerly instead of replaying a CUDA graph")
     g.set_defaults(fn=cmd_generate)

@@ -47,17 +47,18 @@ def resolve(spec: str) -> dict:
     return {"kind": "hub", "spec": spec}
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Returns (model, tokenizer, source) with the model in eval mode."""
+def load_model(spec: str, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Returns (model, tokenizer, source) with the model in eval mode, in ``dtype`` (default: float32, or for an
+    oscquant checkpoint the dtype it was quantized in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve(spec)
     if src["kind"] == "oscquant":
         from .checkpoint import load_quantized
 
-        model, tok = load_quantized(spec, device=device)
+        model, tok = load_quantized(spec, device=device, dtype=dtype)
         return model, tok, model.osc_source
-    kw = {"dtype": dtype}
+    kw = {"dtype": dtype or torch.float32}
     if src["kind"] == "gguf":
         where, kw["gguf_file"] = src["dir"], src["file"]
     elif src["kind"] == "pretrained":

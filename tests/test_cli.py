@@ -36,19 +36,19 @@ def test_quantize_eval_generate_info(local_model, capsys):
     root = local_model
     ck = root / "ck"
     code, out, err = run(capsys, "quantize", root / "model", "--calib", root / "text.txt", "--out", ck,
-                         "--outliers", "16", "--calib-samples", "4", "--seq-len", "32")
+                         "--outliers", "16", "--calib-samples", "4", "--seq-len", "32", "--device", "cpu")
     assert code == 0, err
     assert "quantized 14 layers" in out and (ck / "osc_config.json").is_file()
     meta = json.loads((ck / "osc_config.json").read_text())
     assert meta["calibration"]["part"] == "calib" and meta["source"]["kind"] == "pretrained"
 
-    code, out, err = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32")
+    code, out, err = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32", "--device", "cpu")
     assert code == 0, err
     ppl = float(re.search(r"^perplexity: ([0-9.]+)$", out, re.M).group(1))
-    _, out, _ = run(capsys, "eval", root / "model", "--text", root / "text.txt", "--seq-len", "32")
+    _, out, _ = run(capsys, "eval", root / "model", "--text", root / "text.txt", "--seq-len", "32", "--device", "cpu")
     ppl_float = float(re.search(r"^perplexity: ([0-9.]+)$", out, re.M).group(1))
     assert ppl != ppl_float and 0.5 < ppl / ppl_float < 2, (ppl, ppl_float)
-    code, out, _ = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32", "--json")
+    code, out, _ = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32", "--json", "--device", "cpu")
     rec = json.loads(out)
     assert rec["perplexity"] == pytest.approx(ppl, rel=1e-4) and rec["part"] == "heldout"
     # eval runs the sibling projections stacked (siblings.py): the perplexity of the layers run one by one
@@ -60,10 +60,70 @@ def test_quantize_eval_generate_info(local_model, capsys):
     # the held-out part is the tail of the file, which calibration never reads
     assert rec["tokens"] < 0.2 * len(TEXT)
 
-    code, out, err = run(capsys, "generate", ck, "--prompt", "In the year", "--max-new-tokens", "5")
+    code, out, err = run(capsys, "generate", ck, "--prompt", "In the year", "--max-new-tokens", "5", "--device", "cpu")
     assert code == 0, err
+    assert "5 tokens in" in err and "on cpu" in err
     code, out, _ = run(capsys, "info", ck)
     assert "model.layers.0.self_attn.q_proj: mxfp4 k=16" in out
+
+
+def test_a_checkpoint_loads_in_another_dtype(local_model, capsys):
+    """A checkpoint quantized in float32 loads in BF16 (as --device cuda runs it): the model's own float tensors
+    change dtype, the OSC layers' encoded weights do not, and the logits stay close."""
+    import torch
+
+    from oscquant import OSCLinear, load_quantized
+
+    root = local_model
+    ck = root / "ck_dtype"
+    code, _, err = run(capsys, "quantize", root / "model", "--calib", root / "text.txt", "--out", ck, "--outliers",
+                       "16", "--calib-samples", "2", "--seq-len", "32", "--device", "cpu")
+    assert code == 0, err
+    f32, tok = load_quantized(ck)
+    bf16, _ = load_quantized(ck, dtype=torch.bfloat16)
+    assert f32.get_input_embeddings().weight.dtype == torch.float32
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+    layers = [(n, m) for n, m in f32.named_modules() if isinstance(m, OSCLinear)]
+    for name, m in layers:
+        other = bf16.get_submodule(name)
+        for buf in ("qweight", "wscale", "w_outlier", "outlier_idx"):
+            assert torch.equal(getattr(m, buf), getattr(other, buf)), (name, buf)
+    ids = tok("In the year 1801 the Congress", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = f32(ids).logits, bf16(ids).logits.float()
+    assert ((a - b).norm() / a.norm()).item() < 5e-2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("cmd", ["quantize", "eval", "generate"])
+def test_device_cuda_without_a_gpu_says_so(local_model, capsys, cmd):
+    root = local_model
+    args = {"quantize": ["--calib", root / "text.txt", "--out", root / "never"], "eval": ["--text", root / "text.txt"],
+            "generate": ["--prompt", "In the year"]}[cmd]
+    with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
+        run(capsys, cmd, root / "model", *args, "--device", "cuda")
+    assert not (root / "never").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_quantize_eval_generate_on_the_gpu(local_model, capsys):
+    """The same commands with --device cuda: calibration and quantization on the GPU in BF16, evaluation and generation
+    through the kernels (generation from a CUDA graph); the perplexity close to the CPU run's."""
+    root = local_model
+    ck = root / "ck_gpu"
+    code, out, err = run(capsys, "quantize", root / "model", "--calib", root / "text.txt", "--out", ck,
+                         "--outliers", "16", "--calib-samples", "4", "--seq-len", "32", "--device", "cuda")
+    assert code == 0, err
+    assert json.loads((ck / "osc_config.json").read_text())["dtype"] == "bfloat16"
+    ppl = {}
+    for device in ("cuda", "cpu"):
+        code, out, err = run(capsys, "eval", ck, "--text", root / "text.txt", "--seq-len", "32", "--json",
+                             "--device", device)
+        assert code == 0, err
+        ppl[device] = json.loads(out)["perplexity"]
+    assert abs(ppl["cuda"] / ppl["cpu"] - 1) < 0.05, ppl
+    code, out, err = run(capsys, "generate", ck, "--prompt", "In the year", "--max-new-tokens", "8", "--device", "cuda")
+    assert code == 0 and "on cuda" in err, err
 
 
 @pytest.mark.parametrize("args,message", [
