@@ -1,8 +1,8 @@
 """Greedy generation whose decode steps replay a CUDA graph.
 
-Eagerly, every OSC layer costs the host 100-250 µs of Python and launches for 9-110 µs of GPU work (two to three
-Triton launches, each with its argument handling; docs/bench/h200_model_2026-11-30.md), so a decode step waits on the
-host and the 4-bit GEMMs' speed never shows. Here the prompt runs eagerly into a static KV cache, one decode step is
+Eagerly, every OSC layer costs the host 110-250 µs of Python, allocations and two or three Triton launches for 9-112 µs
+of GPU work on the H200 (docs/bench/h200_model_2026-11-30.md), so a decode step waits on the host and the 4-bit GEMMs'
+speed never shows. Here the prompt runs eagerly into a static KV cache, one decode step is
 captured, and each further token replays it: the step reads its token and position from device buffers and writes the
 next ones back (argmax, position + 1), so the host only launches the graph. On the CPU, or with ``graph=False``, the
 same steps run eagerly: the tests check that both give model.generate's tokens.
@@ -64,8 +64,8 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
 
 
 def _captured(step, tok: torch.Tensor, pos: torch.Tensor):
-    """``step`` captured into a CUDA graph (after warm-ups on a side stream that compile the kernels); the warm-ups
-    advance the token and position, so both are put back before the capture and after it."""
+    """``step`` captured into a CUDA graph, after warm-ups on a side stream that compile the kernels; each warm-up
+    advances the token and position, so both are put back before every warm-up and before the capture."""
     saved_tok, saved_pos = tok.clone(), pos.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
