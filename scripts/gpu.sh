@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, the GEMM benchmark and the model end to end.
 # Usage: bash scripts/gpu.sh [tests] [bench] [model]   (all three without arguments; on the lent device, whose commands
-# stop after 10 minutes, run "tests" (about 6 minutes) and "bench model" (about 3) as two calls)
+# stop after 10 minutes, run "tests" (about 7 minutes) and "bench model" (about 3) as two calls)
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
 # Results land in ${OUT:-out}/: gpu.txt, pytest.log, bench.json, bench.md, bench.png, bench.log (with the comparison
 # against the newest full run in docs/bench), model.md.
