@@ -119,7 +119,7 @@ def cmd_generate(a) -> int:
     else:
         ids = tok(a.prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
-    out = generate(model, ids, a.max_new_tokens, graph=device == "cuda" and not a.no_graph)
+    out = generate(model, ids, a.max_new_tokens, graph=False if a.no_graph else None)  # None: a graph where it can
     took = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

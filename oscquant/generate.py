@@ -10,6 +10,8 @@ same steps run eagerly: the tests check that both give model.generate's tokens.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -18,7 +20,8 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
              check_every: int = 16) -> torch.Tensor:
     """ids [1, P] -> [1, P + new] greedy tokens, stopping after an end-of-sequence token (``eos_token_id``: an id,
     a list of ids, or None for the model's generation config). ``graph``: replay a CUDA graph for the decode steps
-    (default: on a CUDA model)."""
+    (default: on a CUDA model whose cache allows it; models with sliding-window layers, such as Gemma 3, decode
+    eagerly with a warning, and ``graph=True`` raises for them)."""
     from transformers import StaticCache
 
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -26,6 +29,7 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     dev = next(model.parameters()).device
+    asked = graph
     graph = dev.type == "cuda" if graph is None else graph
     if graph and dev.type != "cuda":
         raise RuntimeError("a CUDA graph needs the model on a CUDA GPU; move it there, or pass graph=False")
@@ -33,6 +37,12 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
     ids = ids.to(dev)
     p = ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+    why = _why_no_graph(cache) if graph else None
+    if why and asked:
+        raise ValueError(f"this model's decode step cannot be replayed from a CUDA graph: {why}; pass graph=False")
+    if why:
+        warnings.warn(f"oscquant.generate: the decode steps run eagerly: {why}", stacklevel=2)
+        graph = False
     logits = model(ids, past_key_values=cache, cache_position=torch.arange(p, device=dev), use_cache=True).logits
     tok = logits[:, -1:].argmax(-1)  # [1, 1], the next step's input, updated in place by each step
     pos = torch.tensor([p], device=dev)
@@ -81,6 +91,18 @@ def _captured(step, tok: torch.Tensor, pos: torch.Tensor):
     with torch.cuda.graph(g):  # recorded, not run: the token and position stay where they were put back
         step()
     return g.replay
+
+
+def _why_no_graph(cache) -> str | None:
+    """None if every layer of the static cache keeps its state on the device (plain full-attention layers), else why
+    not: a sliding-window layer decides on the host, from a Python count, whether its window is full (and rolls it
+    then), so a captured step would replay the state it was captured in."""
+    from transformers.cache_utils import StaticLayer
+
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if kinds:
+        return f"its cache has {', '.join(kinds)} layers (sliding-window attention), whose fill state the host tracks"
+    return None
 
 
 def _eos_ids(model, eos_token_id) -> set:

@@ -75,3 +75,18 @@ def test_cuda_graph_replays_give_the_eager_steps_tokens(dtype):
     bf16 = copy.deepcopy(tiny("cuda", dtype))
     assert torch.equal(generate(bf16, ids, 24, eos_token_id=None), generate(bf16, ids, 24, eos_token_id=None,
                                                                              graph=False))
+
+
+def test_sliding_window_caches_are_not_graphed():
+    """Gemma 3's sliding-window layers track their fill on the host, so a captured decode step would replay one state:
+    generate says so and runs those steps eagerly (the same tokens as model.generate past the window)."""
+    from tiny import tiny_model
+    from transformers import StaticCache
+
+    from oscquant.generate import _why_no_graph
+
+    gemma, llama = tiny_model("gemma3_text"), tiny_model("llama")
+    assert "StaticSlidingWindowLayer" in _why_no_graph(StaticCache(config=gemma.config, max_cache_len=40))
+    assert _why_no_graph(StaticCache(config=llama.config, max_cache_len=40)) is None
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate(gemma, ids, 24, eos_token_id=None), hf_greedy(gemma, ids, 24))  # 36 > window 16
