@@ -96,41 +96,25 @@ def measure_graph(model, ids: torch.Tensor, prefill: int, reps: int) -> tuple[fl
     filled by a prefill, the step captured once and replayed."""
     from transformers import StaticCache
 
+    from .generate import capture_graph, decode_step
+
     dev = ids.device
     cache = StaticCache(config=model.config, max_cache_len=prefill + 16)
     model(ids[:, :prefill], past_key_values=cache, cache_position=torch.arange(prefill, device=dev), use_cache=True)
     tok, pos = ids[:, prefill:prefill + 1].clone(), torch.tensor([prefill], device=dev)
 
-    def step():
-        # the static cache counts the tokens it has stored on the device (transformers 5): set back to P, so that every
-        # replay writes slot P again rather than one slot further
-        for layer in cache.layers:
-            layer.cumulative_length.copy_(pos[0])
-        return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-
-    replay, logits = _capture(step)
+    # every replay writes slot P again (decode_step sets the cache's count back to pos)
+    replay, logits = capture_graph(lambda: decode_step(model, cache, tok, pos), warmups=3)
     return _time_ms(replay, "cuda", reps), logits[0, -1].float().clone()
 
 
 @torch.no_grad()
 def measure_prefill_graph(model, ids: torch.Tensor, prefill: int, reps: int) -> float:
     """ms of the prefill of P tokens (no cache) replayed from a CUDA graph: the kernels' time without the host's."""
-    replay, _ = _capture(lambda: model(ids[:, :prefill], use_cache=False).logits)
+    from .generate import capture_graph
+
+    replay, _ = capture_graph(lambda: model(ids[:, :prefill], use_cache=False).logits, warmups=3)
     return _time_ms(replay, "cuda", reps)
-
-
-def _capture(fn):
-    """(replay, fn's captured output): warm-ups on a side stream, as torch.cuda.graph's notes ask, then the capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
 
 
 def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str = "cuda", dims: dict | None = None,

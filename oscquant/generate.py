@@ -48,17 +48,14 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
     pos = torch.tensor([p], device=dev)
 
     def step():
-        # transformers 5's static cache counts stored tokens on the device and writes at that count: set it to the
-        # position, so that a replayed step writes where its token belongs
-        for layer in cache.layers:
-            layer.cumulative_length.copy_(pos[0])
-        out = model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-        tok.copy_(out[:, -1:].argmax(-1))
+        tok.copy_(decode_step(model, cache, tok, pos)[:, -1:].argmax(-1))
         pos.add_(1)
 
     run = step
     if graph and max_new_tokens > 1:
-        run = _captured(step, tok, pos)
+        # each warm-up advances the token and position: both are put back before every warm-up and the capture
+        saved_tok, saved_pos = tok.clone(), pos.clone()
+        run, _ = capture_graph(step, before=lambda: (tok.copy_(saved_tok), pos.copy_(saved_pos)))
     new = [tok.clone()]
     for i in range(1, max_new_tokens):
         if eos and i % check_every == 0 and _ended(new, eos):
@@ -73,24 +70,32 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
     return torch.cat([ids, out], dim=1)
 
 
-def _captured(step, tok: torch.Tensor, pos: torch.Tensor):
-    """``step`` captured into a CUDA graph, after warm-ups on a side stream that compile the kernels; each warm-up
-    advances the token and position, so both are put back before every warm-up and before the capture."""
-    saved_tok, saved_pos = tok.clone(), pos.clone()
+def decode_step(model, cache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The logits of token ``tok`` [1, 1] at position ``pos`` [1] (device tensors), its keys and values written into the
+    static cache at that position, with no host-side state: a CUDA graph of it replays correctly."""
+    # transformers 5's static cache counts stored tokens on the device and writes at that count: set it to the
+    # position, so that a replayed step writes where its token belongs
+    for layer in cache.layers:
+        layer.cumulative_length.copy_(pos[0])
+    return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+
+def capture_graph(fn, before=lambda: None, warmups: int = 2):
+    """(replay, fn's output in the graph's memory): ``fn`` captured into a CUDA graph after warm-ups on a side stream
+    (as torch.cuda.graph's notes ask; they also compile the kernels), ``before()`` run before each warm-up and before
+    the capture, which records ``fn`` without running it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            tok.copy_(saved_tok)
-            pos.copy_(saved_pos)
-            step()
+        for _ in range(warmups):
+            before()
+            fn()
     torch.cuda.current_stream().wait_stream(side)
-    tok.copy_(saved_tok)
-    pos.copy_(saved_pos)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):  # recorded, not run: the token and position stay where they were put back
-        step()
-    return g.replay
+    before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
 
 
 def _why_no_graph(cache) -> str | None:

@@ -23,6 +23,7 @@ SHAPES = {"qkv": (6144, 4096, "mxfp4"), "o": (4096, 4096, "mxfp4"), "gate+up": (
 
 
 def host_us(fn, calls=200):
+    """µs a call spent on the host: the clock stops before waiting for the GPU."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()

@@ -22,6 +22,7 @@ from oscquant.siblings import fuse_siblings
 
 
 def wall_ms(fn, reps=10):
+    """ms a call until the GPU has finished too (host_overhead.host_us stops its clock before that wait)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
