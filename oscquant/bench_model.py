@@ -32,6 +32,8 @@ class ModelRow:
     decode_ms: float  # one token after P, per decoder layer
     graph_ms: float | None = None  # the same decode step replayed from a CUDA graph (GPU only)
     prefill_graph_ms: float | None = None  # the prefill replayed from a CUDA graph (GPU only)
+    compiled_ms: float | None = None  # the decode step compiled by torch.compile, then replayed from a CUDA graph
+    prefill_compiled_ms: float | None = None  # the prefill compiled, then replayed from a CUDA graph
 
 
 def build(layers: int = 4, vocab: int = 4096, dims: dict | None = None, device: str = "cuda",
@@ -91,36 +93,40 @@ def measure(model, ids: torch.Tensor, prefill: int, device: str, reps: int) -> t
 
 
 @torch.no_grad()
-def measure_graph(model, ids: torch.Tensor, prefill: int, reps: int) -> tuple[float, torch.Tensor]:
+def measure_graph(model, ids: torch.Tensor, prefill: int, reps: int, compile: bool = False) -> tuple[float, torch.Tensor]:
     """(ms, logits) of the decode step at position P (token ids[:, P]) replayed from a CUDA graph: a static KV cache
-    filled by a prefill, the step captured once and replayed."""
+    filled by a prefill, the step (compiled first, with ``compile``) captured once and replayed."""
     from transformers import StaticCache
 
-    from .generate import capture_graph, decode_step
+    from .generate import capture_graph, compiled_step, decode_step
 
+    step = compiled_step() if compile else decode_step
     dev = ids.device
     cache = StaticCache(config=model.config, max_cache_len=prefill + 16)
     model(ids[:, :prefill], past_key_values=cache, cache_position=torch.arange(prefill, device=dev), use_cache=True)
     tok, pos = ids[:, prefill:prefill + 1].clone(), torch.tensor([prefill], device=dev)
 
     # every replay writes slot P again (decode_step sets the cache's count back to pos)
-    replay, logits = capture_graph(lambda: decode_step(model, cache, tok, pos), warmups=3)
+    replay, logits = capture_graph(lambda: step(model, cache, tok, pos), warmups=3)
     return _time_ms(replay, "cuda", reps), logits[0, -1].float().clone()
 
 
 @torch.no_grad()
-def measure_prefill_graph(model, ids: torch.Tensor, prefill: int, reps: int) -> float:
-    """ms of the prefill of P tokens (no cache) replayed from a CUDA graph: the kernels' time without the host's."""
+def measure_prefill_graph(model, ids: torch.Tensor, prefill: int, reps: int, compile: bool = False) -> float:
+    """ms of the prefill of P tokens (no cache) replayed from a CUDA graph: the kernels' time without the host's
+    (with ``compile``, the forward compiled by torch.compile first)."""
     from .generate import capture_graph
 
-    replay, _ = capture_graph(lambda: model(ids[:, :prefill], use_cache=False).logits, warmups=3)
+    forward = torch.compile(model.forward) if compile else model.forward
+    replay, _ = capture_graph(lambda: forward(ids[:, :prefill], use_cache=False).logits, warmups=3)
     return _time_ms(replay, "cuda", reps)
 
 
 def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str = "cuda", dims: dict | None = None,
-                vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128) -> tuple[list[ModelRow], dict]:
+                vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False
+                ) -> tuple[list[ModelRow], dict]:
     """Rows for BF16, OSC with its sibling projections apart and stacked, and the relative differences of their first
-    decode step's logits."""
+    decode step's logits. ``compile`` (GPU): also the decode step compiled by torch.compile, from a CUDA graph."""
     from .config import OSCConfig
     from .convert import quantize
     from .siblings import fuse_siblings
@@ -141,13 +147,18 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
                     ("OSC, siblings stacked", stacked)):
         with _attention_backends(device):
             pre, dec, logits[name] = measure(m, ids, prefill, device, reps)
-            graph = pre_graph = None
+            row = ModelRow(name, pre / layers, dec / layers)
             if device == "cuda":
                 graph, graph_logits = measure_graph(m, ids, prefill, reps)
+                row.graph_ms = graph / layers
                 # the graphed step at position P computes what the eager one did
                 logits[name + ", CUDA graph"] = graph_logits
-                pre_graph = measure_prefill_graph(m, ids, prefill, reps) / layers
-        rows.append(ModelRow(name, pre / layers, dec / layers, graph and graph / layers, pre_graph))
+                row.prefill_graph_ms = measure_prefill_graph(m, ids, prefill, reps) / layers
+                if compile:
+                    comp, logits[name + ", compiled"] = measure_graph(m, ids, prefill, reps, compile=True)
+                    row.compiled_ms = comp / layers
+                    row.prefill_compiled_ms = measure_prefill_graph(m, ids, prefill, reps, compile=True) / layers
+        rows.append(row)
     names = [r.variant for r in rows]
 
     def err(a, b):
@@ -159,6 +170,8 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
             f"{names[2]} vs {names[1]}": err(names[2], names[1])}
     for name in names if device == "cuda" else ():  # a static cache and its attention kernels against the eager ones
         errs[f"{name}, CUDA graph vs eager"] = err(name + ", CUDA graph", name)
+        if name + ", compiled" in logits:
+            errs[f"{name}, compiled vs not"] = err(name + ", compiled", name + ", CUDA graph")
     return rows, errs
 
 
@@ -180,6 +193,9 @@ def markdown(rows: list[ModelRow], prefill: int) -> str:
     if base.graph_ms is not None:
         cols = [cols[0], (f"prefill of {prefill} tokens from a CUDA graph", "prefill_graph_ms"), cols[1],
                 ("decode step from a CUDA graph", "graph_ms")]
+    if base.compiled_ms is not None:
+        cols += [(f"prefill of {prefill} tokens compiled, from a CUDA graph", "prefill_compiled_ms"),
+                 ("decode step compiled, from a CUDA graph", "compiled_ms")]
     lines = ["| model | " + " | ".join(f"{title}, ms a layer | × {base.variant}" for title, _ in cols) + " |",
              "|---|" + "---|---|" * len(cols)]
     for r in rows:

@@ -119,7 +119,8 @@ def cmd_generate(a) -> int:
     else:
         ids = tok(a.prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
-    out = generate(model, ids, a.max_new_tokens, graph=False if a.no_graph else None)  # None: a graph where it can
+    # graph None: a graph where it can
+    out = generate(model, ids, a.max_new_tokens, graph=False if a.no_graph else None, compile=a.compile)
     took = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -190,7 +191,7 @@ def cmd_bench(a) -> int:
         from .bench_model import bench_model
         from .bench_model import markdown as model_markdown
 
-        rows, errs = bench_model(a.layers, a.prefill)
+        rows, errs = bench_model(a.layers, a.prefill, compile=a.compile)
         text = model_markdown(rows, a.prefill) + "\n\n" + "\n".join(
             f"- first decode step's logits, {k}: relative difference {v:.1e}" for k, v in errs.items())
         print(text)
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_device_arg(g)
     g.add_argument("--no-graph", action="store_true",
                    help="on CUDA, run every decode step eagerly instead of replaying a CUDA graph")
+    g.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile first (fuses the small kernels around the GEMMs; "
+                        "compiling takes tens of seconds)")
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("demo", help="quantize SmolLM2-135M and compare held-out perplexity")
@@ -315,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--base", default=None, help="an earlier gemm run's JSON: gemm and diff compare against it")
     b.add_argument("--layers", type=int, default=4, help="model: decoder layers of the Qwen3-8B-shaped model")
     b.add_argument("--prefill", type=int, default=512, help="model: prompt tokens (also the decode step's KV cache)")
+    b.add_argument("--compile", action="store_true",
+                   help="model: also time the decode step compiled by torch.compile, replayed from a CUDA graph")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="describe a checkpoint")

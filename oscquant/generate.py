@@ -17,11 +17,12 @@ import torch
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, graph: bool | None = None,
-             check_every: int = 16) -> torch.Tensor:
+             check_every: int = 16, compile: bool = False) -> torch.Tensor:
     """ids [1, P] -> [1, P + new] greedy tokens, stopping after an end-of-sequence token (``eos_token_id``: an id,
     a list of ids, or None for the model's generation config). ``graph``: replay a CUDA graph for the decode steps
     (default: on a CUDA model whose cache allows it; models with sliding-window layers, such as Gemma 3, decode
-    eagerly with a warning, and ``graph=True`` raises for them)."""
+    eagerly with a warning, and ``graph=True`` raises for them). ``compile``: run the decode step through torch.compile
+    first (compiled_step), so that the norms, rotary embedding and other small kernels around the GEMMs are fused."""
     from transformers import StaticCache
 
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -47,8 +48,10 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, g
     tok = logits[:, -1:].argmax(-1)  # [1, 1], the next step's input, updated in place by each step
     pos = torch.tensor([p], device=dev)
 
+    step_fn = compiled_step() if compile else decode_step
+
     def step():
-        tok.copy_(decode_step(model, cache, tok, pos)[:, -1:].argmax(-1))
+        tok.copy_(step_fn(model, cache, tok, pos)[:, -1:].argmax(-1))
         pos.add_(1)
 
     run = step
@@ -78,6 +81,15 @@ def decode_step(model, cache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Ten
     for layer in cache.layers:
         layer.cumulative_length.copy_(pos[0])
     return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+
+def compiled_step():
+    """decode_step under torch.compile. In a decode step on the H200 the GEMMs are a minority of the GPU time: the
+    norms, rotary embedding, attention and elementwise kernels around them took ~0.19 of 0.29 ms a Qwen3-8B layer
+    (docs/bench/h200_model_2026-11-30.md). Compiling fuses most of those; the OSC layers stay one opaque custom op each
+    (oscquant::osc_linear), so their kernels are unchanged. The first call compiles (tens of seconds); later steps
+    reuse it, the position being a device tensor."""
+    return torch.compile(decode_step)
 
 
 def capture_graph(fn, before=lambda: None, warmups: int = 2):

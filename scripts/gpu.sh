@@ -27,6 +27,7 @@ if [[ $PARTS == *" bench "* ]]; then
 fi
 if [[ $PARTS == *" model "* ]]; then
     # end to end: a Qwen3-8B-shaped model, BF16 against OSC with q/k/v and gate/up apart and stacked
+    # (MODEL_COMPILE=1: also the decode step compiled by torch.compile)
     python3 -m oscquant.cli bench model --layers "${MODEL_LAYERS:-4}" --prefill "${MODEL_PREFILL:-512}" \
-        --md "$OUT/model.md" 2>&1 | tail -8
+        ${MODEL_COMPILE:+--compile} --md "$OUT/model.md" 2>&1 | tail -10
 fi
