@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .accuracy import accuracy  # noqa: E402
 from .calibration import ChannelStats, collect_stats  # noqa: E402
 from .checkpoint import load_quantized, save_quantized  # noqa: E402
 from .config import LayerScheme, OSCConfig  # noqa: E402
@@ -10,5 +11,5 @@ from .evaluate import perplexity  # noqa: E402
 from .linear import OSCLinear  # noqa: E402
 from .siblings import fuse_siblings  # noqa: E402
 
-__all__ = ["ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "fuse_siblings", "load_quantized",
+__all__ = ["accuracy", "ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "fuse_siblings", "load_quantized",
            "perplexity", "quantize", "save_quantized", "summary"]

@@ -79,19 +79,34 @@ def cmd_eval(a) -> int:
     from .models import load_model
     from .siblings import fuse_siblings
 
+    if not a.text and not a.tasks:
+        raise ValueError("nothing to evaluate: give --text (perplexity) and/or --tasks (lm-eval accuracy)")
     device, dtype = _device(a)
     model, tok, src = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
-    if calib and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
+    if calib and a.text and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
         print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
-    text = split_text(read_text(a.text), a.part)
-    r = perplexity(model, tok, text, a.seq_len, a.max_windows, progress=not a.json)
+    report = {"model": a.model}
+    if a.text:
+        text = split_text(read_text(a.text), a.part)
+        r = perplexity(model, tok, text, a.seq_len, a.max_windows, progress=not a.json)
+        report.update({"text": a.text, "part": a.part, **r.to_dict()})
+        if not a.json:
+            print(f"perplexity: {r.perplexity:.4f}")
+            print(f"tokens: {r.tokens}  windows: {r.windows}  seq_len: {r.seq_len}")
+    if a.tasks:
+        from .accuracy import accuracy
+
+        # sotu_next is built from the held-out part of --text where one is given, else of the bundled corpus
+        held = split_text(read_text(a.text), "heldout") if a.text else None
+        report["accuracy"] = accuracy(model, tok, a.tasks.split(","), held, a.limit, a.batch_size, a.items)
+        if not a.json:
+            for task, r in report["accuracy"].items():
+                norm = f"  acc_norm: {r['acc_norm']:.4f}" if "acc_norm" in r else ""
+                print(f"{task}: acc: {r['acc']:.4f}{norm}  ({r['samples']} items)")
     if a.json:
-        print(json.dumps({"model": a.model, "text": a.text, "part": a.part, **r.to_dict()}))
-    else:
-        print(f"perplexity: {r.perplexity:.4f}")
-        print(f"tokens: {r.tokens}  windows: {r.windows}  seq_len: {r.seq_len}")
+        print(json.dumps(report))
     return 0
 
 
@@ -133,7 +148,7 @@ def cmd_demo(a) -> int:
     from .compare import markdown_table, run_demo
 
     rows = run_demo(a.calib_samples, a.windows, a.seq_len, a.format, a.outlier_ratio, progress=not a.json,
-                    policies=a.policies)
+                    policies=a.policies, tasks=a.tasks.split(",") if a.tasks else ())
     if a.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
@@ -256,9 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_device_arg(q)
     q.set_defaults(fn=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e = sub.add_parser("eval", help="perplexity on held-out text, zero-shot accuracy through lm-eval")
     e.add_argument("model", help="an oscquant checkpoint or any MODEL that quantize takes")
-    e.add_argument("--text", required=True, help="text file, 'sotu', or 'wikitext2' (online)")
+    e.add_argument("--text", default=None, help="perplexity on this: text file, 'sotu', or 'wikitext2' (online)")
+    e.add_argument("--tasks", default=None,
+                   help="lm-eval tasks, comma-separated: sotu_next (offline, from the held-out text) or any lm-eval "
+                        "task whose dataset can be downloaded (arc_easy, piqa, ...); needs pip install 'oscquant[eval]'")
+    e.add_argument("--limit", type=int, default=None, help="tasks: at most this many items each")
+    e.add_argument("--items", type=int, default=200, help="sotu_next: items built")
+    e.add_argument("--batch-size", type=int, default=8, help="tasks: lm-eval's batch size")
     e.add_argument("--part", default="heldout", choices=["heldout", "all"],
                    help="'heldout' scores the last 10%% of the file, never seen by quantize")
     e.add_argument("--seq-len", type=int, default=512)
@@ -288,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--outlier-ratio", type=float, default=0.06)
     d.add_argument("--policies", action="store_true",
                    help="compare the fixed policy with policy=auto at the same budget (BF16 4%%, FP8 1/7)")
+    d.add_argument("--tasks", default=None,
+                   help="also lm-eval accuracy on these tasks for every row, e.g. sotu_next (offline; built from the "
+                        "held-out text); needs pip install 'oscquant[eval]'")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_demo)
 

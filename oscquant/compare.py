@@ -7,7 +7,7 @@ scored on the same held-out windows, so rows differ only by the config.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .calibration import collect_stats
 from .config import OSCConfig
@@ -25,6 +25,7 @@ class Row:
     bf16_share: float | None
     fp8_layers: int
     tokens: int
+    accuracy: dict = field(default_factory=dict)  # lm-eval task -> {"acc", "acc_norm", "samples"} (tasks asked for)
 
 
 def demo_configs(fmt: str = "mxfp4", outlier_ratio: float = 0.06) -> dict[str, OSCConfig | None]:
@@ -46,7 +47,7 @@ def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: fl
 
 
 def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, calib_samples: int = 32,
-            eval_windows: int = 32, seq_len: int = 512, progress: bool = True) -> list[Row]:
+            eval_windows: int = 32, seq_len: int = 512, progress: bool = True, tasks: list[str] = ()) -> list[Row]:
     calib = windows(tokenizer, split_text(text, "calib"), seq_len, calib_samples)
     heldout = windows(tokenizer, split_text(text, "heldout"), seq_len, eval_windows)
     stats = None
@@ -59,29 +60,37 @@ def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, c
             m = copy.deepcopy(model)
             quantize(m, cfg, calib, stats=stats, progress=False)  # auto re-calibrates
         ppl = perplexity(m, tokenizer, batches=heldout, progress=progress, desc=name[:30])
+        acc = {}
+        if tasks:  # sotu_next from the same held-out text as the perplexity
+            from .accuracy import accuracy
+            acc = accuracy(m, tokenizer, list(tasks), split_text(text, "heldout"))
         base = base or ppl.perplexity
         s = summary(m) if cfg is not None else None
         rows.append(Row(name, ppl.perplexity, ppl.perplexity / base,
                         s and s["bits_per_weight"], s and s["bf16_channel_share"], s["fp8_layers"] if s else 0,
-                        ppl.tokens))
+                        ppl.tokens, acc))
         del m
     return rows
 
 
 def markdown_table(rows: list[Row]) -> str:
-    out = ["| model | held-out perplexity | × float | bits/weight (linear layers) | BF16 channels (4-bit layers) | FP8 layers |",
-           "|---|---|---|---|---|---|"]
+    tasks = list(rows[0].accuracy)
+    out = ["| model | held-out perplexity | × float | bits/weight (linear layers) | BF16 channels (4-bit layers) | FP8 layers |"
+           + "".join(f" {t} acc / acc_norm |" for t in tasks),
+           "|---|---|---|---|---|---|" + "---|" * len(tasks)]
     for r in rows:
         bpw = f"{r.bits_per_weight:.2f}" if r.bits_per_weight is not None else "32 (float)"
         share = f"{100 * r.bf16_share:.1f}%" if r.bf16_share is not None else "-"
-        out.append(f"| {r.name} | {r.perplexity:.2f} | {r.vs_float:.3f} | {bpw} | {share} | {r.fp8_layers} |")
+        accs = "".join(f" {r.accuracy[t]['acc']:.3f} / {r.accuracy[t].get('acc_norm', float('nan')):.3f} |"
+                       for t in tasks)
+        out.append(f"| {r.name} | {r.perplexity:.2f} | {r.vs_float:.3f} | {bpw} | {share} | {r.fp8_layers} |{accs}")
     return "\n".join(out)
 
 
 def run_demo(calib_samples: int = 32, eval_windows: int = 32, seq_len: int = 512, fmt: str = "mxfp4",
-             outlier_ratio: float = 0.06, progress: bool = True, policies: bool = False) -> list[Row]:
+             outlier_ratio: float = 0.06, progress: bool = True, policies: bool = False, tasks: list[str] = ()) -> list[Row]:
     from .models import load_model
 
     model, tok, _ = load_model("smollm2")
     configs = policy_configs(fmt) if policies else demo_configs(fmt, outlier_ratio)
-    return compare(model, tok, configs, read_text("sotu"), calib_samples, eval_windows, seq_len, progress)
+    return compare(model, tok, configs, read_text("sotu"), calib_samples, eval_windows, seq_len, progress, tasks)

