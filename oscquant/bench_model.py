@@ -126,7 +126,8 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
                 vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False
                 ) -> tuple[list[ModelRow], dict]:
     """Rows for BF16, OSC with its sibling projections apart and stacked, and the relative differences of their first
-    decode step's logits. ``compile`` (GPU): also the decode step compiled by torch.compile, from a CUDA graph."""
+    decode step's logits. ``compile`` (GPU): also the decode step and the prefill compiled by torch.compile, each then
+    replayed from a CUDA graph."""
     from .config import OSCConfig
     from .convert import quantize
     from .siblings import fuse_siblings
