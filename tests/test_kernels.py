@@ -308,6 +308,25 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
         assert rel_err(again.cpu(), ref) <= 1e-2  # a workspace left dirty would add the first call's sums
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (cuBLAS)")
+@pytest.mark.parametrize("k", [0, 16])
+@pytest.mark.parametrize("m,k_in,n", [(65, 4160, 1008), (300, 2080, 4096), (512, 4160, 4096)])
+def test_cublas_fallback_gemm_matches_reference(k, m, k_in, n):
+    """FP8-fallback weights through cuBLAS's row-wise FP8 GEMM, the BF16 branch added in place (gemm_config's choice at
+    65-512 tokens on Hopper where N >= 4096)."""
+    layer, idx = make_layer(k_in, n, "fp8", k)
+    x = activations(m, k_in, idx, seed=m)
+    kw = ops.layer_weights(layer)
+    cfg = ops.GemmConfig(0, 0, 1, True, 0, 0, cublas=True)
+    assert ops.layer_config(x, kw).cublas == (n >= 4096 and ops.wgmma_runs(x))
+    xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "fp8", MODE_F8, kw.k_main)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
+    y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
+    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2
+    assert rel_err(ops.osc_linear_2d(x, kw).cpu(), ref) <= 1e-2  # the layer's own route, whichever it is
+
+
 def test_default_configs_and_the_layer_backend(monkeypatch):
     m, k_in, n = SHAPES[1]
     layer, idx = make_layer(k_in, n, "mxfp4", 32)
@@ -365,6 +384,14 @@ def test_bad_inputs_raise():
         ops.osc_gemm(torch.zeros(9, kw.k_main, dtype=torch.float16, device=DEV), sa, kw, xo, torch.bfloat16, frag)
     with pytest.raises(ValueError, match="got int4 \\(without fragment layout\\)"):
         ops.osc_gemm(a, sa, int4, xo, torch.bfloat16, frag)
+    cub = ops.GemmConfig(0, 0, 1, True, 0, 0, cublas=True)
+    with pytest.raises(ValueError, match="takes FP8 \\(e4m3\\) weights, got mxfp4"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cub)
+    fp8 = ops.layer_weights(make_layer(k_in, 40, "fp8", 0)[0])
+    with pytest.raises(ValueError, match="float8_e4m3fn activation operands.*MODE_F8"):
+        ops.osc_gemm(a, sa, fp8, xo, torch.bfloat16, cub)
+    with pytest.raises(ValueError, match="N a multiple of 16, got 40"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, fp8, xo, torch.bfloat16, cub)
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
@@ -430,6 +457,12 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert wide.op_f8 and wide.bm == 1 and ops.gemm_config(16, 24576, 4096, frag=False).bm == 16
     assert ops.gemm_config(8, 4096, 12288, frag=False).bm == 16 and not ops.gemm_config(8, 4096, 12288, frag=False).op_f8
     assert not ops.gemm_config(1, 4096, 4096, "fp8").swap  # FP8 weights: the plain GEMM
+    # ... but cuBLAS's FP8 GEMM at 65-512 tokens where N >= 4096 (a multiple of 16), where it measured faster
+    cub = [ops.gemm_config(m, n, 4096, "fp8") for m, n in ((65, 4096), (512, 24576), (64, 4096), (513, 4096),
+                                                            (256, 2048), (256, 4104))]
+    assert [c.cublas for c in cub] == [True, True, False, False, False, False] and cub[0].path == "cublas"
+    assert not ops.gemm_config(256, 4096, 4096, "fp8", cublas=False).cublas
+    assert not any(ops.gemm_config(256, 4096, 4096, fmt).cublas for fmt in ("mxfp4", "int4"))
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
 
 

@@ -169,6 +169,7 @@ class GemmConfig:
     reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
     pdl: bool = False  # launched while split-quantize before it still runs (overlap.py)
     pdl_late: bool = False  # ... from when split-quantize's programs have issued their stores, not from their start
+    cublas: bool = False  # FP8 weights: cuBLAS torch._scaled_mm (its own tiles), the BF16 branch added in place
 
     @property
     def mode(self) -> int:
@@ -178,13 +179,14 @@ class GemmConfig:
     @property
     def path(self) -> str:
         """Which GEMM runs, in a word (benchmark tables): frag, wgmma, fold, t (transposed), expand or plain."""
-        for name in ("frag", "wgmma", "fold", "expand"):
+        for name in ("frag", "wgmma", "fold", "expand", "cublas"):
             if getattr(self, name):
                 return name
         return "t" if self.swap else "plain"
 
 
-def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True) -> GemmConfig:
+def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True,
+                cublas: bool = True) -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
     MXFP4 up to 8 tokens: the fragment GEMM (``frag``: False where it cannot run, i.e. the
@@ -206,6 +208,12 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     tokens on the long layers (N >= 16384 or K >= 3N), 17-64 tokens where N and K are both >= 4096,
     65-256 tokens except where N <= K < 3N, 257-1024 tokens where N >= 16384 or N <= 2048 <= K / 2.
     """
+    # FP8-fallback weights at 65-512 tokens (``cublas``: False where not measured, i.e. the CPU interpreter or a GPU
+    # other than Hopper): split-quantize, then cuBLAS's row-wise FP8 GEMM, 1.04-1.21x our Triton GEMM at 256 tokens
+    # and 0.98-1.09x at 512 on the layers with N >= 4096, even or slower from 1024 on
+    # (scripts/cublas_route.py, docs/bench/h200_cublas_route_2026-11-30.md)
+    if fmt == "fp8" and cublas and SWAP_MAX_M < m <= 512 and n >= 4096 and n % 16 == 0:
+        return GemmConfig(0, 0, 1, True, 0, 0, cublas=True)  # tiles and warps: cuBLAS's choice
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
@@ -334,6 +342,8 @@ def _split_buffers(y: torch.Tensor, split_k: int, tiles: int):
 
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = a.shape[0], kw.row_scale.numel()
+    if cfg.cublas:
+        return _cublas_gemm(a, sa, kw, xo, out_dtype, out)
     if cfg.frag:
         return _frag_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.wgmma:
@@ -369,6 +379,29 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
             OP_F8=cfg.op_f8, BM=cfg.bm, BK=cfg.bk if fmt == "fp8" else 256, GROUP_M=cfg.group_m,
             SB_HALF=sb_half, **common)
+    return y
+
+
+def _cublas_gemm(a, sa, kw: KernelWeights, xo, out_dtype, out=None) -> torch.Tensor:
+    """FP8 weights through cuBLAS: y = (a · W^T) scaled by token and row (torch._scaled_mm), then + x_o · W_o^T in
+    place (one more cuBLAS GEMM reading and writing y) and the bias."""
+    if kw.fmt != "fp8":
+        raise ValueError(f"the cuBLAS path takes FP8 (e4m3) weights, got {kw.fmt}; 4-bit weights take the Triton GEMMs")
+    if a.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the cuBLAS path multiplies torch.float8_e4m3fn activation operands, got {a.dtype}: "
+                         "split_quantize with mode=MODE_F8")
+    n = kw.row_scale.numel()
+    if n % 16:
+        raise ValueError(f"cuBLAS's FP8 GEMM needs N a multiple of 16, got {n}; use a Triton config (gemm_config "
+                         "picks one for such layers)")
+    y = torch._scaled_mm(a, kw.codes.t(), scale_a=sa.view(-1, 1), scale_b=kw.row_scale.view(1, -1),
+                         out_dtype=out_dtype)
+    if xo.shape[1]:
+        y.addmm_(xo, kw.w_outlier.t())
+    if kw.bias is not None:
+        y += kw.bias
+    if out is not None:
+        return out.copy_(y)
     return y
 
 
@@ -495,8 +528,9 @@ def layer_config(x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
     """The config osc_linear_2d runs for a 2-D input x on a layer's kernel weights (gemm_config's choice for the
     paths that can run there)."""
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
+    hopper = wgmma_runs(x)  # where the wgmma GEMM and the cuBLAS route were measured
     return gemm_config(x.shape[0], kw.row_scale.numel(), kw.k_main, kw.fmt,
-                       frag=kw.frag is not None and not INTERPRETED, wgmma=wgmma_runs(x))
+                       frag=kw.frag is not None and not INTERPRETED, wgmma=hopper, cublas=hopper)
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
