@@ -48,8 +48,8 @@ def sentences(text: str) -> list[list[str]]:
 
 def sotu_next_items(text: str, count: int = 200, seed: int = 0) -> list[dict]:
     """``count`` items {context, choices, label}: two sentences, then the next sentence of the same paragraph among
-    three distractors, drawn from the whole text (never the context or the answer), whose lengths are closest to it (so that length alone does not
-    give the answer away). Deterministic for a text and seed."""
+    three distractors, drawn from the whole text (never the context or the answer), whose lengths are closest to it
+    (so that length alone does not give the answer away). Deterministic for a text and seed."""
     paragraphs = sentences(text)
     pool = [s for p in paragraphs for s in p if 40 <= len(s) <= 300]
     spots = [(p, i) for p in paragraphs for i in range(2, len(p)) if 40 <= len(p[i]) <= 300]

@@ -178,7 +178,7 @@ class GemmConfig:
 
     @property
     def path(self) -> str:
-        """Which GEMM runs, in a word (benchmark tables): frag, wgmma, fold, t (transposed), expand or plain."""
+        """Which GEMM runs, in a word (benchmark tables): frag, wgmma, fold, t (transposed), expand, cublas or plain."""
         for name in ("frag", "wgmma", "fold", "expand", "cublas"):
             if getattr(self, name):
                 return name
