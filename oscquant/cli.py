@@ -139,7 +139,8 @@ def cmd_generate(a) -> int:
     took = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    print(f"{new} tokens in {took:.2f} s on {device} (prompt and, on CUDA, the graph's capture included)",
+    print(f"{new} tokens in {took:.2f} s on {device} (the prompt, the graph's capture on CUDA and any compiling "
+          "included)",
           file=sys.stderr)
     return 0
 
