@@ -88,8 +88,9 @@ def cmd_eval(a) -> int:
     if calib and a.text and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
         print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
     report = {"model": a.model}
+    raw = read_text(a.text) if a.text else None  # read (or downloaded) once, for the perplexity and for sotu_next
     if a.text:
-        text = split_text(read_text(a.text), a.part)
+        text = split_text(raw, a.part)
         r = perplexity(model, tok, text, a.seq_len, a.max_windows, progress=not a.json)
         report.update({"text": a.text, "part": a.part, **r.to_dict()})
         if not a.json:
@@ -99,7 +100,7 @@ def cmd_eval(a) -> int:
         from .accuracy import accuracy
 
         # sotu_next is built from the held-out part of --text where one is given, else of the bundled corpus
-        held = split_text(read_text(a.text), "heldout") if a.text else None
+        held = split_text(raw, "heldout") if a.text else None
         report["accuracy"] = accuracy(model, tok, a.tasks.split(","), held, a.limit, a.batch_size, a.items)
         if not a.json:
             for task, r in report["accuracy"].items():

@@ -49,7 +49,8 @@ def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: fl
 def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, calib_samples: int = 32,
             eval_windows: int = 32, seq_len: int = 512, progress: bool = True, tasks: list[str] = ()) -> list[Row]:
     calib = windows(tokenizer, split_text(text, "calib"), seq_len, calib_samples)
-    heldout = windows(tokenizer, split_text(text, "heldout"), seq_len, eval_windows)
+    held_text = split_text(text, "heldout")  # the perplexity's windows and, with tasks, sotu_next's items
+    heldout = windows(tokenizer, held_text, seq_len, eval_windows)
     stats = None
     if any(c is not None and c.default.format != "none" for c in configs.values()):
         stats = collect_stats(model, calib, progress=progress)
@@ -61,9 +62,9 @@ def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, c
             quantize(m, cfg, calib, stats=stats, progress=False)  # auto re-calibrates
         ppl = perplexity(m, tokenizer, batches=heldout, progress=progress, desc=name[:30])
         acc = {}
-        if tasks:  # sotu_next from the same held-out text as the perplexity
+        if tasks:
             from .accuracy import accuracy
-            acc = accuracy(m, tokenizer, list(tasks), split_text(text, "heldout"))
+            acc = accuracy(m, tokenizer, list(tasks), held_text)
         base = base or ppl.perplexity
         s = summary(m) if cfg is not None else None
         rows.append(Row(name, ppl.perplexity, ppl.perplexity / base,
