@@ -317,7 +317,7 @@ def test_cublas_fallback_gemm_matches_reference(k, m, k_in, n):
     layer, idx = make_layer(k_in, n, "fp8", k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.GemmConfig(0, 0, 1, True, 0, 0, cublas=True)
+    cfg = ops.CUBLAS_CONFIG
     assert ops.layer_config(x, kw).cublas == (n >= 4096 and ops.wgmma_runs(x))
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "fp8", MODE_F8, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
@@ -384,7 +384,7 @@ def test_bad_inputs_raise():
         ops.osc_gemm(torch.zeros(9, kw.k_main, dtype=torch.float16, device=DEV), sa, kw, xo, torch.bfloat16, frag)
     with pytest.raises(ValueError, match="got int4 \\(without fragment layout\\)"):
         ops.osc_gemm(a, sa, int4, xo, torch.bfloat16, frag)
-    cub = ops.GemmConfig(0, 0, 1, True, 0, 0, cublas=True)
+    cub = ops.CUBLAS_CONFIG
     with pytest.raises(ValueError, match="takes FP8 \\(e4m3\\) weights, got mxfp4"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cub)
     fp8 = ops.layer_weights(make_layer(k_in, 40, "fp8", 0)[0])

@@ -185,6 +185,9 @@ class GemmConfig:
         return "t" if self.swap else "plain"
 
 
+CUBLAS_CONFIG = GemmConfig(0, 0, 1, True, 0, 0, cublas=True)  # tiles, warps and stages: cuBLAS's own choice
+
+
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True,
                 cublas: bool = True) -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
@@ -213,7 +216,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     # and 0.98-1.09x at 512 on the layers with N >= 4096, even or slower from 1024 on
     # (scripts/cublas_route.py, docs/bench/h200_cublas_route_2026-11-30.md)
     if fmt == "fp8" and cublas and SWAP_MAX_M < m <= 512 and n >= 4096 and n % 16 == 0:
-        return GemmConfig(0, 0, 1, True, 0, 0, cublas=True)  # tiles and warps: cuBLAS's choice
+        return CUBLAS_CONFIG
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
