@@ -65,12 +65,9 @@ def main():
         kw = ops.layer_weights(layer)
         for m in map(int, a.m.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            fw = kw.frag
             paths = {
                 "OSCLinear forward": lambda: layer(x),
-                "custom op": lambda: ops.osc_linear_op(
-                    x, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias, kw.fmt,
-                    kw.k_main, *((fw.words, fw.exps, fw.row_scale) if fw is not None else ())),
+                "custom op": lambda: ops.osc_linear_2d_op(x, kw),
                 "osc_linear_2d": lambda: ops.osc_linear_2d(x, kw),
                 "BF16 nn.Linear": lambda: lin(x),
             }

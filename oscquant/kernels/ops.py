@@ -565,13 +565,18 @@ def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_m
     return x.new_empty(x.shape[0], row_scale.shape[0])
 
 
+def osc_linear_2d_op(x2: torch.Tensor, kw: KernelWeights) -> torch.Tensor:
+    """osc_linear_2d through the ``oscquant::osc_linear`` custom op, its weights passed as tensors."""
+    fw = kw.frag
+    return osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias,
+                         kw.fmt, kw.k_main, *((fw.words, fw.exps, fw.row_scale) if fw is not None else ()))
+
+
 def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
     kw = layer_weights(layer)
     x2 = x.reshape(-1, layer.in_features)
     if torch.compiler.is_compiling():  # torch.compile sees one opaque op with a fake implementation
-        fw = kw.frag
-        y = osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias,
-                          kw.fmt, kw.k_main, *((fw.words, fw.exps, fw.row_scale) if fw is not None else ()))
+        y = osc_linear_2d_op(x2, kw)
     else:  # eager (and CUDA graph capture): the custom op's dispatch alone cost 22-118 µs of host
         # time a call on the H200's host (scripts/host_overhead.py)
         y = osc_linear_2d(x2, kw)
