@@ -55,6 +55,28 @@ def choose(layer: OSCLinear, x: torch.Tensor) -> str:
     return "reference"
 
 
+# MoE experts taken whole (convert.ExpertLinears): (accepts(module, hidden, top_k_index) -> bool, forward)
+_EXPERTS: list[tuple[Callable, Callable]] = []
+
+
+def register_experts(accepts: Callable, forward: Callable) -> None:
+    _EXPERTS.append((accepts, forward))
+
+
+def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """An MoE block's experts step through a backend that runs all its (token, expert) pairs at once (the grouped
+    kernels, kernels/moe.py), or None: then the caller runs each expert reached through its own layers."""
+    wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
+    if wanted == "reference":
+        return None
+    if hidden.is_cuda or wanted == "triton":
+        _load_kernels()
+    for accepts, forward in _EXPERTS:
+        if accepts(module, hidden, top_k_index):
+            return forward(module, hidden, top_k_index, top_k_weights)
+    return None
+
+
 def linear_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
     name = choose(layer, x)
     return reference_forward(layer, x) if name == "reference" else _KERNELS[name][1](layer, x)

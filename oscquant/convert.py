@@ -55,8 +55,35 @@ class ExpertLinears(nn.ModuleList):
         super().__init__(experts)
         # kept out of the module tree so that self[e] and len(self) are the experts alone
         object.__setattr__(self, "act_fn", act_fn)
+        self._clear()
+
+    def _clear(self):
+        self.kernel_checks: dict = {}  # (device, dtype) -> None, or why the grouped kernels cannot run
+        self._stacks: dict = {}  # (projection, device) -> kernels.moe.StackedExperts
+
+    def stacked(self, name: str, device):
+        """The experts' ``name`` layers (gate_up_proj, down_proj) stacked for the grouped kernels, built once."""
+        if (name, device) not in self._stacks:
+            from .kernels.moe import stack_experts
+
+            self._stacks[name, device] = stack_experts([getattr(m, name) for m in self])
+        return self._stacks[name, device]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._clear()  # moved or converted: the stacks are rebuilt from the layers
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._clear()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        from .backends import experts_forward
+
+        # decoding on the GPU: all (token, expert) pairs in one grouped launch per projection, no host sync
+        out = experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if out is not None:
+            return out
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
             token_idx, slot = torch.where(top_k_index == e)
@@ -162,6 +189,7 @@ def quantize(
         parent, attr = _parent(model, name)
         setattr(parent, attr, OSCLinear.from_linear(linear, scheme, idx))
         applied[name] = {"scheme": scheme, "k": k}
+    _layers_replaced(model)
     model.osc_config = config
     model.osc_plan = applied
     return applied
@@ -182,7 +210,15 @@ def build_empty(model: nn.Module, plan: dict[str, dict]) -> None:
                           linear.bias.dtype if bias else torch.float32)
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
+    _layers_replaced(model)
     model.osc_plan = plan
+
+
+def _layers_replaced(model: nn.Module) -> None:
+    """MoE experts remember whether the grouped kernels take their layers (and stack them): ask again."""
+    for m in model.modules():
+        if isinstance(m, ExpertLinears):
+            m._clear()
 
 
 def summary(model: nn.Module) -> dict:

@@ -14,7 +14,7 @@ PARTS=" ${*:-tests bench model} "
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [[ $PARTS == *" tests "* ]]; then
-    python3 -m pytest -q -x tests/test_kernels.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
+    python3 -m pytest -q -x tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
         tests/test_cli.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/pytest.log" | tail -15
 fi

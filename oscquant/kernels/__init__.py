@@ -38,3 +38,17 @@ def register() -> None:
         return why is None
 
     backends.register("triton", accepts, triton_forward)
+
+    from . import moe
+
+    def accepts_experts(module, hidden, top_k_index):
+        # decoding only: a long prompt runs each expert's own layer on all of its tokens (moe.py)
+        if top_k_index.numel() > moe.MAX_PAIRS:
+            return False
+        key = (hidden.device, hidden.dtype)
+        if key not in module.kernel_checks:  # once per device and dtype: 2 x E layers to look at
+            layers = [m.gate_up_proj for m in module] + [m.down_proj for m in module]
+            module.kernel_checks[key] = moe.experts_supported(layers, hidden)
+        return module.kernel_checks[key] is None
+
+    backends.register_experts(accepts_experts, moe.experts_forward)

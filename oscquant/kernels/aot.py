@@ -57,12 +57,18 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                           warps, stages, {"a_ptr": a, "b_ptr": b})
 
 
+GROUPED_SIG = [("grp_ptr", "*i32"), ("stride_ce", "i32"), ("stride_ee", "i32")]
+
+
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
-           fold: bool = False, pdl: bool = True):
-    return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG,
-                          dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8 or fold,
-                               F8_FOLD=fold, INTERPRET=False, PDL=pdl),
-                          warps, stages, {"a_ptr": "*fp8e4nv" if op_f8 or fold else "*fp16"})
+           fold: bool = False, pdl: bool = True, grouped: bool = False):
+    """The transposed GEMM; ``grouped``: on stacked MoE expert weights, one (token, expert) pair a program."""
+    const = dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8 or fold, F8_FOLD=fold,
+                 INTERPRET=False, PDL=pdl)
+    return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG + (GROUPED_SIG if grouped else []),
+                          dict(const, GROUPED=True) if grouped else const, warps, stages,
+                          {"a_ptr": "*fp8e4nv" if op_f8 or fold else "*fp16",
+                           "b_ptr": "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"})
 
 
 FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr", "*i32"), ("sw_ptr", "*fp32"),
@@ -95,11 +101,13 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
 
 
-def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False):
+def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
-    return compile_kernel(K.split_quantize_kernel, SPLIT_SIG,
-                          dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl,
-                               RELEASE_LATE=late), 8, 1, {"q_ptr": q})
+    const = dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl, RELEASE_LATE=late)
+    if grouped:  # MoE experts: each row its source row and its expert's outlier channels
+        return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
+                              dict(const, SHARED_BESIDE=False, GROUPED=True), 8, 1, {"q_ptr": q})
+    return compile_kernel(K.split_quantize_kernel, SPLIT_SIG, const, 8, 1, {"q_ptr": q})
 
 
 def decode(fmt: int, op_f8: bool, pdl: bool = True):
@@ -188,12 +196,16 @@ def main() -> int:
                     ("gemm-t mxfp4 e4m3 folded 17-64 tokens", gemm_t(K.FMT_MXFP4, 64, 64, split_k=4, warps=4, stages=3, fold=True)),
                     ("gemm-t mxfp4 e4m3 folded 65-256 tokens", gemm_t(K.FMT_MXFP4, 128, 128, warps=8, stages=3, fold=True)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
+                    ("gemm-t mxfp4 grouped MoE experts", gemm_t(K.FMT_MXFP4, 1, 32, stages=3, pdl=False, grouped=True)),
+                    ("gemm-t fp8-weights grouped MoE experts", gemm_t(K.FMT_FP8, 1, 32, split_k=2, op_f8=True,
+                                                                      pdl=False, grouped=True)),
                     ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True), 3),
                     ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3), 2),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
                     ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),
+                    ("split fp8 grouped MoE experts", split(K.FMT_FP8, K.MODE_F8, pdl=False, grouped=True)),
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
         usage = resources(c)

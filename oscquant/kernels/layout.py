@@ -93,8 +93,9 @@ def reround_low_blocks(codes: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Te
     return codes, rel.to(torch.int8)
 
 
-def kernel_weights(layer) -> KernelWeights:
-    """Re-encode an OSCLinear for the kernels (call once; the result is cached on the layer)."""
+def kernel_weights(layer, frag: bool = True) -> KernelWeights:
+    """Re-encode an OSCLinear for the kernels (call once; the result is cached on the layer). ``frag``: also the
+    fragment GEMM's layout (MXFP4), which the grouped MoE kernels do not use."""
     fmt = layer.scheme.format
     n = layer.out_features
     kk = padded_width(layer.main_columns)
@@ -118,7 +119,7 @@ def kernel_weights(layer) -> KernelWeights:
         _pad_cols(layer.main_mask(dev)[None], kk)[0].contiguous(),
         None if layer.bias is None else layer.bias.float().contiguous(),
     )
-    if fmt == "mxfp4":
+    if fmt == "mxfp4" and frag:
         kw.frag = fragment_pack(kw)
     return kw
 

@@ -101,7 +101,8 @@ def supported(layer, x: torch.Tensor) -> str | None:
 # ------------------------------------------------------------------ split-quantize
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
                    k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
-                   pdl_late: bool = False, shared_beside: bool = True):
+                   pdl_late: bool = False, shared_beside: bool = True, src: torch.Tensor | None = None,
+                   grp: torch.Tensor | None = None):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
@@ -109,11 +110,17 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     this kernel's programs or (``pdl_late``) from when they have issued their stores; ``shared_beside``: that kernel
     needs shared memory, so this one runs with the largest shared-memory carve-out (overlap.py). The prefill path's
     weight expansion, which needs none, runs beside it with the default carve-out instead: with the raised one,
-    split-quantize there took 2-15 µs longer at 256-4096 tokens (docs/bench/h200_carveout_expand_2026-11-30.md)."""
+    split-quantize there took 2-15 µs longer at 256-4096 tokens (docs/bench/h200_carveout_expand_2026-11-30.md).
+    ``src``, ``grp`` (int32 [P], MoE experts, moe.py): output row p is x row src[p] split by group grp[p]'s outlier
+    channels, keep [groups, k_pad] and outlier_idx [groups, k]."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
-    m = x.shape[0]
-    k_out = outlier_idx.numel()
+    grouped = src is not None
+    if grouped and (grp is None or src.shape != grp.shape or keep.dim() != 2 or outlier_idx.dim() != 2):
+        raise ValueError("grouped split_quantize takes src and grp of one shape [P], keep [groups, k_pad] and "
+                         "outlier_idx [groups, k]")
+    m = src.numel() if grouped else x.shape[0]
+    k_out = outlier_idx.shape[-1]
     dev = x.device
     xo = torch.empty(m, k_out, dtype=torch.bfloat16, device=dev)
     if mode == MODE_PACKED:
@@ -141,6 +148,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
             INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
             SHARED_BESIDE=launch["PDL"] and shared_beside, **launch,
+            **(dict(src_ptr=src, grp_ptr=grp, GROUPED=True) if grouped else {}),
         )
         if launch["PDL"] and shared_beside:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)
@@ -343,16 +351,23 @@ def _split_buffers(y: torch.Tensor, split_k: int, tiles: int):
         torch.zeros(y.numel(), dtype=torch.float32, device=y.device), torch.zeros(tiles, dtype=torch.int32, device=y.device))
 
 
-def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    m, n = a.shape[0], kw.row_scale.numel()
+def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None,
+             groups: torch.Tensor | None = None) -> torch.Tensor:
+    """y = the layer's dual-path GEMM on split-quantize's outputs, by ``cfg``. ``groups`` (int32 [M], MoE experts,
+    moe.py): kw holds the stacked weights of several layers ([groups, N, ...]) and row p of a and y is multiplied by
+    group groups[p]'s (the transposed GEMM, one row a program)."""
+    m, n = a.shape[0], kw.row_scale.shape[-1]
+    if groups is not None and not (cfg.swap and cfg.bm == 1 and not (cfg.fold or cfg.frag or cfg.wgmma or cfg.expand)):
+        raise ValueError(f"stacked (grouped) weights take the plain transposed GEMM with one token row a program "
+                         f"(moe.grouped_config), got {cfg}")
     if cfg.cublas:
         return _cublas_gemm(a, sa, kw, xo, out_dtype, out)
     if cfg.frag:
         return _frag_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.wgmma:
         return _wgmma_gemm(a, sa, kw, xo, out_dtype, cfg, out)
-    if cfg.swap and kw.fmt == "fp8":
-        raise ValueError("the transposed GEMM takes 4-bit weights; FP8-fallback layers take the plain GEMM")
+    if cfg.swap and kw.fmt == "fp8" and (cfg.fold or not cfg.op_f8):
+        raise ValueError("the transposed GEMM takes FP8-fallback weights with e4m3 operands only (op_f8, no fold)")
     want = torch.float8_e4m3fn if cfg.op_f8 else torch.float16
     if a.dtype != want:
         raise ValueError(f"this GemmConfig multiplies {want} activation operands, got {a.dtype}: split_quantize "
@@ -373,10 +388,12 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.swap:
+        stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0),
+                                                 stride_ee=rel.stride(0) if rel is not None else 0, GROUPED=True)
         osc_gemm_t_kernel[grid](
-            a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0),
-            rel.stride(0) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,
-            **common, **pdl_launch(dev, cfg.pdl))
+            a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(-2),
+            rel.stride(-2) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,
+            **common, **pdl_launch(dev, cfg.pdl), **stacked)
     else:
         osc_gemm_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),

@@ -78,31 +78,43 @@ def split_quantize_kernel(
     M, K_IN, K_OUT, K_PAD,
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
-    SHARED_BESIDE: tl.constexpr = False,
+    SHARED_BESIDE: tl.constexpr = False, src_ptr=None, grp_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
     PDL (overlap.py): the GEMM after it may launch at once, or (RELEASE_LATE) once this program's stores
     are issued. SHARED_BESIDE changes no code: it compiles a kernel of its own, to which the driver is asked
     for the largest shared-memory carve-out (set per compiled kernel), for launches whose overlapped dependent
-    needs shared memory (overlap.py); the others keep the default carve-out and with it their L1."""
+    needs shared memory (overlap.py); the others keep the default carve-out and with it their L1.
+    GROUPED (MoE experts, moe.py): output row r quantizes x row src[r] with the outlier channels of group grp[r]
+    (keep [groups, K_PAD], out_idx [groups, K_OUT]): one launch for every (token, expert) pair of a layer."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rm = r < M
     c = tl.arange(0, BLOCK)
+    o = tl.arange(0, BLOCK_O)
+    om = rm[:, None] & (o < K_OUT)[None, :]
+    if GROUPED:
+        src = tl.load(src_ptr + r, mask=rm, other=0).to(tl.int64)
+        grp = tl.load(grp_ptr + r, mask=rm, other=0).to(tl.int64)
+    else:
+        src = r
     # the row is loaded first, in flight while the outlier indices arrive and x_o is gathered (after the
     # x_o store it would wait for it: the pointers may alias). tl.gather from the registers instead
     # compiles to thousands of shuffles and a stack.
-    x = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :], other=0.0)
-    keep = tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0
+    x = tl.load(x_ptr + src[:, None] * stride_xm + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :], other=0.0)
     # the BF16 sub-tensor of the outlier channels (nothing when K_OUT is 0: all masked)
-    o = tl.arange(0, BLOCK_O)
-    om = rm[:, None] & (o < K_OUT)[None, :]
-    oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)
-    xo = tl.load(x_ptr + r[:, None] * stride_xm + oi[None, :], mask=om, other=0.0)
+    if GROUPED:
+        keep = tl.load(keep_ptr + grp[:, None] * K_PAD + c[None, :], mask=rm[:, None] & (c < K_PAD)[None, :],
+                       other=0) != 0
+        oi = tl.load(out_idx_ptr + grp[:, None] * K_OUT + o[None, :], mask=om, other=0)
+    else:
+        keep = (tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0)[None, :]
+        oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)[None, :]
+    xo = tl.load(x_ptr + src[:, None] * stride_xm + oi, mask=om, other=0.0)
     tl.store(xo_ptr + r[:, None] * K_OUT + o[None, :], xo.to(tl.bfloat16), mask=om)
-    x = tl.where(keep[None, :], x.to(tl.float32), 0.0)  # outlier channels and padding are zero on the 4-bit path
+    x = tl.where(keep, x.to(tl.float32), 0.0)  # outlier channels and padding are zero on the 4-bit path
     cm = rm[:, None] & (c < K_PAD)[None, :]
     out = r[:, None] * K_PAD + c[None, :]  # where operands (MODE_F16 / MODE_F8) go
 
@@ -582,7 +594,8 @@ def osc_gemm_t_kernel(
     M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
     SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, F8_FOLD: tl.constexpr = False,
-    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, grp_ptr=None, stride_ce=0, stride_ee=0,
+    GROUPED: tl.constexpr = False,
 ):
     """y^T [BN, MP] = deq(B) · A^T for MP tokens a program (grid axis 0: weight tiles x token tiles), A the FP16
     (OP_F8: e4m3) operands of split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and
@@ -597,6 +610,11 @@ def osc_gemm_t_kernel(
     load is a contiguous tile at an address known ahead, so the pipeliner prefetches them
     all: codes, A, and the four MXFP4 block exponents of the pair as one little-endian int32
     per row (1-byte loads could not be asynchronous). SPLIT_K > 1: see _store_tile.
+
+    FMT 2 (e4m3 weights [N, K_PAD], OP_F8 operands): four [BN, 32] weight tiles a step, no unpack.
+    GROUPED (MoE experts, moe.py; MP = 1): token row p of A and y is one (token, expert) pair, multiplied by the
+    weights of expert grp[p], whose codes, exponents, row scales, BF16 columns and bias lie stride_ce, stride_ee, N,
+    N * K_OUT and N elements after the previous expert's.
     """
     wait_inputs(PDL)  # launched overlapped (overlap.py): every load comes after split-quantize has finished
     # token tiles vary fastest: the programs that share a weight tile run together, so the weights
@@ -605,6 +623,13 @@ def osc_gemm_t_kernel(
     pm = tl.program_id(0) % num_m
     rn = (tl.program_id(0) // num_m) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
+    if GROUPED:
+        g = tl.load(grp_ptr + pm).to(tl.int64)
+        b_ptr += g * stride_ce
+        be_ptr += g * stride_ee
+        sb_ptr += g * N
+        wo_ptr += g * N * K_OUT
+        bias_ptr += g * N
     nm = rn < N
     rn64 = rn.to(tl.int64)
     rm = pm * MP + tl.arange(0, MP)
@@ -618,8 +643,14 @@ def osc_gemm_t_kernel(
     wrow = b_ptr + rn64[:, None] * stride_bn + h[None, :]
     erow = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4)
     for ck in range(c0, c1, 2):  # K_PAD is a multiple of 128: chunks ck and ck + 1 both exist
-        p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
-        acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, F8_FOLD, INTERPRET)
+        if FMT == 2:  # e4m3 weights: 128 columns of bytes a step, four [BN, 32] tiles
+            for j in tl.static_range(4):
+                w = tl.load(wrow + ck * 64 + 32 * j, mask=nm[:, None], other=0.0)
+                a = tl.load(arow + ck * 64 + 32 * j, mask=mm[:, None], other=0.0)
+                acc = _dot_f8(w, a, acc, INTERPRET)
+        else:
+            p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
+            acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, F8_FOLD, INTERPRET)
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
     if F8_FOLD and FMT == 0:  # the table-unpacked e4m3 weights are 2**6 times the values

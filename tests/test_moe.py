@@ -1,0 +1,147 @@
+"""MoE experts through the grouped kernels (kernels/moe.py) against each expert's own reference layer.
+
+Without CUDA the kernels run in Triton's CPU interpreter on tiny shapes (OSCQUANT_BACKEND=triton lets them take CPU
+inputs); with CUDA on larger ones, plus a decode step captured in a CUDA graph.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and Triton not in interpreter mode (conftest.py sets it)", allow_module_level=True)
+from oscquant.config import LayerScheme, OSCConfig  # noqa: E402
+from oscquant.convert import ExpertLinears, quantize  # noqa: E402
+from oscquant.kernels import moe, ops  # noqa: E402
+from oscquant.linear import OSCLinear, reference_forward  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+K_IN, N = (2080, 1000) if CUDA else (160, 40)  # not powers of two
+FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("int4", 16), ("fp8", 16), ("fp8", 0)]
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_cpu(monkeypatch):
+    if not CUDA:  # the kernels take CPU inputs only when asked to (in the interpreter)
+        monkeypatch.setenv("OSCQUANT_BACKEND", "triton")
+
+
+def expert_layers(fmt, k, experts=3, k_in=K_IN, n=N):
+    """E layers of one projection, each with its own weights and its own outlier channels."""
+    layers = []
+    for e in range(experts):
+        g = torch.Generator().manual_seed(10 + e)
+        lin = nn.Linear(k_in, n, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k_in, generator=g) * 0.02)
+        idx = torch.randperm(k_in, generator=g)[:k]
+        layers.append(OSCLinear.from_linear(lin, LayerScheme(fmt, k), idx).to(DEV))
+    return layers
+
+
+def pairs_and_input(tokens, experts, per_token, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, K_IN, generator=g)
+    x[:, :8] *= 40  # planted outliers (some of them in each expert's separated channels)
+    choice = torch.stack([torch.randperm(experts, generator=g)[:per_token] for _ in range(tokens)])
+    rows = torch.arange(tokens).repeat_interleave(per_token)
+    return x.to(torch.bfloat16).to(DEV), rows.int().to(DEV), choice.reshape(-1).int().to(DEV)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("fmt,k", FORMATS)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k):
+    layers = expert_layers(fmt, k)
+    x, rows, experts = pairs_and_input(3, len(layers), 2)
+    stacked = moe.stack_experts(layers)
+    cfg = moe.grouped_config(rows.numel(), N, stacked.weights.k_main, fmt)
+    cfg = ops.GemmConfig(**{**cfg.__dict__, "split_k": split_k})
+    out = torch.full((rows.numel(), N), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned
+    y = moe.grouped_linear(x, rows, experts, stacked, cfg, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    for p in range(rows.numel()):  # every pair against its own expert's float32 reference on the CPU
+        layer = copy.deepcopy(layers[int(experts[p])]).cpu()
+        ref = reference_forward(layer, x[int(rows[p])][None].cpu().float())
+        assert rel_err(y[p].cpu(), ref[0]) <= 1e-2, (p, int(experts[p]))
+    if split_k > 1:  # the split-K workspace is left zeroed for the next layer
+        ws, cnt = ops._SPLIT_WORKSPACE[y.device]
+        assert not ws.any() and not cnt.any()
+
+
+def test_stacking_makes_each_experts_own_weights_views():
+    layers = expert_layers("mxfp4", 16)
+    stacked = moe.stack_experts(layers)
+    own = ops.layer_weights(layers[1])  # what the expert's own layer (a long prompt) runs on
+    assert own.codes.data_ptr() == stacked.weights.codes[1].data_ptr() and own.frag is None
+    x, _, _ = pairs_and_input(2, 3, 1)
+    ref = reference_forward(copy.deepcopy(layers[1]).cpu(), x.cpu().float())
+    assert rel_err(layers[1](x).cpu(), ref) <= 1e-2
+
+
+def test_bad_grouped_inputs_raise():
+    layers = expert_layers("mxfp4", 16)
+    with pytest.raises(ValueError, match="experts' layers differ"):
+        moe.stack_experts(layers[:2] + expert_layers("mxfp4", 32, experts=1))
+    with pytest.raises(ValueError, match="OSCLinear"):
+        moe.stack_experts([])
+    stacked = moe.stack_experts(layers)
+    x, rows, experts = pairs_and_input(2, 3, 2)
+    with pytest.raises(ValueError, match="int32"):
+        moe.grouped_linear(x, rows.long(), experts, stacked)
+    with pytest.raises(ValueError, match="one shape"):
+        moe.grouped_linear(x, rows[:3], experts, stacked)
+    with pytest.raises(ValueError, match="plain transposed GEMM with one token row"):
+        moe.grouped_linear(x, rows, experts, stacked, ops.GemmConfig(16, 32, 1, False, 2, 3, swap=True))
+
+
+def tiny_moe(fallback="fp8"):
+    from tiny import batches, tiny_model
+
+    model = tiny_model("qwen3_moe").to(DEV, torch.bfloat16 if CUDA else torch.float32)
+    quantize(model, OSCConfig.osc("mxfp4", 16, fallback=fallback), [b.to(DEV) for b in batches()], progress=False)
+    return model
+
+
+@pytest.mark.parametrize("fallback", ["fp8", "none"])
+def test_moe_block_decodes_through_the_grouped_kernels(fallback, monkeypatch):
+    """A decode-sized step of a quantized Qwen3-MoE block runs its experts as grouped launches (the stacks are built)
+    and matches the experts run one by one on the reference path; a prompt-sized step runs the experts' own layers."""
+    model = tiny_moe(fallback)
+    block = model.model.layers[0].mlp
+    experts = block.experts
+    assert isinstance(experts, ExpertLinears)
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(1, 3, 64, generator=g) * 2).to(DEV, next(model.parameters()).dtype)
+    with torch.no_grad():
+        fast = block(h)
+        assert {name for name, _ in experts._stacks} == {"gate_up_proj", "down_proj"}
+        monkeypatch.setenv("OSCQUANT_BACKEND", "reference")
+        ref = block(h)
+    assert torch.isfinite(fast).all() and rel_err(fast, ref) <= 2e-2
+    monkeypatch.setenv("OSCQUANT_BACKEND", "triton" if not CUDA else "auto")
+    experts._clear()
+    long = (torch.randn(1, moe.MAX_PAIRS, 64, generator=g)).to(h)  # 2 experts a token: past MAX_PAIRS pairs
+    with torch.no_grad():
+        block(long)
+    assert not experts._stacks
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_moe_decode_step_replays_from_a_cuda_graph():
+    """generate captures a quantized Qwen3-MoE decode step in a CUDA graph (no host sync left in the experts) and
+    gives the eager steps' tokens."""
+    from oscquant.generate import generate
+
+    model = tiny_moe()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
+    assert torch.equal(generate(model, ids, 16, eos_token_id=None), generate(model, ids, 16, eos_token_id=None,
+                                                                               graph=False))
