@@ -145,3 +145,23 @@ def test_moe_decode_step_replays_from_a_cuda_graph():
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
     assert torch.equal(generate(model, ids, 16, eos_token_id=None), generate(model, ids, 16, eos_token_id=None,
                                                                                graph=False))
+
+
+def test_compiled_moe_decode_step_keeps_the_experts_one_opaque_op():
+    """Under torch.compile the grouped experts are the custom op ``oscquant::osc_grouped_linear`` (one graph, no
+    break), and the compiled decode steps give the uncompiled ones' tokens."""
+    import torch._dynamo
+    from transformers import StaticCache
+
+    from oscquant.generate import decode_step, generate
+
+    model = tiny_moe()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
+    plain = generate(model, ids, 6, eos_token_id=None, graph=False)
+    assert torch.equal(generate(model, ids, 6, eos_token_id=None, graph=False, compile=True), plain)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, cache_position=torch.arange(9, device=DEV), use_cache=True)
+        ex = torch._dynamo.explain(decode_step)(model, cache, ids[:, :1], torch.tensor([9], device=DEV))
+    assert ex.graph_break_count == 0
+    assert any("osc_grouped_linear" in str(g.graph) for g in ex.graphs)

@@ -116,6 +116,30 @@ def experts_supported(layers: list, x: torch.Tensor) -> str | None:
     return supported(layers[0], x)
 
 
+@torch.library.custom_op("oscquant::osc_grouped_linear", mutates_args=())
+def grouped_linear_op(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, codes: torch.Tensor,
+                      rel_exp: torch.Tensor | None, row_scale: torch.Tensor, w_outlier: torch.Tensor,
+                      outlier_idx: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None, fmt: str,
+                      k_main: int) -> torch.Tensor:
+    w = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias)
+    return grouped_linear(x, rows, experts, StackedExperts(w))
+
+
+@grouped_linear_op.register_fake
+def _(x, rows, experts, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main):
+    return x.new_empty(rows.shape[0], row_scale.shape[1])
+
+
+def _grouped(x, rows, experts, stacked: StackedExperts) -> torch.Tensor:
+    """grouped_linear; under torch.compile through the custom op, which it sees as one opaque call (as the OSC
+    layers' own ``oscquant::osc_linear``)."""
+    if not torch.compiler.is_compiling():
+        return grouped_linear(x, rows, experts, stacked)
+    w = stacked.weights
+    return grouped_linear_op(x, rows, experts, w.codes, w.rel_exp, w.row_scale, w.w_outlier, w.outlier_idx, w.keep,
+                             w.bias, w.fmt, w.k_main)
+
+
 def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """convert.ExpertLinears' step through the grouped kernels: gate_up for every (token, expert) pair, the
     activation, down, then each token's pairs summed with the router's weights. Static shapes, no host sync."""
@@ -123,7 +147,7 @@ def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top
     dev = hidden.device
     experts = top_k_index.reshape(-1).to(torch.int32)
     pairs = torch.arange(t * k, device=dev, dtype=torch.int32)
-    gate, up = grouped_linear(hidden, pairs // k, experts, module.stacked("gate_up_proj", dev)).chunk(2, dim=-1)
-    h = grouped_linear(module.act_fn(gate) * up, pairs, experts, module.stacked("down_proj", dev))
+    gate, up = _grouped(hidden, pairs // k, experts, module.stacked("gate_up_proj", dev)).chunk(2, dim=-1)
+    h = _grouped(module.act_fn(gate) * up, pairs, experts, module.stacked("down_proj", dev))
     out = (h.float() * top_k_weights.reshape(-1, 1).float()).reshape(t, k, -1).sum(1)
     return out.to(hidden.dtype)
