@@ -42,7 +42,7 @@ def register() -> None:
     from . import moe
 
     def accepts_experts(module, hidden, top_k_index):
-        # decoding only: a long prompt runs each expert's own layer on all of its tokens (moe.py)
+        # decoding and short prompts: a long prompt runs each expert's own layer on all of its tokens (moe.py)
         if top_k_index.numel() > moe.MAX_PAIRS:
             return False
         key = (hidden.device, hidden.dtype)
