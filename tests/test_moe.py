@@ -165,3 +165,19 @@ def test_compiled_moe_decode_step_keeps_the_experts_one_opaque_op():
         ex = torch._dynamo.explain(decode_step)(model, cache, ids[:, :1], torch.tensor([9], device=DEV))
     assert ex.graph_break_count == 0
     assert any("osc_grouped_linear" in str(g.graph) for g in ex.graphs)
+
+
+def test_a_saved_and_loaded_moe_model_runs_the_same_grouped_step(tmp_path):
+    """The stacks are built from the loaded layers (not from anything the first model left behind): the same output."""
+    from oscquant import load_quantized, save_quantized
+
+    model = tiny_moe()
+    h = (torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(6)) * 2).to(DEV, next(model.parameters()).dtype)
+    with torch.no_grad():
+        before = model.model.layers[1].mlp(h)
+    save_quantized(model, None, tmp_path / "ck")
+    loaded, _ = load_quantized(tmp_path / "ck", device=DEV)
+    experts = loaded.model.layers[1].mlp.experts
+    with torch.no_grad():
+        after = loaded.model.layers[1].mlp(h)
+    assert experts._stacks and torch.equal(after, before)
