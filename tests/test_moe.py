@@ -91,7 +91,7 @@ def test_bad_grouped_inputs_raise():
     layers = expert_layers("mxfp4", 16)
     with pytest.raises(ValueError, match="experts' layers differ"):
         moe.stack_experts(layers[:2] + expert_layers("mxfp4", 32, experts=1))
-    with pytest.raises(ValueError, match="OSCLinear"):
+    with pytest.raises(ValueError, match="OSC layer"):
         moe.stack_experts([])
     stacked = moe.stack_experts(layers)
     x, rows, experts = pairs_and_input(2, 3, 2)
@@ -121,18 +121,36 @@ def test_moe_block_decodes_through_the_grouped_kernels(fallback, monkeypatch):
     assert isinstance(experts, ExpertLinears)
     g = torch.Generator().manual_seed(5)
     h = (torch.randn(1, 3, 64, generator=g) * 2).to(DEV, next(model.parameters()).dtype)
+    own_calls = []  # calls of the experts' own layers: none while the grouped kernels run
+    for e in experts:
+        e.gate_up_proj.register_forward_hook(lambda *_: own_calls.append(1))
     with torch.no_grad():
         fast = block(h)
-        assert {name for name, _ in experts._stacks} == {"gate_up_proj", "down_proj"}
+        assert {name for name, _ in experts._stacks} == {"gate_up_proj", "down_proj"} and not own_calls
         monkeypatch.setenv("OSCQUANT_BACKEND", "reference")
         ref = block(h)
     assert torch.isfinite(fast).all() and rel_err(fast, ref) <= 2e-2
     monkeypatch.setenv("OSCQUANT_BACKEND", "triton" if not CUDA else "auto")
     monkeypatch.setattr(moe, "MAX_PAIRS", 4)
-    experts._clear()
-    with torch.no_grad():  # 3 tokens, 2 experts each: past MAX_PAIRS pairs, the experts' own layers
+    own_calls.clear()
+    with torch.no_grad():  # 3 tokens, 2 experts each: past MAX_PAIRS pairs, the experts' own layers (on views)
         assert rel_err(block(h), ref) <= 2e-2
-    assert not experts._stacks
+    assert own_calls
+
+
+def test_experts_quantized_unalike_run_one_by_one():
+    """Per-layer choices (policy="auto") can give the experts of a projection different outlier counts: one stack
+    cannot hold them, so the experts run through their own layers, and say why (no error)."""
+    model = tiny_moe()
+    experts = model.model.layers[0].mlp.experts
+    first = experts[0].gate_up_proj
+    lin = nn.Linear(first.in_features, first.out_features, bias=False)
+    experts[0].gate_up_proj = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 32), torch.arange(32)).to(DEV)
+    experts._clear()
+    h = torch.randn(1, 2, 64).to(DEV, next(model.parameters()).dtype)
+    with torch.no_grad():
+        assert torch.isfinite(model.model.layers[0].mlp(h)).all()
+    assert not experts._stacks and "differ" in next(iter(experts.kernel_checks.values()))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

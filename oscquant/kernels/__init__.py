@@ -42,13 +42,15 @@ def register() -> None:
     from . import moe
 
     def accepts_experts(module, hidden, top_k_index):
-        # decoding and short prompts: a long prompt runs each expert's own layer on all of its tokens (moe.py)
-        if top_k_index.numel() > moe.MAX_PAIRS:
-            return False
         key = (hidden.device, hidden.dtype)
         if key not in module.kernel_checks:  # once per device and dtype: 2 x E layers to look at
-            layers = [m.gate_up_proj for m in module] + [m.down_proj for m in module]
-            module.kernel_checks[key] = moe.experts_supported(layers, hidden)
-        return module.kernel_checks[key] is None
+            projections = [[getattr(m, p) for m in module] for p in moe.PROJECTIONS]
+            module.kernel_checks[key] = moe.experts_supported(projections, hidden)
+        if module.kernel_checks[key] is not None:
+            return False
+        for p in moe.PROJECTIONS:  # built now, outside any compiled step; the experts' own layers then run on views
+            module.stacked(p, hidden.device)
+        # decoding and short prompts; a long prompt runs each expert's own layer on all of its tokens (moe.py)
+        return top_k_index.numel() <= moe.MAX_PAIRS
 
     backends.register_experts(accepts_experts, moe.experts_forward)

@@ -29,6 +29,7 @@ from .ops import FMT_IDS, GemmConfig, MODE_F8, MODE_F16, osc_gemm, split_quantiz
 # docs/bench/h100_moe_2026-12-06.md) at a 256-token prompt, 2048 pairs: grouped 4.2 ms a layer eager (2.6 from a CUDA
 # graph) against 50-83 ms for the experts' own layers; larger prompts were not measured
 MAX_PAIRS = 4096
+PROJECTIONS = ("gate_up_proj", "down_proj")  # convert.ExpertLinears' layers of each expert
 
 
 @dataclass
@@ -46,20 +47,30 @@ class StackedExperts:
         return self.weights.row_scale.shape[1]
 
 
-def stack_experts(layers: list) -> StackedExperts:
-    """Stack the kernel weights of one projection's expert layers (OSCLinear, one scheme and shape for all). Each
-    layer's own kernel weights then become views into the stack, so that its own calls (long prompts) add no copy."""
+def _unlike(layers: list) -> str | None:
+    """None if ``layers`` are OSC layers of one format, shape and outlier count (what one stack holds), else why not."""
     from ..linear import OSCLinear
 
     if not layers or not all(isinstance(m, OSCLinear) for m in layers):
-        raise ValueError("stack_experts takes the OSCLinear layers of one projection of every expert")
+        return "not every expert's layer of a projection is an OSC layer"
     first = layers[0]
     key = (first.scheme.format, first.scheme.group_size, first.in_features, first.out_features, first.k,
            first.bias is not None)
     for m in layers:
         if (m.scheme.format, m.scheme.group_size, m.in_features, m.out_features, m.k, m.bias is not None) != key:
-            raise ValueError(f"the experts' layers differ ({m.extra_repr()} against {first.extra_repr()}); the grouped "
-                             "kernels need one format, shape and outlier count for all experts")
+            return (f"the experts' layers differ ({m.extra_repr()} against {first.extra_repr()}); the grouped kernels "
+                    "need one format, shape and outlier count for all experts")
+    return None
+
+
+@torch.compiler.disable  # built once, eagerly: never traced into a compiled step
+def stack_experts(layers: list) -> StackedExperts:
+    """Stack the kernel weights of one projection's expert layers (OSCLinear, one scheme and shape for all). Each
+    layer's own kernel weights then become views into the stack, so that its own calls (long prompts) add no copy."""
+    why = _unlike(layers)
+    if why:
+        raise ValueError(f"stack_experts takes the OSC layers of one projection of every expert: {why}")
+    first = layers[0]
     dev = first.qweight.device
     kws = [kernel_weights(m, frag=False) for m in layers]
 
@@ -111,13 +122,15 @@ def grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, s
     return osc_gemm(a, sa, w, xo, x.dtype, cfg, out=y, groups=experts)
 
 
-def experts_supported(layers: list, x: torch.Tensor) -> str | None:
-    """None if the grouped kernels can run these expert layers on x, else why not."""
-    from ..linear import OSCLinear
-
-    if not layers or not all(isinstance(m, OSCLinear) for m in layers):
-        return "not every expert's layer is quantized"
-    return supported(layers[0], x)
+def experts_supported(projections: list[list], x: torch.Tensor) -> str | None:
+    """None if the grouped kernels can run these experts on x (each projection's layers alike, in a format with a
+    kernel), else why not. An MoE model quantized with per-layer choices (policy="auto") may differ between experts;
+    its experts then run one by one."""
+    for layers in projections:
+        why = _unlike(layers) or supported(layers[0], x)
+        if why:
+            return why
+    return None
 
 
 @torch.library.custom_op("oscquant::osc_grouped_linear", mutates_args=())
