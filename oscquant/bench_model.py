@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +132,10 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
                 vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False, moe: bool = False
                 ) -> tuple[list[ModelRow], dict]:
     """Rows for BF16, OSC with its sibling projections apart and stacked, and the relative differences of their first
-    decode step's logits (with, as strings, why a step could not be captured). ``compile`` (GPU): also the decode step and the prefill compiled by torch.compile, each then
-    replayed from a CUDA graph. ``moe``: Qwen3-30B-A3B's shapes (a Qwen3-MoE model); the second OSC row then runs the
-    experts one by one through their own layers (eager only: that loop asks the host which experts were reached)
-    instead of the grouped kernels (kernels/moe.py)."""
+    decode step's logits (with, as strings, why a step could not be captured). ``compile`` (GPU): also the decode step
+    and the prefill compiled by torch.compile, each then replayed from a CUDA graph. ``moe``: Qwen3-30B-A3B's shapes
+    (a Qwen3-MoE model); the second OSC row then runs the experts one by one through their own layers (eager only:
+    that loop asks the host which experts were reached) instead of the grouped kernels (kernels/moe.py)."""
     from .config import OSCConfig
     from .convert import quantize
     from .siblings import fuse_siblings
@@ -193,21 +194,17 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     return rows, {**errs, **notes}
 
 
+@contextmanager
 def _experts_one_by_one(on: bool):
     """MoE experts through their own layers, one expert at a time, instead of the grouped kernels."""
-    from contextlib import contextmanager
-
     from .kernels import moe
 
-    @contextmanager
-    def ctx():
-        keep = moe.MAX_PAIRS
-        moe.MAX_PAIRS = -1 if on else keep
-        try:
-            yield
-        finally:
-            moe.MAX_PAIRS = keep
-    return ctx()
+    keep = moe.MAX_PAIRS
+    moe.MAX_PAIRS = -1 if on else keep
+    try:
+        yield
+    finally:
+        moe.MAX_PAIRS = keep
 
 
 def _attention_backends(device: str):
