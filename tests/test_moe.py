@@ -199,3 +199,18 @@ def test_a_saved_and_loaded_moe_model_runs_the_same_grouped_step(tmp_path):
     with torch.no_grad():
         after = loaded.model.layers[1].mlp(h)
     assert experts._stacks and torch.equal(after, before)
+
+
+def test_moe_model_bench_rows_and_missing_graph_columns():
+    """`oscquant bench model --moe`'s harness on a tiny Qwen3-MoE on the CPU: BF16 (float32), experts one by one and
+    grouped, with the same weights (so no logit changes between the two OSC rows); a row without a CUDA-graph time
+    prints "-" instead of a ratio."""
+    from oscquant.bench_model import ModelRow, bench_model, markdown
+
+    dims = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, decoder_sparse_step=1)
+    rows, errs = bench_model(2, 16, reps=2, device="cpu", dims=dims, vocab=128, outliers=16, moe=True)
+    assert [r.variant for r in rows] == ["float", "OSC, experts one by one", "OSC, experts grouped"]
+    assert errs["OSC, experts grouped vs OSC, experts one by one"] < 1e-5
+    md = markdown([ModelRow("BF16", 1.0, 1.0, 0.5, 0.5), ModelRow("OSC, experts one by one", 2.0, 2.0)], 16)
+    assert "| OSC, experts one by one | 2.000 | 0.50 | - | - | 2.000 | 0.50 | - | - |" in md
