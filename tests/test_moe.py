@@ -214,3 +214,23 @@ def test_moe_model_bench_rows_and_missing_graph_columns():
     assert errs["OSC, experts grouped vs OSC, experts one by one"] < 1e-5
     md = markdown([ModelRow("BF16", 1.0, 1.0, 0.5, 0.5), ModelRow("OSC, experts one by one", 2.0, 2.0)], 16)
     assert "| OSC, experts one by one | 2.000 | 0.50 | - | - | 2.000 | 0.50 | - | - |" in md
+
+
+@pytest.mark.parametrize("fmt,mode", [("mxfp4", "f16"), ("mxfp4", "f8"), ("int4", "f16"), ("fp8", "f8")])
+@pytest.mark.parametrize("rows_per_program", [1, 4])
+def test_grouped_split_quantize_is_each_experts_own_split_bit_for_bit(fmt, mode, rows_per_program):
+    """Row p of the grouped split-quantize (1 or 4 rows a program; 7 pairs, so the last program is partly masked) is
+    exactly what the plain split-quantize gives for token rows[p] with expert experts[p]'s outlier channels."""
+    from oscquant.kernels.triton_osc import MODE_F8, MODE_F16
+
+    m = MODE_F8 if mode == "f8" else MODE_F16
+    w = moe.stack_experts(expert_layers(fmt, 16)).weights
+    x, rows, experts = pairs_and_input(4, 3, 2)
+    rows, experts = rows[:7], experts[:7]
+    xo, a, sa = ops.split_quantize(x, w.keep, w.outlier_idx, fmt, m, w.k_main, rows=rows_per_program, src=rows,
+                                   grp=experts)
+    for p in range(7):
+        e, t = int(experts[p]), int(rows[p])
+        xo1, a1, sa1 = ops.split_quantize(x[t:t + 1], w.keep[e], w.outlier_idx[e], fmt, m, w.k_main)
+        assert torch.equal(xo[p:p + 1], xo1) and torch.equal(sa[p:p + 1], sa1)
+        assert torch.equal(a[p:p + 1].view(torch.uint8), a1.view(torch.uint8))
