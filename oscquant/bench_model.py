@@ -166,11 +166,11 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
                     # the graphed step at position P computes what the eager one did
                     logits[name + ", CUDA graph"] = graph_logits
                 except RuntimeError as e:
-                    notes[f"{name}, decode step from a CUDA graph"] = f"not captured ({str(e).splitlines()[0][:120]})"
+                    notes[f"{name}, decode step from a CUDA graph"] = _not_captured(e)
                 try:
                     row.prefill_graph_ms = measure_prefill_graph(m, ids, prefill, reps) / layers
                 except RuntimeError as e:  # MoE experts run one by one ask the host which experts were reached
-                    notes[f"{name}, prefill from a CUDA graph"] = f"not captured ({str(e).splitlines()[0][:120]})"
+                    notes[f"{name}, prefill from a CUDA graph"] = _not_captured(e)
                 if compile:
                     comp, logits[name + ", compiled"] = measure_graph(m, ids, prefill, reps, compile=True)
                     row.compiled_ms = comp / layers
@@ -192,6 +192,10 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
         if name + ", compiled" in logits:
             errs[f"{name}, compiled vs not"] = err(name + ", compiled", name + ", CUDA graph")
     return rows, {**errs, **notes}
+
+
+def _not_captured(e: RuntimeError) -> str:
+    return f"not captured ({str(e).splitlines()[0][:120]})"
 
 
 @contextmanager

@@ -164,7 +164,8 @@ def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top
     dev = hidden.device
     experts = top_k_index.reshape(-1).to(torch.int32)
     pairs = torch.arange(t * k, device=dev, dtype=torch.int32)
-    gate, up = _grouped(hidden, pairs // k, experts, module.stacked("gate_up_proj", dev)).chunk(2, dim=-1)
-    h = _grouped(module.act_fn(gate) * up, pairs, experts, module.stacked("down_proj", dev))
+    gate_up, down = (module.stacked(p, dev) for p in PROJECTIONS)
+    gate, up = _grouped(hidden, pairs // k, experts, gate_up).chunk(2, dim=-1)
+    h = _grouped(module.act_fn(gate) * up, pairs, experts, down)
     out = (h.float() * top_k_weights.reshape(-1, 1).float()).reshape(t, k, -1).sum(1)
     return out.to(hidden.dtype)
