@@ -134,8 +134,9 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     """Rows for BF16, OSC with its sibling projections apart and stacked, and the relative differences of their first
     decode step's logits (with, as strings, why a step could not be captured). ``compile`` (GPU): also the decode step
     and the prefill compiled by torch.compile, each then replayed from a CUDA graph. ``moe``: Qwen3-30B-A3B's shapes
-    (a Qwen3-MoE model); the second OSC row then runs the experts one by one through their own layers (eager only:
-    that loop asks the host which experts were reached) instead of the grouped kernels (kernels/moe.py)."""
+    (a Qwen3-MoE model); its OSC rows run the experts one by one through their own layers (eager only: that loop asks
+    the host which experts were reached), then through the grouped kernels (kernels/moe.py) one pair a program, and
+    as the library does by default (in tiles of pairs where pairs meet on experts)."""
     from .config import OSCConfig
     from .convert import quantize
     from .siblings import fuse_siblings
@@ -152,11 +153,14 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (1, prefill + reps + 3), generator=g).to(device)
     rows, logits, notes = [], {}, {}
-    second = ("OSC, experts one by one", stacked) if moe else ("OSC, siblings apart", osc)
-    third = ("OSC, experts grouped" if moe else "OSC, siblings stacked", stacked)
-    for name, m in (("BF16" if device == "cuda" else "float", model), second, third):
-        one_by_one = name == "OSC, experts one by one"
-        with _attention_backends(device), _experts_one_by_one(one_by_one):
+    variants = [("BF16" if device == "cuda" else "float", model)]
+    if moe:
+        variants += [(name, stacked) for name in (ONE_BY_ONE, PAIR_A_PROGRAM, TILED)]
+    else:
+        variants += [("OSC, siblings apart", osc), ("OSC, siblings stacked", stacked)]
+    for name, m in variants:
+        one_by_one = name == ONE_BY_ONE
+        with _attention_backends(device), _experts_as(name):
             pre, dec, logits[name] = measure(m, ids, prefill, device, reps)
             row = ModelRow(name, pre / layers, dec / layers)
             if device == "cuda" and not one_by_one:
@@ -183,8 +187,8 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     # the first decode step's logits: quantization's effect (both OSC models equally far from BF16), stacking's (only
     # the GEMMs' summation order, which W4A4's rounding of the next layers' inputs can magnify in a random model), and
     # the graph's (none)
-    errs = {f"{names[1]} vs {names[0]}": err(names[1], names[0]), f"{names[2]} vs {names[0]}": err(names[2], names[0]),
-            f"{names[2]} vs {names[1]}": err(names[2], names[1])}
+    errs = {f"{n} vs {names[0]}": err(n, names[0]) for n in names[1:]}
+    errs.update({f"{n} vs {names[1]}": err(n, names[1]) for n in names[2:]})
     for name in names if device == "cuda" else ():  # a static cache and its attention kernels against the eager ones
         if name + ", CUDA graph" not in logits:
             continue
@@ -198,17 +202,24 @@ def _not_captured(e: RuntimeError) -> str:
     return f"not captured ({str(e).splitlines()[0][:120]})"
 
 
+# the MoE model's OSC rows: the experts through their own layers, one expert at a time; through the grouped kernels
+# one (token, expert) pair a program; and grouped by tiles of pairs sorted by expert where pairs meet (the default)
+ONE_BY_ONE, PAIR_A_PROGRAM, TILED = "OSC, experts one by one", "OSC, experts grouped, a pair a program", \
+    "OSC, experts grouped"
+
+
 @contextmanager
-def _experts_one_by_one(on: bool):
-    """MoE experts through their own layers, one expert at a time, instead of the grouped kernels."""
+def _experts_as(variant: str):
+    """Run MoE experts as the row ``variant`` says (other rows: the library's own choice)."""
     from .kernels import moe
 
-    keep = moe.MAX_PAIRS
-    moe.MAX_PAIRS = -1 if on else keep
+    keep = moe.MAX_PAIRS, moe.PAIR_TILES
+    moe.MAX_PAIRS = -1 if variant == ONE_BY_ONE else keep[0]
+    moe.PAIR_TILES = variant != PAIR_A_PROGRAM and keep[1]
     try:
         yield
     finally:
-        moe.MAX_PAIRS = keep
+        moe.MAX_PAIRS, moe.PAIR_TILES = keep
 
 
 def _attention_backends(device: str):

@@ -53,28 +53,61 @@ def pairs_and_input(tokens, experts, per_token, seed=0):
     return x.to(torch.bfloat16).to(DEV), rows.int().to(DEV), choice.reshape(-1).int().to(DEV)
 
 
+def routed(tokens, experts, per_token, tile_m, seed=0):
+    """x, a router's choice of per_token of E experts for each token, and moe.route's plan for it."""
+    x, _, choice = pairs_and_input(tokens, experts, per_token, seed)
+    return x, moe.route(choice.view(tokens, per_token), experts, tile_m)
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("split_k", [1, 2])
-def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k):
+@pytest.mark.parametrize("tile_m", [1, 4, 16])
+def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k, tile_m):
+    """Every (token, expert) pair of the grouped GEMM against its expert's float32 reference: one pair a program,
+    and tiles of pairs sorted by expert (tile_m 4: some experts' pairs take two tiles; 16: one tile each)."""
     layers = expert_layers(fmt, k)
-    x, rows, experts = pairs_and_input(3, len(layers), 2)
+    x, routing = routed(7, len(layers), 2, tile_m)
     stacked = moe.stack_experts(layers)
-    cfg = moe.grouped_config(rows.numel(), N, stacked.weights.k_main, fmt)
+    p = routing.experts.numel()
+    cfg = moe.grouped_config(p, N, stacked.weights.k_main, fmt, tile_m)
+    assert cfg.bm == tile_m and cfg.fold == (fmt == "mxfp4" and tile_m > 1)
     cfg = ops.GemmConfig(**{**cfg.__dict__, "split_k": split_k})
-    out = torch.full((rows.numel(), N), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned
-    y = moe.grouped_linear(x, rows, experts, stacked, cfg, out=out)
+    out = torch.full((p, N), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned
+    y = moe.grouped_linear(x, routing.tokens, routing, stacked, cfg, out=out)
     assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
-    for p in range(rows.numel()):  # every pair against its own expert's float32 reference on the CPU
-        layer = copy.deepcopy(layers[int(experts[p])]).cpu()
-        ref = reference_forward(layer, x[int(rows[p])][None].cpu().float())
-        assert rel_err(y[p].cpu(), ref[0]) <= 1e-2, (p, int(experts[p]))
+    for i in range(p):  # every pair against its own expert's float32 reference on the CPU
+        e, t = int(routing.experts[i]), int(routing.tokens[i])
+        ref = reference_forward(copy.deepcopy(layers[e]).cpu(), x[t][None].cpu().float())
+        assert rel_err(y[i].cpu(), ref[0]) <= 1e-2, (i, e)
     if split_k > 1:  # the split-K workspace is left zeroed for the next layer
         ws, cnt = ops._SPLIT_WORKSPACE[y.device]
         assert not ws.any() and not cnt.any()
+
+
+@pytest.mark.parametrize("tokens,experts,per_token,tile_m", [(7, 3, 2, 4), (5, 8, 2, 16), (40, 6, 3, 16), (3, 4, 2, 1)])
+def test_route_tiles_cover_every_pair_once_by_its_expert(tokens, experts, per_token, tile_m):
+    """moe.route's plan: sorted pairs keep each (token, expert) of the router, every pair lies in exactly one tile of
+    at most tile_m pairs, a tile's pairs all go to the tile's expert, and the unused slots of the table hold none."""
+    choice = torch.stack([torch.randperm(experts, generator=torch.Generator().manual_seed(t))[:per_token]
+                          for t in range(tokens)])
+    choice[: tokens // 2, 0] = 0  # a crowded expert: several tiles of its own where tile_m is small
+    r = moe.route(choice.to(DEV), experts, tile_m)
+    p = tokens * per_token
+    order = torch.arange(p) if r.order is None else r.order.cpu()
+    assert torch.equal(r.experts.cpu().long(), choice.reshape(-1)[order])
+    assert torch.equal(r.tokens.cpu().long(), order // per_token)
+    tiles = r.tiles.cpu()
+    assert tiles.shape[0] == -(-p // tile_m) + min(experts, p) or tile_m == 1
+    seen = torch.zeros(p, dtype=torch.int32)
+    for first, rows, e in tiles.tolist():
+        assert 0 <= rows <= tile_m
+        seen[first:first + rows] += 1
+        assert (r.experts.cpu()[first:first + rows] == e).all()
+    assert (seen == 1).all()
 
 
 def test_stacking_makes_each_experts_own_weights_views():
@@ -94,13 +127,20 @@ def test_bad_grouped_inputs_raise():
     with pytest.raises(ValueError, match="OSC layer"):
         moe.stack_experts([])
     stacked = moe.stack_experts(layers)
-    x, rows, experts = pairs_and_input(2, 3, 2)
+    x, routing = routed(2, 3, 2, 4)
+    rows = routing.tokens
     with pytest.raises(ValueError, match="int32"):
-        moe.grouped_linear(x, rows.long(), experts, stacked)
-    with pytest.raises(ValueError, match="one shape"):
-        moe.grouped_linear(x, rows[:3], experts, stacked)
-    with pytest.raises(ValueError, match="plain transposed GEMM with one token row"):
-        moe.grouped_linear(x, rows, experts, stacked, ops.GemmConfig(16, 32, 1, False, 2, 3, swap=True))
+        moe.grouped_linear(x, rows.long(), routing, stacked)
+    with pytest.raises(ValueError, match="routing's shape"):
+        moe.grouped_linear(x, rows[:3], routing, stacked)
+    with pytest.raises(ValueError, match="take the transposed GEMM"):
+        moe.grouped_linear(x, rows, routing, stacked, ops.GemmConfig(16, 32, 1, True, 2, 3, swap=True, wgmma=True))
+    with pytest.raises(ValueError, match="up to 4 pairs, more than the config's 1"):
+        moe.grouped_linear(x, rows, routing, stacked, moe.grouped_config(4, N, stacked.weights.k_main, "mxfp4"))
+    a = torch.zeros(4, stacked.weights.k_main, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match=r"tile table \[tiles, 3\]"):
+        ops.osc_gemm(a, a[:, 0].float(), stacked.weights, a[:, :16].bfloat16(), torch.bfloat16,
+                     moe.grouped_config(4, N, stacked.weights.k_main, "mxfp4"), groups=routing.experts)
 
 
 def tiny_moe(fallback="fp8"):
@@ -210,8 +250,10 @@ def test_moe_model_bench_rows_and_missing_graph_columns():
     dims = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, decoder_sparse_step=1)
     rows, errs = bench_model(2, 16, reps=2, device="cpu", dims=dims, vocab=128, outliers=16, moe=True)
-    assert [r.variant for r in rows] == ["float", "OSC, experts one by one", "OSC, experts grouped"]
+    assert [r.variant for r in rows] == ["float", "OSC, experts one by one", "OSC, experts grouped, a pair a program",
+                                         "OSC, experts grouped"]
     assert errs["OSC, experts grouped vs OSC, experts one by one"] < 1e-5
+    assert errs["OSC, experts grouped, a pair a program vs OSC, experts one by one"] < 1e-5
     md = markdown([ModelRow("BF16", 1.0, 1.0, 0.5, 0.5), ModelRow("OSC, experts one by one", 2.0, 2.0)], 16)
     assert "| OSC, experts one by one | 2.000 | 0.50 | - | - | 2.000 | 0.50 | - | - |" in md
 

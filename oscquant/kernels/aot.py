@@ -57,12 +57,12 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                           warps, stages, {"a_ptr": a, "b_ptr": b})
 
 
-GROUPED_SIG = [("grp_ptr", "*i32"), ("stride_ce", "i32"), ("stride_ee", "i32")]
+GROUPED_SIG = [("grp_ptr", "*i32"), ("stride_ce", "i32"), ("stride_ee", "i32"), ("TILES", "i32")]
 
 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
            fold: bool = False, pdl: bool = True, grouped: bool = False):
-    """The transposed GEMM; ``grouped``: on stacked MoE expert weights, one (token, expert) pair a program."""
+    """The transposed GEMM; ``grouped``: on stacked MoE expert weights, by tiles of (token, expert) pairs."""
     const = dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8 or fold, F8_FOLD=fold,
                  INTERPRET=False, PDL=pdl)
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG + (GROUPED_SIG if grouped else []),
@@ -199,6 +199,10 @@ def main() -> int:
                     ("gemm-t mxfp4 grouped MoE experts", gemm_t(K.FMT_MXFP4, 1, 32, stages=3, pdl=False, grouped=True)),
                     ("gemm-t fp8-weights grouped MoE experts", gemm_t(K.FMT_FP8, 1, 32, split_k=2, op_f8=True,
                                                                       pdl=False, grouped=True)),
+                    ("gemm-t mxfp4 e4m3 folded grouped MoE experts, 16-pair tiles",
+                     gemm_t(K.FMT_MXFP4, 16, 64, warps=4, fold=True, pdl=False, grouped=True)),
+                    ("gemm-t fp8-weights grouped MoE experts, 64-pair tiles",
+                     gemm_t(K.FMT_FP8, 64, 64, warps=4, op_f8=True, pdl=False, grouped=True)),
                     ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True), 3),
                     ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3), 2),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),

@@ -4,14 +4,14 @@ A Qwen3-MoE block routes each token to k of E experts. Run as one OSC layer per 
 experts its tokens reached (a device-to-host copy, which a CUDA graph cannot capture) and then launches two kernels
 per projection per expert reached. Here the experts' kernel weights are stacked once ([E, N, ...]); the router's
 choice stays on the device as int32 expert ids, and one grouped split-quantize plus one grouped transposed GEMM per
-projection take all T × k pairs at once, each program reading its pair's expert id and that expert's weights. The
-work of a step has a fixed shape (T × k pairs), so a CUDA graph captures it, and each expert reached streams its
-weights once per token routed to it.
+projection take all T × k pairs at once, each program reading its tile's expert id and that expert's weights. The
+work of a step has a fixed shape (T × k pairs, and a tile table sized for the worst routing), so a CUDA graph captures
+it.
 
-A pair-per-program GEMM streams an expert's weights once per token routed to it, which suits decoding; for a prompt
-it still beats the experts' own layers by far while the prompt is short, since those wait on the host (two launches
-per projection and expert reached, 128 experts a layer for Qwen3-30B-A3B). Past ``MAX_PAIRS`` pairs the experts' own
-layers run, each on all of its tokens.
+Decoding (fewer pairs than experts, which then seldom share an expert) runs one pair a program. A prompt's pairs are
+sorted by expert on the device (``route``) and cut into tiles of up to 16-64 pairs of one expert, so that an expert's
+weights are read once a tile instead of once a pair, and each MMA is filled by a tile's tokens instead of padded from
+one. Past ``MAX_PAIRS`` pairs the experts' own layers run, each on all of its tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 
 from .layout import KernelWeights, kernel_weights
-from .ops import FMT_IDS, GemmConfig, MODE_F8, MODE_F16, osc_gemm, split_quantize, supported
+from .ops import FMT_IDS, GemmConfig, osc_gemm, split_quantize, supported
 
 # above this many (token, expert) pairs a step runs the experts' own layers: their GEMMs read each expert's weights
 # once for all its tokens, where the grouped GEMM reads them once per pair. Measured (H100, Qwen3-30B-A3B shapes,
@@ -30,6 +30,7 @@ from .ops import FMT_IDS, GemmConfig, MODE_F8, MODE_F16, osc_gemm, split_quantiz
 # graph) against 50-83 ms for the experts' own layers; larger prompts were not measured
 MAX_PAIRS = 4096
 PROJECTIONS = ("gate_up_proj", "down_proj")  # convert.ExpertLinears' layers of each expert
+PAIR_TILES = True  # False: one pair a program at any size (benchmarks compare the two)
 
 
 @dataclass
@@ -87,39 +88,92 @@ def stack_experts(layers: list) -> StackedExperts:
     return StackedExperts(w)
 
 
-def grouped_config(pairs: int, n: int, k_pad: int, fmt: str) -> GemmConfig:
-    """The grouped GEMM's config: the transposed GEMM, one pair a program (bm = 1), 32 weight rows on 2 warps as the
-    decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones; split-K (a power of two up
-    to 8, at least 2 steps of 128 columns each) until about two programs an SM."""
-    programs = triton.cdiv(n, 32) * pairs
+@dataclass
+class Routing:
+    """A step's (token, expert) pairs in the order the grouped kernels take them, and their token tiles."""
+    experts: torch.Tensor  # int32 [P]: each pair's expert
+    tokens: torch.Tensor  # int32 [P]: each pair's token row
+    tiles: torch.Tensor  # int32 [tiles, 3]: (first pair, pairs <= tile_m, expert); unused slots have 0 pairs
+    tile_m: int
+    order: torch.Tensor | None  # int64 [P]: pair p is the router's order[p]-th (token, slot); None: the router's order
+
+
+def tile_rows(pairs: int, experts: int) -> int:
+    """Pairs a program of the grouped GEMM: one while a step's pairs hardly meet on an expert (decoding), else its
+    pairs sorted by expert and cut into tiles of 16-64 pairs of one expert, each tile reading its expert's weights
+    once (about the pairs an expert gets, rounded up to a power of two)."""
+    if pairs < experts or not PAIR_TILES:
+        return 1
+    return min(64, max(16, triton.next_power_of_2(triton.cdiv(pairs, experts))))
+
+
+def route(top_k_index: torch.Tensor, num_experts: int, tile_m: int | None = None) -> Routing:
+    """The grouped kernels' plan for a router's choice top_k_index [T, k], all on its device (no host sync, so a
+    CUDA graph captures it): with tile_m > 1 the pairs sorted by expert (stably) and cut into tiles of at most tile_m
+    pairs of one expert. The tile table has room for the most tiles any routing needs, cdiv(P, tile_m) + min(E, P)."""
+    t, k = top_k_index.shape
+    p = t * k
+    dev = top_k_index.device
+    experts = top_k_index.reshape(-1).to(torch.int32)
+    tokens = torch.arange(p, device=dev, dtype=torch.int32) // k
+    tile_m = tile_m or tile_rows(p, num_experts)
+    if tile_m == 1:
+        tiles = torch.stack([torch.arange(p, device=dev, dtype=torch.int32), torch.ones_like(experts), experts], 1)
+        return Routing(experts, tokens, tiles, 1, None)
+    order = torch.argsort(experts, stable=True)
+    experts, tokens = experts[order], tokens[order]
+    counts = torch.zeros(num_experts, device=dev, dtype=torch.int32).scatter_add_(
+        0, experts.long(), torch.ones_like(experts))
+    per_expert = (counts + tile_m - 1) // tile_m
+    tiles_end = torch.cumsum(per_expert, 0, dtype=torch.int32)  # tile slots [end - per_expert, end) are expert e's
+    first_pair = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    slots = torch.arange(triton.cdiv(p, tile_m) + min(num_experts, p), device=dev, dtype=torch.int32)
+    e = torch.searchsorted(tiles_end, slots, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    j = slots - (tiles_end[e] - per_expert[e])  # the slot's tile within its expert (past the last one: unused)
+    rows = (counts[e] - j * tile_m).clamp_(0, tile_m)
+    tiles = torch.stack([first_pair[e] + j * tile_m, rows, e], 1).to(torch.int32).contiguous()
+    return Routing(experts, tokens, tiles, tile_m, order)
+
+
+def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1) -> GemmConfig:
+    """The grouped GEMM's config, the transposed GEMM either way. One pair a program (tile_m = 1): 32 weight rows on
+    2 warps as the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of
+    tile_m pairs: 64 weight rows on 4 warps as fold_config's (the block factors folded into e4m3 weights for MXFP4).
+    Split-K (a power of two up to 8, at least 2 steps of 128 columns each) until about two programs an SM."""
+    bn = 32 if tile_m == 1 else 64
+    programs = triton.cdiv(n, bn) * triton.cdiv(pairs, tile_m)
     split = 1
     while split < 8 and programs * split < 264 and k_pad // (128 * split * 2) >= 2:
         split *= 2
-    return GemmConfig(1, 32, split, fmt == "fp8", 2, 6 if k_pad > n else 3, swap=True)
+    if tile_m == 1:
+        return GemmConfig(1, 32, split, fmt == "fp8", 2, 6 if k_pad > n else 3, swap=True)
+    return GemmConfig(tile_m, 64, split, fmt != "int4", 4, 4 if split == 1 else 3, swap=True, fold=fmt == "mxfp4")
 
 
-def grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
+def grouped_linear(x: torch.Tensor, rows: torch.Tensor, routing: Routing, stacked: StackedExperts,
                    cfg: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [P, N]: row p is x[rows[p]] through expert experts[p]'s layer (split-quantize and the dual-path GEMM), for
-    x [T, K] and int32 rows, experts [P] on x's device (``out``: y's buffer). The expert ids are not checked against E
-    on the host (that would wait for the GPU); they come from the router's top-k, which cannot exceed it."""
+    """y [P, N]: row p is x[rows[p]] through expert routing.experts[p]'s layer (split-quantize and the dual-path
+    GEMM), for x [T, K] and int32 rows [P] on x's device (``out``: y's buffer). The expert ids are not checked
+    against E on the host (that would wait for the GPU); they come from the router's top-k, which cannot exceed it."""
     w = stacked.weights
+    experts = routing.experts
     if x.dim() != 2 or x.shape[1] > w.k_main or rows.shape != experts.shape or rows.dim() != 1:
-        raise ValueError(f"grouped_linear takes x [T, K <= {w.k_main}] and int32 rows, experts of one shape [P]; got "
-                         f"x {tuple(x.shape)}, rows {tuple(rows.shape)}, experts {tuple(experts.shape)}")
+        raise ValueError(f"grouped_linear takes x [T, K <= {w.k_main}] and int32 rows of the routing's shape [P]; "
+                         f"got x {tuple(x.shape)}, rows {tuple(rows.shape)}, experts {tuple(experts.shape)}")
     if rows.dtype != torch.int32 or experts.dtype != torch.int32:
         raise ValueError(f"rows and experts must be int32 (got {rows.dtype}, {experts.dtype})")
     if w.fmt not in FMT_IDS:
         raise ValueError(f"no grouped kernel for format {w.fmt}")
     p = rows.numel()
-    cfg = cfg or grouped_config(p, stacked.out_features, w.k_main, w.fmt)
+    cfg = cfg or grouped_config(p, stacked.out_features, w.k_main, w.fmt, routing.tile_m)
+    if cfg.bm < routing.tile_m:
+        raise ValueError(f"the routing's tiles hold up to {routing.tile_m} pairs, more than the config's {cfg.bm}")
     x = x.contiguous()
-    xo, a, sa = split_quantize(x, w.keep, w.outlier_idx, w.fmt, MODE_F8 if cfg.op_f8 else MODE_F16, w.k_main,
-                               src=rows, grp=experts)
+    xo, a, sa = split_quantize(x, w.keep, w.outlier_idx, w.fmt, cfg.mode, w.k_main, src=rows, grp=experts)
     y = out if out is not None else torch.empty(p, stacked.out_features, dtype=x.dtype, device=x.device)
     if p == 0:
         return y
-    return osc_gemm(a, sa, w, xo, x.dtype, cfg, out=y, groups=experts)
+    return osc_gemm(a, sa, w, xo, x.dtype, cfg, out=y, groups=routing.tiles)
 
 
 def experts_supported(projections: list[list], x: torch.Tensor) -> str | None:
@@ -134,38 +188,41 @@ def experts_supported(projections: list[list], x: torch.Tensor) -> str | None:
 
 
 @torch.library.custom_op("oscquant::osc_grouped_linear", mutates_args=())
-def grouped_linear_op(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, codes: torch.Tensor,
-                      rel_exp: torch.Tensor | None, row_scale: torch.Tensor, w_outlier: torch.Tensor,
-                      outlier_idx: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None, fmt: str,
-                      k_main: int) -> torch.Tensor:
+def grouped_linear_op(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, tiles: torch.Tensor, tile_m: int,
+                      codes: torch.Tensor, rel_exp: torch.Tensor | None, row_scale: torch.Tensor,
+                      w_outlier: torch.Tensor, outlier_idx: torch.Tensor, keep: torch.Tensor,
+                      bias: torch.Tensor | None, fmt: str, k_main: int) -> torch.Tensor:
     w = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias)
-    return grouped_linear(x, rows, experts, StackedExperts(w))
+    return grouped_linear(x, rows, Routing(experts, rows, tiles, tile_m, None), StackedExperts(w))
 
 
 @grouped_linear_op.register_fake
-def _(x, rows, experts, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main):
+def _(x, rows, experts, tiles, tile_m, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main):
     return x.new_empty(rows.shape[0], row_scale.shape[1])
 
 
-def _grouped(x, rows, experts, stacked: StackedExperts) -> torch.Tensor:
+def _grouped(x, rows, routing: Routing, stacked: StackedExperts) -> torch.Tensor:
     """grouped_linear; under torch.compile through the custom op, which it sees as one opaque call (as the OSC
     layers' own ``oscquant::osc_linear``)."""
     if not torch.compiler.is_compiling():
-        return grouped_linear(x, rows, experts, stacked)
+        return grouped_linear(x, rows, routing, stacked)
     w = stacked.weights
-    return grouped_linear_op(x, rows, experts, w.codes, w.rel_exp, w.row_scale, w.w_outlier, w.outlier_idx, w.keep,
-                             w.bias, w.fmt, w.k_main)
+    return grouped_linear_op(x, rows, routing.experts, routing.tiles, routing.tile_m, w.codes, w.rel_exp,
+                             w.row_scale, w.w_outlier, w.outlier_idx, w.keep, w.bias, w.fmt, w.k_main)
 
 
 def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """convert.ExpertLinears' step through the grouped kernels: gate_up for every (token, expert) pair, the
     activation, down, then each token's pairs summed with the router's weights. Static shapes, no host sync."""
     t, k = top_k_index.shape
-    dev = hidden.device
-    experts = top_k_index.reshape(-1).to(torch.int32)
-    pairs = torch.arange(t * k, device=dev, dtype=torch.int32)
-    gate_up, down = (module.stacked(p, dev) for p in PROJECTIONS)
-    gate, up = _grouped(hidden, pairs // k, experts, gate_up).chunk(2, dim=-1)
-    h = _grouped(module.act_fn(gate) * up, pairs, experts, down)
-    out = (h.float() * top_k_weights.reshape(-1, 1).float()).reshape(t, k, -1).sum(1)
-    return out.to(hidden.dtype)
+    gate_up, down = (module.stacked(p, hidden.device) for p in PROJECTIONS)
+    routing = route(top_k_index, gate_up.experts)
+    gate, up = _grouped(hidden, routing.tokens, routing, gate_up).chunk(2, dim=-1)
+    pairs = torch.arange(t * k, device=hidden.device, dtype=torch.int32)
+    h = _grouped(module.act_fn(gate) * up, pairs, routing, down).float()
+    weights = top_k_weights.reshape(-1, 1).float()
+    if routing.order is None:
+        h = h * weights
+    else:  # back to the router's order (a permutation: deterministic, where adding by token would not be)
+        h = torch.empty_like(h).index_copy_(0, routing.order, h * weights[routing.order])
+    return h.reshape(t, k, -1).sum(1).to(hidden.dtype)

@@ -353,13 +353,16 @@ def _split_buffers(y: torch.Tensor, split_k: int, tiles: int):
 
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None,
              groups: torch.Tensor | None = None) -> torch.Tensor:
-    """y = the layer's dual-path GEMM on split-quantize's outputs, by ``cfg``. ``groups`` (int32 [M], MoE experts,
-    moe.py): kw holds the stacked weights of several layers ([groups, N, ...]) and row p of a and y is multiplied by
-    group groups[p]'s (the transposed GEMM, one row a program)."""
+    """y = the layer's dual-path GEMM on split-quantize's outputs, by ``cfg``. ``groups`` (MoE experts, moe.py): kw
+    holds the stacked weights of several layers ([groups, N, ...]), and groups is the int32 tile table [tiles, 3] of
+    moe.route: tile t is rows groups[t, 0] to groups[t, 0] + groups[t, 1] - 1 (at most cfg.bm) of a and y, multiplied
+    by layer groups[t, 2]'s weights (the transposed GEMM)."""
     m, n = a.shape[0], kw.row_scale.shape[-1]
-    if groups is not None and not (cfg.swap and cfg.bm == 1 and not (cfg.fold or cfg.frag or cfg.wgmma or cfg.expand)):
-        raise ValueError(f"stacked (grouped) weights take the plain transposed GEMM with one token row a program "
-                         f"(moe.grouped_config), got {cfg}")
+    if groups is not None and not (cfg.swap and not (cfg.frag or cfg.wgmma or cfg.expand or cfg.cublas)):
+        raise ValueError(f"stacked (grouped) weights take the transposed GEMM (moe.grouped_config), got {cfg}")
+    if groups is not None and (groups.dim() != 2 or groups.shape[1] != 3 or groups.dtype != torch.int32):
+        raise ValueError(f"groups must be moe.route's int32 tile table [tiles, 3], got {groups.dtype} "
+                         f"{tuple(groups.shape)}")
     if cfg.cublas:
         return _cublas_gemm(a, sa, kw, xo, out_dtype, out)
     if cfg.frag:
@@ -378,7 +381,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     sb_half = cfg.op_f8 and fmt == "mxfp4"
     if cfg.expand and fmt != "fp8":
         codes, rel, fmt = decode_weights(kw, cfg.op_f8, pdl=cfg.pdl), None, "fp8"
-    grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k) if cfg.swap else \
+    tiles = triton.cdiv(m, cfg.bm) if groups is None else groups.shape[0]
+    grid = (triton.cdiv(n, cfg.bn) * tiles, cfg.split_k) if cfg.swap else \
         (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
@@ -389,7 +393,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.swap:
         stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0),
-                                                 stride_ee=rel.stride(0) if rel is not None else 0, GROUPED=True)
+                                                 stride_ee=rel.stride(0) if rel is not None else 0,
+                                                 TILES=tiles, GROUPED=True)
         osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(-2),
             rel.stride(-2) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,

@@ -595,7 +595,7 @@ def osc_gemm_t_kernel(
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
     SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, F8_FOLD: tl.constexpr = False,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, grp_ptr=None, stride_ce=0, stride_ee=0,
-    GROUPED: tl.constexpr = False,
+    TILES=0, GROUPED: tl.constexpr = False,
 ):
     """y^T [BN, MP] = deq(B) · A^T for MP tokens a program (grid axis 0: weight tiles x token tiles), A the FP16
     (OP_F8: e4m3) operands of split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and
@@ -612,33 +612,41 @@ def osc_gemm_t_kernel(
     per row (1-byte loads could not be asynchronous). SPLIT_K > 1: see _store_tile.
 
     FMT 2 (e4m3 weights [N, K_PAD], OP_F8 operands): four [BN, 32] weight tiles a step, no unpack.
-    GROUPED (MoE experts, moe.py; MP = 1): token row p of A and y is one (token, expert) pair, multiplied by the
-    weights of expert grp[p], whose codes, exponents, row scales, BF16 columns and bias lie stride_ce, stride_ee, N,
-    N * K_OUT and N elements after the previous expert's.
+    GROUPED (MoE experts, moe.py): the rows of A and y are (token, expert) pairs, and token tile t is the grp[t] =
+    (first row, rows <= MP, expert) of the int32 tile table [TILES, 3]: those rows times that expert's weights, whose
+    codes, exponents, row scales, BF16 columns and bias lie stride_ce, stride_ee, N, N * K_OUT and N elements after
+    the previous expert's. A tile of no rows (the table's unused slots) skips the main loop and stores nothing.
     """
     wait_inputs(PDL)  # launched overlapped (overlap.py): every load comes after split-quantize has finished
     # token tiles vary fastest: the programs that share a weight tile run together, so the weights
     # come from HBM once and the (small) activations from L2
-    num_m = tl.cdiv(M, MP)
+    num_m = TILES if GROUPED else tl.cdiv(M, MP)
     pm = tl.program_id(0) % num_m
     rn = (tl.program_id(0) // num_m) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
+    per_split = tl.cdiv(K_PAD // 128, SPLIT_K)
+    c0 = split * per_split * 2
+    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
     if GROUPED:
-        g = tl.load(grp_ptr + pm).to(tl.int64)
+        first = tl.load(grp_ptr + 3 * pm)
+        rows = tl.load(grp_ptr + 3 * pm + 1)
+        g = tl.load(grp_ptr + 3 * pm + 2).to(tl.int64)
         b_ptr += g * stride_ce
         be_ptr += g * stride_ee
         sb_ptr += g * N
         wo_ptr += g * N * K_OUT
         bias_ptr += g * N
-    nm = rn < N
+        rm = first + tl.arange(0, MP)
+        mm = tl.arange(0, MP) < rows
+        c1 = tl.where(rows > 0, c1, c0)
+        nm = (rn < N) & (rows > 0)  # an empty tile's epilogue loads nothing either
+    else:
+        rm = pm * MP + tl.arange(0, MP)
+        mm = rm < M
+        nm = rn < N
     rn64 = rn.to(tl.int64)
-    rm = pm * MP + tl.arange(0, MP)
-    mm = rm < M
     h = tl.arange(0, 32)
     acc = tl.zeros((BN, MP), dtype=tl.float32)
-    per_split = tl.cdiv(K_PAD // 128, SPLIT_K)
-    c0 = split * per_split * 2
-    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
     arow = a_ptr + rm.to(tl.int64)[:, None] * stride_am + h[None, :]
     wrow = b_ptr + rn64[:, None] * stride_bn + h[None, :]
     erow = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4)
