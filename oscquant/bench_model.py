@@ -203,7 +203,8 @@ def _not_captured(e: RuntimeError) -> str:
 
 
 # the MoE model's OSC rows: the experts through their own layers, one expert at a time; through the grouped kernels
-# one (token, expert) pair a program; and grouped by tiles of pairs sorted by expert where pairs meet (the default)
+# (at any number of pairs, moe.MAX_PAIRS set aside) one (token, expert) pair a program; and grouped by tiles of pairs
+# sorted by expert where pairs meet
 ONE_BY_ONE, PAIR_A_PROGRAM, TILED = "OSC, experts one by one", "OSC, experts grouped, a pair a program", \
     "OSC, experts grouped"
 
@@ -214,7 +215,7 @@ def _experts_as(variant: str):
     from .kernels import moe
 
     keep = moe.MAX_PAIRS, moe.PAIR_TILES
-    moe.MAX_PAIRS = -1 if variant == ONE_BY_ONE else keep[0]
+    moe.MAX_PAIRS = -1 if variant == ONE_BY_ONE else 1 << 30 if variant in (PAIR_A_PROGRAM, TILED) else keep[0]
     moe.PAIR_TILES = variant != PAIR_A_PROGRAM and keep[1]
     try:
         yield

@@ -205,6 +205,28 @@ def test_moe_decode_step_replays_from_a_cuda_graph():
                                                                                graph=False))
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_moe_prompt_in_pair_tiles_replays_from_a_cuda_graph(monkeypatch):
+    """A prompt's experts (40 tokens, 2 of 4 experts each: tiles of 32 pairs) captured in a CUDA graph: the routing is
+    sorted and tiled on the device, so a replay on a new prompt gives that prompt's eager output, and both match the
+    reference path."""
+    from oscquant.generate import capture_graph
+
+    block = tiny_moe().model.layers[0].mlp
+    g = torch.Generator().manual_seed(8)
+    h1, h2 = ((torch.randn(1, 40, 64, generator=g) * 2).to(DEV, torch.bfloat16) for _ in range(2))
+    assert moe.tile_rows(80, 4) == 32
+    static = h1.clone()
+    with torch.no_grad():
+        replay, out = capture_graph(lambda: block(static))
+        static.copy_(h2)
+        replay()
+        eager = block(h2)
+        monkeypatch.setenv("OSCQUANT_BACKEND", "reference")
+        ref = block(h2)
+    assert torch.equal(out, eager) and rel_err(eager, ref) <= 2e-2
+
+
 def test_compiled_moe_decode_step_keeps_the_experts_one_opaque_op():
     """Under torch.compile the grouped experts are the custom op ``oscquant::osc_grouped_linear`` (one graph, no
     break), and the compiled decode steps give the uncompiled ones' tokens."""

@@ -50,7 +50,8 @@ def register() -> None:
             return False
         for p in moe.PROJECTIONS:  # built now, outside any compiled step; the experts' own layers then run on views
             module.stacked(p, hidden.device)
-        # decoding and short prompts; a long prompt runs each expert's own layer on all of its tokens (moe.py)
+        # up to moe.MAX_PAIRS pairs (prompts of 8192 tokens at 8 experts a token); past that, unmeasured, each
+        # expert's own layer on all of its tokens
         return top_k_index.numel() <= moe.MAX_PAIRS
 
     backends.register_experts(accepts_experts, moe.experts_forward)

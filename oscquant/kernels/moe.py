@@ -24,11 +24,11 @@ import triton
 from .layout import KernelWeights, kernel_weights
 from .ops import FMT_IDS, GemmConfig, osc_gemm, split_quantize, supported
 
-# above this many (token, expert) pairs a step runs the experts' own layers: their GEMMs read each expert's weights
-# once for all its tokens, where the grouped GEMM reads them once per pair. Measured (H100, Qwen3-30B-A3B shapes,
-# docs/bench/h100_moe_2026-12-06.md) at a 256-token prompt, 2048 pairs: grouped 4.2 ms a layer eager (2.6 from a CUDA
-# graph) against 50-83 ms for the experts' own layers; larger prompts were not measured
-MAX_PAIRS = 4096
+# above this many (token, expert) pairs a step runs the experts' own layers instead (each expert's GEMMs on all of its
+# tokens). The grouped kernels in tiles of pairs measured faster than those up to here (H100, Qwen3-30B-A3B shapes,
+# docs/bench/h100_moe_tiles_2026-12-06.md): 65536 pairs (an 8192-token prompt) 10.2 ms a layer eagerly against 67.1;
+# larger steps were not measured
+MAX_PAIRS = 65536
 PROJECTIONS = ("gate_up_proj", "down_proj")  # convert.ExpertLinears' layers of each expert
 PAIR_TILES = True  # False: one pair a program at any size (benchmarks compare the two)
 

@@ -624,9 +624,6 @@ def osc_gemm_t_kernel(
     pm = tl.program_id(0) % num_m
     rn = (tl.program_id(0) // num_m) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
-    per_split = tl.cdiv(K_PAD // 128, SPLIT_K)
-    c0 = split * per_split * 2
-    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
     if GROUPED:
         first = tl.load(grp_ptr + 3 * pm)
         rows = tl.load(grp_ptr + 3 * pm + 1)
@@ -636,17 +633,23 @@ def osc_gemm_t_kernel(
         sb_ptr += g * N
         wo_ptr += g * N * K_OUT
         bias_ptr += g * N
+        nm = (rn < N) & (rows > 0)  # an empty tile (an unused slot of the table) loads nothing
+    else:
+        nm = rn < N
+    rn64 = rn.to(tl.int64)
+    if GROUPED:
         rm = first + tl.arange(0, MP)
         mm = tl.arange(0, MP) < rows
-        c1 = tl.where(rows > 0, c1, c0)
-        nm = (rn < N) & (rows > 0)  # an empty tile's epilogue loads nothing either
     else:
         rm = pm * MP + tl.arange(0, MP)
         mm = rm < M
-        nm = rn < N
-    rn64 = rn.to(tl.int64)
     h = tl.arange(0, 32)
     acc = tl.zeros((BN, MP), dtype=tl.float32)
+    per_split = tl.cdiv(K_PAD // 128, SPLIT_K)
+    c0 = split * per_split * 2
+    c1 = tl.minimum(c0 + per_split * 2, K_PAD // 64)
+    if GROUPED:  # ... and runs no step
+        c1 = tl.where(rows > 0, c1, c0)
     arow = a_ptr + rm.to(tl.int64)[:, None] * stride_am + h[None, :]
     wrow = b_ptr + rn64[:, None] * stride_bn + h[None, :]
     erow = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (stride_be // 4)
