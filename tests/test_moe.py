@@ -65,10 +65,11 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("split_k", [1, 2])
-@pytest.mark.parametrize("tile_m", [1, 4, 16])
+@pytest.mark.parametrize("tile_m", [1, 4, 16, 64])
 def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k, tile_m):
     """Every (token, expert) pair of the grouped GEMM against its expert's float32 reference: one pair a program,
-    and tiles of pairs sorted by expert (tile_m 4: some experts' pairs take two tiles; 16: one tile each)."""
+    and tiles of pairs sorted by expert (tile_m 4: some experts' pairs take two tiles; 16 and 64, the latter on
+    128-row weight tiles: one tile each)."""
     layers = expert_layers(fmt, k)
     x, routing = routed(7, len(layers), 2, tile_m)
     stacked = moe.stack_experts(layers)
@@ -207,7 +208,7 @@ def test_moe_decode_step_replays_from_a_cuda_graph():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_moe_prompt_in_pair_tiles_replays_from_a_cuda_graph(monkeypatch):
-    """A prompt's experts (40 tokens, 2 of 4 experts each: tiles of 32 pairs) captured in a CUDA graph: the routing is
+    """A prompt's experts (40 tokens, 2 of 4 experts each: tiles of 64 pairs) captured in a CUDA graph: the routing is
     sorted and tiled on the device, so a replay on a new prompt gives that prompt's eager output, and both match the
     reference path."""
     from oscquant.generate import capture_graph
@@ -215,7 +216,7 @@ def test_moe_prompt_in_pair_tiles_replays_from_a_cuda_graph(monkeypatch):
     block = tiny_moe().model.layers[0].mlp
     g = torch.Generator().manual_seed(8)
     h1, h2 = ((torch.randn(1, 40, 64, generator=g) * 2).to(DEV, torch.bfloat16) for _ in range(2))
-    assert moe.tile_rows(80, 4) == 32
+    assert moe.tile_rows(80, 4) == 64
     static = h1.clone()
     with torch.no_grad():
         replay, out = capture_graph(lambda: block(static))

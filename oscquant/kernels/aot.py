@@ -201,6 +201,8 @@ def main() -> int:
                                                                       pdl=False, grouped=True)),
                     ("gemm-t mxfp4 e4m3 folded grouped MoE experts, 16-pair tiles",
                      gemm_t(K.FMT_MXFP4, 16, 64, warps=4, fold=True, pdl=False, grouped=True)),
+                    ("gemm-t mxfp4 e4m3 folded grouped MoE experts, 128-pair tiles",
+                     gemm_t(K.FMT_MXFP4, 128, 128, warps=8, stages=3, fold=True, pdl=False, grouped=True)),
                     ("gemm-t fp8-weights grouped MoE experts, 64-pair tiles",
                      gemm_t(K.FMT_FP8, 64, 64, warps=4, op_f8=True, pdl=False, grouped=True)),
                     ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True), 3),

@@ -9,7 +9,7 @@ work of a step has a fixed shape (T × k pairs, and a tile table sized for the w
 it.
 
 Decoding (fewer pairs than experts, which then seldom share an expert) runs one pair a program. A prompt's pairs are
-sorted by expert on the device (``route``) and cut into tiles of up to 16-64 pairs of one expert, so that an expert's
+sorted by expert on the device (``route``) and cut into tiles of up to 16-128 pairs of one expert, so that an expert's
 weights are read once a tile instead of once a pair, and each MMA is filled by a tile's tokens instead of padded from
 one. Past ``MAX_PAIRS`` pairs the experts' own layers run, each on all of its tokens.
 """
@@ -100,11 +100,12 @@ class Routing:
 
 def tile_rows(pairs: int, experts: int) -> int:
     """Pairs a program of the grouped GEMM: one while a step's pairs hardly meet on an expert (decoding), else its
-    pairs sorted by expert and cut into tiles of 16-64 pairs of one expert, each tile reading its expert's weights
-    once (about the pairs an expert gets, rounded up to a power of two)."""
+    pairs sorted by expert and cut into tiles of 16-128 pairs of one expert, each tile reading its expert's weights
+    once: twice the pairs an expert gets on average, rounded up to a power of two (H200, scripts/moe_tiles.py,
+    docs/bench/h200_moe_tiles_2026-12-06.md: 32 best at 16 an expert, 128 at 128 and 512)."""
     if pairs < experts or not PAIR_TILES:
         return 1
-    return min(64, max(16, triton.next_power_of_2(triton.cdiv(pairs, experts))))
+    return min(128, max(16, triton.next_power_of_2(2 * triton.cdiv(pairs, experts))))
 
 
 def route(top_k_index: torch.Tensor, num_experts: int, tile_m: int | None = None) -> Routing:
@@ -138,16 +139,18 @@ def route(top_k_index: torch.Tensor, num_experts: int, tile_m: int | None = None
 def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1) -> GemmConfig:
     """The grouped GEMM's config, the transposed GEMM either way. One pair a program (tile_m = 1): 32 weight rows on
     2 warps as the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of
-    tile_m pairs: 64 weight rows on 4 warps as fold_config's (the block factors folded into e4m3 weights for MXFP4).
-    Split-K (a power of two up to 8, at least 2 steps of 128 columns each) until about two programs an SM."""
-    bn = 32 if tile_m == 1 else 64
+    tile_m pairs: as fold_config's, 64 weight rows on 4 warps up to 32 pairs a tile, 128 on 8 warps from 64 (the
+    block factors folded into e4m3 weights for MXFP4). Split-K (a power of two up to 8, at least 2 steps of 128 columns
+    each) until about two programs an SM."""
+    bn, warps = (32, 2) if tile_m == 1 else (64, 4) if tile_m <= 32 else (128, 8)
     programs = triton.cdiv(n, bn) * triton.cdiv(pairs, tile_m)
     split = 1
     while split < 8 and programs * split < 264 and k_pad // (128 * split * 2) >= 2:
         split *= 2
     if tile_m == 1:
         return GemmConfig(1, 32, split, fmt == "fp8", 2, 6 if k_pad > n else 3, swap=True)
-    return GemmConfig(tile_m, 64, split, fmt != "int4", 4, 4 if split == 1 else 3, swap=True, fold=fmt == "mxfp4")
+    stages = 4 if split == 1 and tile_m * bn <= 64 * 64 else 3
+    return GemmConfig(tile_m, bn, split, fmt != "int4", warps, stages, swap=True, fold=fmt == "mxfp4")
 
 
 def grouped_linear(x: torch.Tensor, rows: torch.Tensor, routing: Routing, stacked: StackedExperts,
