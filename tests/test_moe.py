@@ -111,6 +111,19 @@ def test_route_tiles_cover_every_pair_once_by_its_expert(tokens, experts, per_to
     assert (seen == 1).all()
 
 
+def test_tile_rule_follows_the_measured_configs(monkeypatch):
+    """tile_rows and grouped_config as measured (docs/bench/h200_moe_tiles_2026-12-06.md, Qwen3-30B-A3B: 128 experts,
+    8 a token): one pair a program below one pair an expert, then twice an expert's average pairs, 16 to 128, on
+    64-row weight tiles up to 32 pairs and 128-row ones (8 warps) from 64; the benchmarks' switch turns tiles off."""
+    assert [moe.tile_rows(p, 128) for p in (8, 127, 128, 2048, 16384, 65536)] == [1, 1, 16, 32, 128, 128]
+    cfgs = {m: moe.grouped_config(p, 1536, 2048, "mxfp4", m) for p, m in ((2048, 32), (16384, 128))}
+    assert (cfgs[32].bn, cfgs[32].warps, cfgs[128].bn, cfgs[128].warps) == (64, 4, 128, 8)
+    assert all(c.fold and c.op_f8 and c.split_k == 1 for c in cfgs.values())
+    assert not moe.grouped_config(2048, 2048, 768, "fp8", 32).fold and moe.grouped_config(8, 1536, 2048, "mxfp4").bm == 1
+    monkeypatch.setattr(moe, "PAIR_TILES", False)
+    assert moe.tile_rows(65536, 128) == 1
+
+
 def test_stacking_makes_each_experts_own_weights_views():
     layers = expert_layers("mxfp4", 16)
     stacked = moe.stack_experts(layers)
