@@ -38,12 +38,18 @@ def _load_kernels() -> None:
         register()
 
 
-def choose(layer: OSCLinear, x: torch.Tensor) -> str:
+def _wanted(x: torch.Tensor) -> str:
+    """OSCQUANT_BACKEND (default auto), the kernels loaded first where they may run on x."""
     wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
+    if wanted != "reference" and (x.is_cuda or wanted == "triton"):
+        _load_kernels()
+    return wanted
+
+
+def choose(layer: OSCLinear, x: torch.Tensor) -> str:
+    wanted = _wanted(x)
     if wanted == "reference":
         return "reference"
-    if x.is_cuda or wanted == "triton":
-        _load_kernels()
     for name, (accepts, _) in _KERNELS.items():
         if wanted in ("auto", name) and accepts(layer, x):
             return name
@@ -66,11 +72,8 @@ def register_experts(accepts: Callable, forward: Callable) -> None:
 def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """An MoE block's experts step through a backend that runs all its (token, expert) pairs at once (the grouped
     kernels, kernels/moe.py), or None: then the caller runs each expert reached through its own layers."""
-    wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
-    if wanted == "reference":
+    if _wanted(hidden) == "reference":
         return None
-    if hidden.is_cuda or wanted == "triton":
-        _load_kernels()
     for accepts, forward in _EXPERTS:
         if accepts(module, hidden, top_k_index):
             return forward(module, hidden, top_k_index, top_k_weights)

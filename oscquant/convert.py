@@ -80,8 +80,8 @@ class ExpertLinears(nn.ModuleList):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         from .backends import experts_forward
 
-        # on the GPU, decoding and short prompts: all (token, expert) pairs in one grouped launch per projection, no
-        # host sync (kernels/moe.py)
+        # on the GPU, up to kernels.moe.MAX_PAIRS pairs (decoding and prompts): all (token, expert) pairs in one
+        # grouped launch per projection, no host sync (kernels/moe.py)
         out = experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if out is not None:
             return out
