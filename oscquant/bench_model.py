@@ -155,7 +155,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     rows, logits, notes = [], {}, {}
     variants = [("BF16" if device == "cuda" else "float", model)]
     if moe:
-        variants += [(name, stacked) for name in (ONE_BY_ONE, PAIR_A_PROGRAM, TILED)]
+        variants += [(name, stacked) for name in (ONE_BY_ONE, PAIR_A_PROGRAM, TILED, EXPANDED)]
     else:
         variants += [("OSC, siblings apart", osc), ("OSC, siblings stacked", stacked)]
     for name, m in variants:
@@ -204,9 +204,10 @@ def _not_captured(e: RuntimeError) -> str:
 
 # the MoE model's OSC rows: the experts through their own layers, one expert at a time; through the grouped kernels
 # (at any number of pairs, moe.MAX_PAIRS set aside) one (token, expert) pair a program; and grouped by tiles of pairs
-# sorted by expert where pairs meet
-ONE_BY_ONE, PAIR_A_PROGRAM, TILED = "OSC, experts one by one", "OSC, experts grouped, a pair a program", \
-    "OSC, experts grouped"
+# sorted by expert where pairs meet; and the same with every expert's weights expanded to e4m3 for the plain FP8 GEMM
+# wherever a step runs in tiles (moe.EXPAND_PAIRS = 0)
+ONE_BY_ONE, PAIR_A_PROGRAM, TILED, EXPANDED = "OSC, experts one by one", "OSC, experts grouped, a pair a program", \
+    "OSC, experts grouped", "OSC, experts grouped, expanded"
 
 
 @contextmanager
@@ -214,13 +215,15 @@ def _experts_as(variant: str):
     """Run MoE experts as the row ``variant`` says (other rows: the library's own choice)."""
     from .kernels import moe
 
-    keep = moe.MAX_PAIRS, moe.PAIR_TILES
-    moe.MAX_PAIRS = -1 if variant == ONE_BY_ONE else 1 << 30 if variant in (PAIR_A_PROGRAM, TILED) else keep[0]
+    keep = moe.MAX_PAIRS, moe.PAIR_TILES, moe.EXPAND_PAIRS
+    grouped = variant in (PAIR_A_PROGRAM, TILED, EXPANDED)
+    moe.MAX_PAIRS = -1 if variant == ONE_BY_ONE else 1 << 30 if grouped else keep[0]
     moe.PAIR_TILES = variant != PAIR_A_PROGRAM and keep[1]
+    moe.EXPAND_PAIRS = 0 if variant == EXPANDED else None if grouped else keep[2]
     try:
         yield
     finally:
-        moe.MAX_PAIRS, moe.PAIR_TILES = keep
+        moe.MAX_PAIRS, moe.PAIR_TILES, moe.EXPAND_PAIRS = keep
 
 
 def _attention_backends(device: str):

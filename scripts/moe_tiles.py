@@ -1,7 +1,8 @@
 """On the GPU: tile configs of the grouped MoE GEMM (kernels/moe.py), side by side in one process, at Qwen3-30B-A3B's
 expert shapes (128 experts of 768, 8 a token; gate_up 1536 x 2048 in MXFP4 with 128 outlier channels, down 2048 x 768
 in FP8), each projection's split-quantize + grouped GEMM as one CUDA graph (bench._graph_time: L2 flushed, median µs)
-on a uniform random routing. Beside them BF16 torch._grouped_mm on the same pairs sorted by expert (what transformers'
+on a uniform random routing; the transposed GEMM's tiles, then the long-prompt path (every expert's weights expanded
+to e4m3, then the plain FP8 GEMM). Beside them BF16 torch._grouped_mm on the same pairs sorted by expert (what transformers'
 grouped_mm experts run), where this torch has it.
 Usage: python3 scripts/moe_tiles.py 2048,16384,65536"""
 import sys
@@ -15,7 +16,10 @@ from oscquant.linear import OSCLinear
 
 E, K_PER_TOKEN = 128, 8
 SHAPES = [("gate_up", 1536, 2048, "mxfp4", 128), ("down", 2048, 768, "fp8", 0)]
-CONFIGS = [(16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 128, 8)]  # (pairs a tile, weight rows, warps)
+# (pairs a tile, weight rows, warps, path): "t" the transposed GEMM (folded e4m3 weights for MXFP4), "x" the experts'
+# weights expanded to e4m3 first, then the plain FP8 GEMM ("xo": the expansion launched beside split-quantize)
+CONFIGS = [(16, 64, 4, "t"), (32, 64, 4, "t"), (64, 64, 4, "t"), (64, 128, 8, "t"), (128, 128, 8, "t"),
+           (64, 128, 4, "xo"), (64, 128, 8, "xo"), (128, 128, 8, "x"), (128, 128, 8, "xo"), (128, 256, 8, "xo")]
 
 
 def experts(n, k_in, fmt, k):
@@ -28,7 +32,8 @@ def experts(n, k_in, fmt, k):
 
 
 pairs_list = [int(v) for v in sys.argv[1].split(",")]
-print("| projection | pairs | BF16 grouped_mm µs | " + " | ".join(f"tiles {m}x{bn} ({w} warps) µs" for m, bn, w in CONFIGS)
+print("| projection | pairs | BF16 grouped_mm µs | " + " | ".join(f"{dict(t='', x='expanded ', xo='expanded, overlapped ')[x]}{m}x{bn} ({w} warps) µs"
+                                                          for m, bn, w, x in CONFIGS)
       + " | best × BF16 |\n|---|---|---|" + "---|" * (len(CONFIGS) + 1))
 for name, n, k_in, fmt, k in SHAPES:
     layers = experts(n, k_in, fmt, k)
@@ -39,11 +44,15 @@ for name, n, k_in, fmt, k in SHAPES:
         top = torch.stack([torch.randperm(E, device="cuda")[:K_PER_TOKEN] for _ in range(t)]).int()
         x = torch.randn(t if name == "gate_up" else p, k_in, device="cuda", dtype=torch.bfloat16)
         times = []
-        for m, bn, warps in CONFIGS:
+        for m, bn, warps, path in CONFIGS:
             r = moe.route(top, E, m)
             rows = r.tokens if name == "gate_up" else torch.arange(p, device="cuda", dtype=torch.int32)
-            cfg = ops.GemmConfig(m, bn, 1, fmt != "int4", warps, 4 if m * bn <= 64 * 64 else 3, swap=True,
-                                 fold=fmt == "mxfp4")
+            if path.startswith("x"):
+                cfg = ops.GemmConfig(m, bn, 1, True, warps, 4 if m * bn <= 128 * 128 else 3, expand=fmt != "fp8",
+                                     pdl=path == "xo")
+            else:
+                cfg = ops.GemmConfig(m, bn, 1, fmt != "int4", warps, 4 if m * bn <= 64 * 64 else 3, swap=True,
+                                     fold=fmt == "mxfp4")
             times.append(_graph_time(lambda: moe.grouped_linear(x, rows, r, stacked, cfg)))
         bf16 = "n/a"
         if hasattr(torch, "_grouped_mm"):

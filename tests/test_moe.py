@@ -89,6 +89,30 @@ def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k, tile_m):
         assert not ws.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("fmt,k", FORMATS)
+def test_long_prompt_path_expands_the_experts_and_matches_each_experts_reference(fmt, k):
+    """The long-prompt config: every expert's weights expanded to e4m3 (4-bit ones by the folded GEMM's byte tables),
+    then the plain FP8 GEMM over the tile table, weight tiles varying fastest. 40 tokens, 2 of 3 experts each: an
+    expert's pairs take several tiles of 16, and the table's unused slots must store nothing (y poisoned)."""
+    layers = expert_layers(fmt, k)
+    x, routing = routed(40, len(layers), 2, 16)
+    stacked = moe.stack_experts(layers)
+    p = routing.experts.numel()
+    assert (routing.tiles[:, 1] == 0).any()  # unused slots in this table
+    cfg = ops.GemmConfig(16, 32, 1, True, 4, 2, expand=fmt != "fp8")
+    out = torch.full((p, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = moe.grouped_linear(x, routing.tokens, routing, stacked, cfg, out=out)
+    assert torch.isfinite(y).all()
+    for i in range(p):
+        e, t = int(routing.experts[i]), int(routing.tokens[i])
+        ref = reference_forward(copy.deepcopy(layers[e]).cpu(), x[t][None].cpu().float())
+        assert rel_err(y[i].cpu(), ref[0]) <= 1e-2, (i, e)
+    if fmt == "mxfp4":  # the same weights as the folded grouped GEMM: the two paths agree to FP32 rounding
+        fold = moe.grouped_config(p, N, stacked.weights.k_main, fmt, 16)
+        assert fold.fold
+        assert rel_err(moe.grouped_linear(x, routing.tokens, routing, stacked, fold).cpu(), y.cpu()) <= 2e-3
+
+
 @pytest.mark.parametrize("tokens,experts,per_token,tile_m", [(7, 3, 2, 4), (5, 8, 2, 16), (40, 6, 3, 16), (3, 4, 2, 1)])
 def test_route_tiles_cover_every_pair_once_by_its_expert(tokens, experts, per_token, tile_m):
     """moe.route's plan: sorted pairs keep each (token, expert) of the router, every pair lies in exactly one tile of
@@ -120,6 +144,12 @@ def test_tile_rule_follows_the_measured_configs(monkeypatch):
     assert (cfgs[32].bn, cfgs[32].warps, cfgs[128].bn, cfgs[128].warps) == (64, 4, 128, 8)
     assert all(c.fold and c.op_f8 and c.split_k == 1 for c in cfgs.values())
     assert not moe.grouped_config(2048, 2048, 768, "fp8", 32).fold and moe.grouped_config(8, 1536, 2048, "mxfp4").bm == 1
+    assert not any(moe.grouped_config(p, 1536, 2048, "mxfp4", m).expand for p, m in ((16384, 128), (65536, 128)))
+    monkeypatch.setattr(moe, "EXPAND_PAIRS", 16384)  # the long-prompt path, where it is switched on
+    long = moe.grouped_config(16384, 1536, 2048, "mxfp4", 128)
+    assert long.expand and long.pdl and not long.swap and (long.bm, long.bn, long.warps) == (128, 128, 8)
+    assert not moe.grouped_config(16384, 2048, 768, "fp8", 128).expand  # e4m3 weights need no expansion
+    assert moe.grouped_config(16383, 1536, 2048, "mxfp4", 128).fold
     monkeypatch.setattr(moe, "PAIR_TILES", False)
     assert moe.tile_rows(65536, 128) == 1
 
@@ -147,8 +177,11 @@ def test_bad_grouped_inputs_raise():
         moe.grouped_linear(x, rows.long(), routing, stacked)
     with pytest.raises(ValueError, match="routing's shape"):
         moe.grouped_linear(x, rows[:3], routing, stacked)
-    with pytest.raises(ValueError, match="take the transposed GEMM"):
-        moe.grouped_linear(x, rows, routing, stacked, ops.GemmConfig(16, 32, 1, True, 2, 3, swap=True, wgmma=True))
+    for bad in (ops.GemmConfig(16, 32, 1, True, 2, 3, swap=True, wgmma=True),  # no grouped wgmma GEMM
+                ops.GemmConfig(16, 32, 1, True, 4, 3),  # the plain GEMM unpacks no 4-bit experts
+                ops.GemmConfig(16, 32, 2, True, 4, 3, expand=True)):  # nor splits K over them
+        with pytest.raises(ValueError, match=r"stacked \(grouped\) weights take the transposed GEMM, or the plain"):
+            moe.grouped_linear(x, rows, routing, stacked, bad)
     with pytest.raises(ValueError, match="up to 4 pairs, more than the config's 1"):
         moe.grouped_linear(x, rows, routing, stacked, moe.grouped_config(4, N, stacked.weights.k_main, "mxfp4"))
     a = torch.zeros(4, stacked.weights.k_main, dtype=torch.float16, device=DEV)
@@ -287,8 +320,9 @@ def test_moe_model_bench_rows_and_missing_graph_columns():
                 num_key_value_heads=2, head_dim=16, decoder_sparse_step=1)
     rows, errs = bench_model(2, 16, reps=2, device="cpu", dims=dims, vocab=128, outliers=16, moe=True)
     assert [r.variant for r in rows] == ["float", "OSC, experts one by one", "OSC, experts grouped, a pair a program",
-                                         "OSC, experts grouped"]
+                                         "OSC, experts grouped", "OSC, experts grouped, expanded"]
     assert errs["OSC, experts grouped vs OSC, experts one by one"] < 1e-5
+    assert errs["OSC, experts grouped, expanded vs OSC, experts one by one"] < 1e-5
     assert errs["OSC, experts grouped, a pair a program vs OSC, experts one by one"] < 1e-5
     md = markdown([ModelRow("BF16", 1.0, 1.0, 0.5, 0.5), ModelRow("OSC, experts one by one", 2.0, 2.0)], 16)
     assert "| OSC, experts one by one | 2.000 | 0.50 | - | - | 2.000 | 0.50 | - | - |" in md

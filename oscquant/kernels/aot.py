@@ -48,16 +48,19 @@ def compile_kernel(fn, sig: list, const: dict, warps: int = 4, stages: int = 3, 
     return triton.compile(src, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
 
 
-def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 1, warps: int = 4, stages: int = 3):
+GROUPED_SIG = [("grp_ptr", "*i32"), ("stride_ce", "i32"), ("stride_ee", "i32"), ("TILES", "i32")]
+
+
+def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 1, warps: int = 4, stages: int = 3,
+         grouped: bool = False):
+    """The plain GEMM; ``grouped``: on MoE experts' e4m3 weights (long prompts), by tiles of (token, expert) pairs."""
     a = "*fp8e4nv" if op_f8 else "*fp16"
     b = "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"
-    return compile_kernel(K.osc_gemm_kernel, GEMM_SIG,
-                          dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, BO=64,
-                               GROUP_M=8, SPLIT_K=split_k, SB_HALF=op_f8 and fmt == K.FMT_MXFP4, INTERPRET=False),
-                          warps, stages, {"a_ptr": a, "b_ptr": b})
-
-
-GROUPED_SIG = [("grp_ptr", "*i32"), ("stride_ce", "i32"), ("stride_ee", "i32"), ("TILES", "i32")]
+    const = dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, BO=64, GROUP_M=8, SPLIT_K=split_k,
+                 SB_SCALE=0.5 if op_f8 and fmt == K.FMT_MXFP4 else 1.0, INTERPRET=False)
+    sig = GEMM_SIG + [s for s in GROUPED_SIG if s[0] != "stride_ee"] if grouped else GEMM_SIG
+    return compile_kernel(K.osc_gemm_kernel, sig, dict(const, GROUPED=True) if grouped else const, warps, stages,
+                          {"a_ptr": a, "b_ptr": b})
 
 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
@@ -210,6 +213,8 @@ def main() -> int:
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
+                    ("gemm fp8-weights grouped MoE experts, long prompts",
+                     gemm(K.FMT_FP8, True, 128, 128, warps=8, stages=4, grouped=True)),
                     ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),
                     ("split fp8 grouped MoE experts", split(K.FMT_FP8, K.MODE_F8, pdl=False, grouped=True)),
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),

@@ -31,6 +31,10 @@ from .ops import FMT_IDS, GemmConfig, osc_gemm, split_quantize, supported
 MAX_PAIRS = 65536
 PROJECTIONS = ("gate_up_proj", "down_proj")  # convert.ExpertLinears' layers of each expert
 PAIR_TILES = True  # False: one pair a program at any size (benchmarks compare the two)
+# from this many pairs a step (in tiles), every expert's weights are expanded to e4m3 and the plain FP8 GEMM runs
+# (grouped_config). None: never. Off until measured on a GPU (scripts/moe_tiles.py, bench model --moe's row
+# "expanded"): no device could be started in the session that wrote it
+EXPAND_PAIRS: int | None = None
 
 
 @dataclass
@@ -137,11 +141,15 @@ def route(top_k_index: torch.Tensor, num_experts: int, tile_m: int | None = None
 
 
 def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1) -> GemmConfig:
-    """The grouped GEMM's config, the transposed GEMM either way. One pair a program (tile_m = 1): 32 weight rows on
-    2 warps as the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of
-    tile_m pairs: as fold_config's, 64 weight rows on 4 warps up to 32 pairs a tile, 128 on 8 warps from 64 (the
-    block factors folded into e4m3 weights for MXFP4). Split-K (a power of two up to 8, at least 2 steps of 128 columns
-    each) until about two programs an SM."""
+    """The grouped GEMM's config. One pair a program (tile_m = 1): the transposed GEMM, 32 weight rows on 2 warps as
+    the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of tile_m pairs:
+    as fold_config's, 64 weight rows on 4 warps up to 32 pairs a tile, 128 on 8 warps from 64 (the block factors
+    folded into e4m3 weights for MXFP4). Split-K (a power of two up to 8, at least 2 steps of 128 columns each) until
+    about two programs an SM. From ``EXPAND_PAIRS`` pairs on (long prompts, where the MMAs bound the transposed GEMM),
+    in tiles: every expert's 4-bit weights expanded to e4m3 first (beside split-quantize), then the plain FP8 GEMM on
+    tiles of 128 weight rows (as the dense prefill path's), 8 warps from 64 pairs a tile."""
+    if EXPAND_PAIRS is not None and tile_m > 1 and pairs >= EXPAND_PAIRS:
+        return GemmConfig(tile_m, 128, 1, True, 8 if tile_m >= 64 else 4, 4, expand=fmt != "fp8", pdl=fmt != "fp8")
     bn, warps = (32, 2) if tile_m == 1 else (64, 4) if tile_m <= 32 else (128, 8)
     programs = triton.cdiv(n, bn) * triton.cdiv(pairs, tile_m)
     split = 1
@@ -172,7 +180,9 @@ def grouped_linear(x: torch.Tensor, rows: torch.Tensor, routing: Routing, stacke
     if cfg.bm < routing.tile_m:
         raise ValueError(f"the routing's tiles hold up to {routing.tile_m} pairs, more than the config's {cfg.bm}")
     x = x.contiguous()
-    xo, a, sa = split_quantize(x, w.keep, w.outlier_idx, w.fmt, cfg.mode, w.k_main, src=rows, grp=experts)
+    # the weight expansion (long prompts) reads only the weights: it runs beside split-quantize (overlap.py)
+    xo, a, sa = split_quantize(x, w.keep, w.outlier_idx, w.fmt, cfg.mode, w.k_main, src=rows, grp=experts,
+                               pdl=cfg.expand and cfg.pdl, shared_beside=False)
     y = out if out is not None else torch.empty(p, stacked.out_features, dtype=x.dtype, device=x.device)
     if p == 0:
         return y

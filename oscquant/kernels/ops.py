@@ -358,8 +358,10 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     moe.route: tile t is rows groups[t, 0] to groups[t, 0] + groups[t, 1] - 1 (at most cfg.bm) of a and y, multiplied
     by layer groups[t, 2]'s weights (the transposed GEMM)."""
     m, n = a.shape[0], kw.row_scale.shape[-1]
-    if groups is not None and not (cfg.swap and not (cfg.frag or cfg.wgmma or cfg.expand or cfg.cublas)):
-        raise ValueError(f"stacked (grouped) weights take the transposed GEMM (moe.grouped_config), got {cfg}")
+    if groups is not None and (cfg.frag or cfg.wgmma or cfg.cublas or cfg.split_k > 1 and not cfg.swap
+                               or not cfg.swap and not (cfg.op_f8 and (cfg.expand or kw.fmt == "fp8"))):
+        raise ValueError(f"stacked (grouped) weights take the transposed GEMM, or the plain FP8 GEMM without split-K "
+                         f"on e4m3 weights (expanded where 4-bit) (moe.grouped_config), got {cfg}")
     if groups is not None and (groups.dim() != 2 or groups.shape[1] != 3 or groups.dtype != torch.int32):
         raise ValueError(f"groups must be moe.route's int32 tile table [tiles, 3], got {groups.dtype} "
                          f"{tuple(groups.shape)}")
@@ -378,12 +380,14 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     dev = a.device
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=dev)
     fmt, codes, rel = kw.fmt, kw.codes, kw.rel_exp
-    sb_half = cfg.op_f8 and fmt == "mxfp4"
+    sb_scale = 0.5 if cfg.op_f8 and fmt == "mxfp4" else 1.0
     if cfg.expand and fmt != "fp8":
-        codes, rel, fmt = decode_weights(kw, cfg.op_f8, pdl=cfg.pdl), None, "fp8"
+        # stacked experts: the folded GEMM's byte tables, so that both grouped paths multiply the same weights
+        lut = groups is not None and fmt == "mxfp4"
+        codes, rel, fmt = decode_weights(kw, cfg.op_f8, lut=lut, pdl=cfg.pdl), None, "fp8"
+        sb_scale = 2.0 ** -6 if lut else sb_scale
     tiles = triton.cdiv(m, cfg.bm) if groups is None else groups.shape[0]
-    grid = (triton.cdiv(n, cfg.bn) * tiles, cfg.split_k) if cfg.swap else \
-        (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
+    grid = (triton.cdiv(n, cfg.bn) * tiles, cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
     bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
@@ -391,19 +395,18 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
                kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt)
     common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
+    stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0), TILES=tiles, GROUPED=True)
     if cfg.swap:
-        stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0),
-                                                 stride_ee=rel.stride(0) if rel is not None else 0,
-                                                 TILES=tiles, GROUPED=True)
+        stacked = stacked and dict(stacked, stride_ee=rel.stride(0) if rel is not None else 0)
         osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(-2),
             rel.stride(-2) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,
             **common, **pdl_launch(dev, cfg.pdl), **stacked)
     else:
         osc_gemm_kernel[grid](
-            a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(0), y.stride(0),
+            a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(-2), y.stride(0),
             OP_F8=cfg.op_f8, BM=cfg.bm, BK=cfg.bk if fmt == "fp8" else 256, GROUP_M=cfg.group_m,
-            SB_HALF=sb_half, **common)
+            SB_SCALE=sb_scale, **common, **stacked)
     return y
 
 
@@ -533,12 +536,14 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
         return kw.codes if op_f8 else kw.codes.to(torch.float16)
     if (raw_e4m3 or lut) and kw.fmt != "mxfp4":
         raise ValueError(f"raw_e4m3 and lut are MXFP4 unpacks; got {kw.fmt}")
-    n = kw.row_scale.numel()
-    out = torch.empty(n, kw.k_main, dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 or lut else torch.float16,
-                      device=kw.codes.device)
+    n = kw.row_scale.numel()  # stacked experts ([E, N, ...], contiguous: moe.stack_experts) as E * N rows
+    if kw.codes.dim() > 2 and not (kw.codes.is_contiguous() and (kw.rel_exp is None or kw.rel_exp.is_contiguous())):
+        raise ValueError("decode_weights takes stacked weights only as moe.stack_experts makes them (contiguous)")
+    out = torch.empty(*kw.row_scale.shape, kw.k_main,
+                      dtype=torch.float8_e4m3fn if op_f8 or raw_e4m3 or lut else torch.float16, device=kw.codes.device)
     bn = 64
     decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
-        kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(0),
+        kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(-2),
         FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, LUT=lut, INTERPRET=interpreting(), num_warps=4,
         **pdl_launch(kw.codes.device, pdl))
     return out

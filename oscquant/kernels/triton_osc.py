@@ -465,29 +465,51 @@ def osc_gemm_kernel(
     stride_am, stride_bn, stride_ym,
     FMT: tl.constexpr, OP_F8: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, SB_HALF: tl.constexpr, INTERPRET: tl.constexpr = False,
+    SPLIT_K: tl.constexpr, SB_SCALE: tl.constexpr, INTERPRET: tl.constexpr = False,
+    grp_ptr=None, stride_ce=0, TILES=0, GROUPED: tl.constexpr = False,
 ):
-    """y[M, N] = (A @ deq(B)^T) * sa[:, None] * sb[None, :] + xo @ wo^T + bias.
+    """y[M, N] = (A @ deq(B)^T) * sa[:, None] * sb[None, :] * SB_SCALE + xo @ wo^T + bias.
 
     A: [M, K_PAD] FP16 or FP8 operands from split_quantize. B: 4-bit codes in chunk layout
     ([N, K_PAD/2] bytes, FMT 0/1, BK/64 chunks per step) or e4m3 ([N, K_PAD], FMT 2, BK
     columns per step). be: MXFP4 relative exponents [N, K_PAD/32]. SPLIT_K > 1: see _store_tile
-    (ws [M, N] FP32, cnt one int32 per output tile).
+    (ws [M, N] FP32, cnt one int32 per output tile). SB_SCALE: what the expanded e4m3 weights are over the
+    values (0.5 or 2**-6 for MXFP4, by ops.decode_weights' recipe).
+    GROUPED (MoE experts on long prompts, FMT 2 only: the experts' weights expanded to e4m3 and stacked): token tile
+    t is the row grp[t] = (first row, rows <= BM, expert) of moe.route's tile table [TILES, 3], as in
+    osc_gemm_t_kernel; the expert's weights lie stride_ce bytes after the previous one's.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pm = first_m + (pid % group) % size_m
-    pn = (pid % group) // size_m
+    if GROUPED:  # weight tiles vary fastest: a token tile's activations are read once, and an expert's few
+        # token tiles, adjacent in the table, find its weights in L2
+        num_n = tl.cdiv(N, BN)
+        pn = pid % num_n
+        pm = pid // num_n
+        first = tl.load(grp_ptr + 3 * pm)
+        rows = tl.load(grp_ptr + 3 * pm + 1)
+        g = tl.load(grp_ptr + 3 * pm + 2).to(tl.int64)
+        b_ptr += g * stride_ce
+        sb_ptr += g * N
+        wo_ptr += g * N * K_OUT
+        bias_ptr += g * N
+        rm = first + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        mm = tl.arange(0, BM) < rows
+        nm = (rn < N) & (rows > 0)
+    else:
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pm = first_m + (pid % group) % size_m
+        pn = (pid % group) // size_m
 
-    rm = pm * BM + tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
-    mm = rm < M
-    nm = rn < N
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        mm = rm < M
+        nm = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
 
@@ -496,6 +518,8 @@ def osc_gemm_kernel(
     per_split = tl.cdiv(steps, SPLIT_K)
     s0 = split * per_split
     s1 = tl.minimum(s0 + per_split, steps)
+    if GROUPED:  # an empty tile (an unused slot of the table) runs no step and stores nothing
+        s1 = tl.where(rows > 0, s1, s0)
     if FMT == 2:  # e4m3 weights: plain tiles, one dot of depth BK per step
         kk = tl.arange(0, BK)
         for st in range(s0, s1):
@@ -530,8 +554,8 @@ def osc_gemm_kernel(
 
     sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
-    if SB_HALF:
-        sb = sb * 0.5
+    if SB_SCALE != 1.0:
+        sb = sb * SB_SCALE
     acc = acc * sa[:, None] * sb[None, :]
     if split == 0:
         if BO > 0:
