@@ -356,7 +356,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     """y = the layer's dual-path GEMM on split-quantize's outputs, by ``cfg``. ``groups`` (MoE experts, moe.py): kw
     holds the stacked weights of several layers ([groups, N, ...]), and groups is the int32 tile table [tiles, 3] of
     moe.route: tile t is rows groups[t, 0] to groups[t, 0] + groups[t, 1] - 1 (at most cfg.bm) of a and y, multiplied
-    by layer groups[t, 2]'s weights (the transposed GEMM)."""
+    by layer groups[t, 2]'s weights (the transposed GEMM; or, for long prompts, the plain FP8 GEMM on e4m3 weights,
+    4-bit ones expanded first)."""
     m, n = a.shape[0], kw.row_scale.shape[-1]
     if groups is not None and (cfg.frag or cfg.wgmma or cfg.cublas or cfg.split_k > 1 and not cfg.swap
                                or not cfg.swap and not (cfg.op_f8 and (cfg.expand or kw.fmt == "fp8"))):
