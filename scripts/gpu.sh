@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, the GEMM benchmark and the model end to end.
-# Usage: bash scripts/gpu.sh [tests] [bench] [model]   (all three without arguments; on the lent device, whose commands
-# stop after 10 minutes, run "tests" (about 7 minutes) and "bench model" (about 3) as two calls)
+# Usage: bash scripts/gpu.sh [tests] [bench] [model] [moe]   (tests, bench and model without arguments; on the lent
+# device, whose commands stop after 10 minutes, run "tests" (about 7 minutes) and "bench model" (about 3) as two calls;
+# "moe": the MoE experts' grouped GEMM configs per projection, then `bench model --moe` at 256 and 8192 tokens)
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
 # Results land in ${OUT:-out}/: gpu.txt, pytest.log, bench.json, bench.md, bench.png, bench.log (with the comparison
-# against the newest full run in docs/bench), model.md.
+# against the newest full run in docs/bench), model.md, moe_tiles.md, moe_256.md, moe_8192.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -30,4 +31,12 @@ if [[ $PARTS == *" model "* ]]; then
     # (MODEL_COMPILE=1: also the decode step compiled by torch.compile)
     python3 -m oscquant.cli bench model --layers "${MODEL_LAYERS:-4}" --prefill "${MODEL_PREFILL:-512}" \
         ${MODEL_COMPILE:+--compile} --md "$OUT/model.md" 2>&1 | tail -10
+fi
+if [[ $PARTS == *" moe "* ]]; then
+    # Qwen3-30B-A3B's experts: the transposed GEMM's tiles and the expanded plain FP8 GEMM (moe.EXPAND_PAIRS) per
+    # projection, then the model end to end with a row for each
+    python3 scripts/moe_tiles.py "${MOE_PAIRS:-2048,16384,65536}" 2>&1 | tee "$OUT/moe_tiles.md"
+    for p in ${MOE_PREFILL:-256 8192}; do
+        python3 -m oscquant.cli bench model --moe --layers 2 --prefill "$p" --md "$OUT/moe_$p.md" 2>&1 | tail -12
+    done
 fi
