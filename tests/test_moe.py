@@ -146,8 +146,11 @@ def test_tile_rule_follows_the_measured_configs(monkeypatch):
     assert not moe.grouped_config(2048, 2048, 768, "fp8", 32).fold and moe.grouped_config(8, 1536, 2048, "mxfp4").bm == 1
     assert not any(moe.grouped_config(p, 1536, 2048, "mxfp4", m).expand for p, m in ((16384, 128), (65536, 128)))
     monkeypatch.setattr(moe, "EXPAND_PAIRS", 16384)  # the long-prompt path, where it is switched on
-    long = moe.grouped_config(16384, 1536, 2048, "mxfp4", 128)
+    long = moe.grouped_config(16384, 1536, 2048, "mxfp4", 128, experts=128)
     assert long.expand and long.pdl and not long.swap and (long.bm, long.bn, long.warps) == (128, 128, 8)
+    # Qwen3-235B-A22B's gate_up: 1.6 GB of e4m3 experts would not fit the workspace; its FP8 experts need none
+    assert moe.grouped_config(16384, 3072, 4096, "mxfp4", 128, experts=128).fold
+    assert not moe.grouped_config(16384, 4096, 1536, "fp8", 128, experts=128).swap
     assert not moe.grouped_config(16384, 2048, 768, "fp8", 128).expand  # e4m3 weights need no expansion
     assert moe.grouped_config(16383, 1536, 2048, "mxfp4", 128).fold
     monkeypatch.setattr(moe, "PAIR_TILES", False)

@@ -35,6 +35,9 @@ PAIR_TILES = True  # False: one pair a program at any size (benchmarks compare t
 # (grouped_config). None: never. Off until measured on a GPU (scripts/moe_tiles.py, bench model --moe's row
 # "expanded"): no device could be started in the session that wrote it
 EXPAND_PAIRS: int | None = None
+# ... where the e4m3 copy of a projection's experts fits this many bytes (a workspace for the call: Qwen3-30B-A3B's
+# gate_up 403 MB; Qwen3-235B-A22B's 1.6 GB would not, and keeps the tiles)
+EXPAND_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -140,15 +143,17 @@ def route(top_k_index: torch.Tensor, num_experts: int, tile_m: int | None = None
     return Routing(experts, tokens, tiles, tile_m, order)
 
 
-def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1) -> GemmConfig:
+def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, experts: int = 1) -> GemmConfig:
     """The grouped GEMM's config. One pair a program (tile_m = 1): the transposed GEMM, 32 weight rows on 2 warps as
     the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of tile_m pairs:
     as fold_config's, 64 weight rows on 4 warps up to 32 pairs a tile, 128 on 8 warps from 64 (the block factors
     folded into e4m3 weights for MXFP4). Split-K (a power of two up to 8, at least 2 steps of 128 columns each) until
     about two programs an SM. From ``EXPAND_PAIRS`` pairs on (long prompts, where the MMAs bound the transposed GEMM),
     in tiles: every expert's 4-bit weights expanded to e4m3 first (beside split-quantize), then the plain FP8 GEMM on
-    tiles of 128 weight rows (as the dense prefill path's), 8 warps from 64 pairs a tile."""
-    if EXPAND_PAIRS is not None and tile_m > 1 and pairs >= EXPAND_PAIRS:
+    tiles of 128 weight rows (as the dense prefill path's), 8 warps from 64 pairs a tile, where the expanded copy of the
+    ``experts`` experts fits ``EXPAND_MAX_BYTES``."""
+    fits = fmt == "fp8" or experts * n * k_pad <= EXPAND_MAX_BYTES
+    if EXPAND_PAIRS is not None and tile_m > 1 and pairs >= EXPAND_PAIRS and fits:
         return GemmConfig(tile_m, 128, 1, True, 8 if tile_m >= 64 else 4, 4, expand=fmt != "fp8", pdl=fmt != "fp8")
     bn, warps = (32, 2) if tile_m == 1 else (64, 4) if tile_m <= 32 else (128, 8)
     programs = triton.cdiv(n, bn) * triton.cdiv(pairs, tile_m)
@@ -176,7 +181,7 @@ def grouped_linear(x: torch.Tensor, rows: torch.Tensor, routing: Routing, stacke
     if w.fmt not in FMT_IDS:
         raise ValueError(f"no grouped kernel for format {w.fmt}")
     p = rows.numel()
-    cfg = cfg or grouped_config(p, stacked.out_features, w.k_main, w.fmt, routing.tile_m)
+    cfg = cfg or grouped_config(p, stacked.out_features, w.k_main, w.fmt, routing.tile_m, stacked.experts)
     if cfg.bm < routing.tile_m:
         raise ValueError(f"the routing's tiles hold up to {routing.tile_m} pairs, more than the config's {cfg.bm}")
     x = x.contiguous()
