@@ -182,7 +182,8 @@ def test_bad_grouped_inputs_raise():
         moe.grouped_linear(x, rows[:3], routing, stacked)
     for bad in (ops.GemmConfig(16, 32, 1, True, 2, 3, swap=True, wgmma=True),  # no grouped wgmma GEMM
                 ops.GemmConfig(16, 32, 1, True, 4, 3),  # the plain GEMM unpacks no 4-bit experts
-                ops.GemmConfig(16, 32, 2, True, 4, 3, expand=True)):  # nor splits K over them
+                ops.GemmConfig(16, 32, 2, True, 4, 3, expand=True),  # nor splits K over them
+                ops.GemmConfig(16, 32, 1, True, 2, 3, swap=True, expand=True)):  # the transposed one unpacks itself
         with pytest.raises(ValueError, match=r"stacked \(grouped\) weights take the transposed GEMM, or the plain"):
             moe.grouped_linear(x, rows, routing, stacked, bad)
     with pytest.raises(ValueError, match="up to 4 pairs, more than the config's 1"):

@@ -359,8 +359,10 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     by layer groups[t, 2]'s weights (the transposed GEMM; or, for long prompts, the plain FP8 GEMM on e4m3 weights,
     4-bit ones expanded first)."""
     m, n = a.shape[0], kw.row_scale.shape[-1]
-    if groups is not None and (cfg.frag or cfg.wgmma or cfg.cublas or cfg.split_k > 1 and not cfg.swap
-                               or not cfg.swap and not (cfg.op_f8 and (cfg.expand or kw.fmt == "fp8"))):
+    other_gemm = cfg.frag or cfg.wgmma or cfg.cublas
+    transposed = cfg.swap and not (other_gemm or cfg.expand)  # it reads the 4-bit codes itself
+    plain_fp8 = not (cfg.swap or other_gemm) and cfg.split_k == 1 and cfg.op_f8 and (cfg.expand or kw.fmt == "fp8")
+    if groups is not None and not (transposed or plain_fp8):
         raise ValueError(f"stacked (grouped) weights take the transposed GEMM, or the plain FP8 GEMM without split-K "
                          f"on e4m3 weights (expanded where 4-bit) (moe.grouped_config), got {cfg}")
     if groups is not None and (groups.dim() != 2 or groups.shape[1] != 3 or groups.dtype != torch.int32):
@@ -398,7 +400,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0), TILES=tiles, GROUPED=True)
     if cfg.swap:
-        stacked = stacked and dict(stacked, stride_ee=rel.stride(0) if rel is not None else 0)
+        if groups is not None:  # the transposed GEMM also offsets the MXFP4 exponents by expert
+            stacked["stride_ee"] = rel.stride(0) if rel is not None else 0
         osc_gemm_t_kernel[grid](
             a, sa, *weights, m, n, kw.k_main, k_out, a.stride(0), codes.stride(-2),
             rel.stride(-2) if rel is not None else 0, y.stride(0), MP=cfg.bm, OP_F8=cfg.op_f8, F8_FOLD=cfg.fold,
