@@ -459,6 +459,16 @@ def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
 
 
 @triton.jit
+def _expert_tile(grp_ptr, t, N, K_OUT, sb_ptr, wo_ptr, bias_ptr):
+    """Row t of moe.route's tile table (first pair, pairs, expert), and the expert's row scales, BF16 columns and bias:
+    N, N * K_OUT and N elements after the previous expert's (the GEMMs offset their own weight codes)."""
+    first = tl.load(grp_ptr + 3 * t)
+    rows = tl.load(grp_ptr + 3 * t + 1)
+    g = tl.load(grp_ptr + 3 * t + 2).to(tl.int64)
+    return first, rows, g, sb_ptr + g * N, wo_ptr + g * N * K_OUT, bias_ptr + g * N
+
+
+@triton.jit
 def osc_gemm_kernel(
     a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT,
@@ -486,13 +496,8 @@ def osc_gemm_kernel(
         num_n = tl.cdiv(N, BN)
         pn = pid % num_n
         pm = pid // num_n
-        first = tl.load(grp_ptr + 3 * pm)
-        rows = tl.load(grp_ptr + 3 * pm + 1)
-        g = tl.load(grp_ptr + 3 * pm + 2).to(tl.int64)
+        first, rows, g, sb_ptr, wo_ptr, bias_ptr = _expert_tile(grp_ptr, pm, N, K_OUT, sb_ptr, wo_ptr, bias_ptr)
         b_ptr += g * stride_ce
-        sb_ptr += g * N
-        wo_ptr += g * N * K_OUT
-        bias_ptr += g * N
         rm = first + tl.arange(0, BM)
         rn = pn * BN + tl.arange(0, BN)
         mm = tl.arange(0, BM) < rows
@@ -649,14 +654,9 @@ def osc_gemm_t_kernel(
     rn = (tl.program_id(0) // num_m) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
     if GROUPED:
-        first = tl.load(grp_ptr + 3 * pm)
-        rows = tl.load(grp_ptr + 3 * pm + 1)
-        g = tl.load(grp_ptr + 3 * pm + 2).to(tl.int64)
+        first, rows, g, sb_ptr, wo_ptr, bias_ptr = _expert_tile(grp_ptr, pm, N, K_OUT, sb_ptr, wo_ptr, bias_ptr)
         b_ptr += g * stride_ce
         be_ptr += g * stride_ee
-        sb_ptr += g * N
-        wo_ptr += g * N * K_OUT
-        bias_ptr += g * N
         nm = (rn < N) & (rows > 0)  # an empty tile (an unused slot of the table) loads nothing
     else:
         nm = rn < N
