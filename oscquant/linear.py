@@ -99,9 +99,22 @@ class OSCLinear(nn.Module):
         extra = self.main_columns - x.shape[-1]
         return nn.functional.pad(x, (0, extra)) if extra else x
 
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the layer runs: its BF16 columns' device. The canonical codes may be parked in host memory."""
+        return self.w_outlier.device
+
+    def park_codes(self) -> None:
+        """Move the canonical codes (qweight) to host memory. Once the GPU kernels hold their own re-encoding of
+        them (kernels/layout.py), they are read only to save the model or to build the reference path's weights:
+        kept on the GPU too, they would cost as much memory again as the kernels' copy. model.to() brings them
+        back with the other buffers, and the kernels park them again when they next rebuild their copy."""
+        if self.qweight.device.type != "cpu":
+            self._buffers["qweight"] = self.qweight.cpu()
+
     def weight_qtensor(self) -> QTensor:
         s = self.scheme
-        return QTensor(s.format, self.qweight, self.wscale, (self.out_features, self.main_columns),
+        return QTensor(s.format, self.qweight.to(self.wscale.device), self.wscale, (self.out_features, self.main_columns),
                        formats.block_size(s.format, s.group_size),
                        self.wscale_global if s.format == "nvfp4" else None)
 

@@ -69,12 +69,13 @@ def stack(layers: list[OSCLinear]) -> OSCLinear:
     first = layers[0]
     out = OSCLinear(first.in_features, sum(m.out_features for m in layers), first.scheme, first.k,
                     first.bias is not None, first.bias.dtype if first.bias is not None else torch.float32)
-    out.to(first.qweight.device)
+    dev = first.compute_device
+    out.to(dev)
     out.outlier_idx.copy_(first.outlier_idx)
     out.wscale_global.copy_(first.wscale_global)
     for name in STACKED_BUFFERS:
-        if getattr(first, name) is not None:
-            getattr(out, name).copy_(torch.cat([getattr(m, name) for m in layers]))
+        if getattr(first, name) is not None:  # codes parked in host memory (OSCLinear.park_codes) come back here
+            getattr(out, name).copy_(torch.cat([getattr(m, name).to(dev) for m in layers]))
     return out
 
 

@@ -466,6 +466,53 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
 
 
+def test_fp8_kernel_codes_are_the_canonical_bytes_where_no_padding_is_needed():
+    """FP8 layers keep one copy of their e4m3 bytes: the kernels read the checkpoint's own tensor where K is a
+    multiple of the kernels' 128 columns, and a padded copy only where it is not."""
+    for k_in, shared in ((256, True), (160, False)):
+        layer, idx = make_layer(k_in, 40, "fp8", 16)
+        kw = layout.kernel_weights(layer)
+        assert (kw.codes.untyped_storage().data_ptr() == layer.qweight.untyped_storage().data_ptr()) == shared
+        assert torch.equal(kw.codes[:, :layer.main_columns].view(torch.uint8), layer.qweight)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8"])
+def test_the_gpu_holds_one_copy_of_the_codes(fmt):
+    """Once the kernels have their own layout of a 4-bit layer's codes on the GPU, the canonical codes move to host
+    memory (OSCLinear.park_codes): outputs, the reference path, saving, stacking siblings and model.to() still work
+    from there. FP8 codes are the kernels' own (no padding at K = 4096) and stay."""
+    from oscquant import siblings
+
+    layer, idx = make_layer(4096, 1000, fmt, 64)
+    other, _ = make_layer(4096, 600, fmt, 64)
+    other.outlier_idx.copy_(layer.outlier_idx)
+    x = activations(7, 4096, idx)
+    ref = reference_forward(layer, x)
+    codes_bytes = layer.qweight.numel()
+    before = torch.cuda.memory_allocated()
+    y = layer(x)
+    kw = ops.layer_weights(layer)
+    assert layer.qweight.device.type == ("cuda" if fmt == "fp8" else "cpu")
+    assert layer.compute_device.type == "cuda" and kw.codes.is_cuda
+    if fmt != "fp8":  # the canonical codes left the GPU: it holds the kernels' layout in their place
+        layouts = (kw.codes, kw.rel_exp) + ((kw.frag.words, kw.frag.exps) if kw.frag else ())
+        kernel_bytes = sum(t.numel() * t.element_size() for t in layouts if t is not None)
+        assert torch.cuda.memory_allocated() - before <= kernel_bytes - codes_bytes // 2
+    assert rel_err(y, ref) <= 1e-2
+    layer._cache.pop(("w_main", layer.compute_device), None)
+    assert torch.equal(reference_forward(layer, x), ref)  # rebuilt from the parked codes
+    fresh = copy.deepcopy(layer).to(DEV)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), y)
+    other(x)  # parks its codes too
+    both = siblings.stack([layer, other])
+    assert rel_err(both(x), torch.cat([layer(x), other(x)], dim=-1)) <= 1e-3
+    layer.to(DEV)  # the codes come back with the other buffers; the next kernel build parks them again
+    assert layer.qweight.is_cuda and torch.equal(layer(x), y)
+    assert layer.qweight.device.type == ("cuda" if fmt == "fp8" else "cpu")
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_and_torch_compile_capture():
     layer, idx = make_layer(4160, 1000, "mxfp4", 64)

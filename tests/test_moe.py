@@ -162,6 +162,8 @@ def test_stacking_makes_each_experts_own_weights_views():
     stacked = moe.stack_experts(layers)
     own = ops.layer_weights(layers[1])  # what the expert's own layer (a long prompt) runs on
     assert own.codes.data_ptr() == stacked.weights.codes[1].data_ptr() and own.frag is None
+    if CUDA:  # the stack is the GPU's one copy of the codes: the experts' canonical ones wait in host memory
+        assert all(m.qweight.device.type == "cpu" and m.compute_device.type == "cuda" for m in layers)
     x, _, _ = pairs_and_input(2, 3, 1)
     ref = reference_forward(copy.deepcopy(layers[1]).cpu(), x.cpu().float())
     assert rel_err(layers[1](x).cpu(), ref) <= 1e-2

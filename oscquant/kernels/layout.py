@@ -99,20 +99,22 @@ def kernel_weights(layer, frag: bool = True) -> KernelWeights:
     fmt = layer.scheme.format
     n = layer.out_features
     kk = padded_width(layer.main_columns)
+    dev = layer.compute_device
+    qweight = layer.qweight.to(dev)  # parked in host memory (OSCLinear.park_codes) after an earlier build
     if fmt == "mxfp4":
         rel, row = split_exponents(layer.wscale)
-        codes, rel = reround_low_blocks(_pad_cols(formats.unpack_nibbles(layer.qweight), kk),
+        codes, rel = reround_low_blocks(_pad_cols(formats.unpack_nibbles(qweight), kk),
                                         _pad_cols(rel, kk // 32, REL_EXP_MIN))
         packed = chunk_pack(codes)
     elif fmt == "int4" and layer.scheme.group_size is None:
-        packed = chunk_pack(_pad_cols(formats.unpack_nibbles(layer.qweight), kk))
+        packed = chunk_pack(_pad_cols(formats.unpack_nibbles(qweight), kk))
         rel, row = None, layer.wscale.float().reshape(n)
     elif fmt == "fp8":
-        packed = _pad_cols(layer.qweight, kk).view(torch.float8_e4m3fn)
+        # the canonical e4m3 bytes themselves where no padding is needed: one copy of them on the GPU
+        packed = (qweight if kk == qweight.shape[1] else _pad_cols(qweight, kk)).view(torch.float8_e4m3fn)
         rel, row = None, layer.wscale.float().reshape(n)
     else:
         raise NotImplementedError(f"no kernel layout for {fmt} (group_size={layer.scheme.group_size})")
-    dev = layer.qweight.device
     kw = KernelWeights(
         fmt, packed.contiguous(), None if rel is None else rel.contiguous(), row.contiguous(), kk,
         layer.w_outlier.contiguous(), layer.outlier_idx.to(torch.int32),

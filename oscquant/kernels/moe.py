@@ -79,7 +79,7 @@ def stack_experts(layers: list) -> StackedExperts:
     if why:
         raise ValueError(f"stack_experts takes the OSC layers of one projection of every expert: {why}")
     first = layers[0]
-    dev = first.qweight.device
+    dev = first.compute_device
     kws = [kernel_weights(m, frag=False) for m in layers]
 
     def stack(name):
@@ -92,6 +92,8 @@ def stack_experts(layers: list) -> StackedExperts:
         m._cache[("kernel", dev)] = KernelWeights(
             w.fmt, w.codes[e], None if w.rel_exp is None else w.rel_exp[e], w.row_scale[e], w.k_main,
             w.w_outlier[e], w.outlier_idx[e], w.keep[e], None if w.bias is None else w.bias[e])
+        if w.codes.is_cuda:
+            m.park_codes()  # the stack is the GPU's one copy of the experts' codes
     return StackedExperts(w)
 
 

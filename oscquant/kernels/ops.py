@@ -577,7 +577,19 @@ def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = N
 
 # ------------------------------------------------------------------ the layer backend and custom op
 def layer_weights(layer) -> KernelWeights:
-    return layer.cached(("kernel", layer.qweight.device), lambda: kernel_weights(layer))
+    return layer.cached(("kernel", layer.compute_device), lambda: _build_layer_weights(layer))
+
+
+@torch.compiler.disable  # built once, eagerly: never traced into a compiled step
+def _build_layer_weights(layer) -> KernelWeights:
+    kw = kernel_weights(layer)
+    if kw.codes.is_cuda and not _same_storage(kw.codes, layer.qweight):
+        layer.park_codes()  # one copy of the weights on the GPU, the kernels' own
+    return kw
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 @torch.library.custom_op("oscquant::osc_linear", mutates_args=())
