@@ -152,7 +152,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
             xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, cfg.mode, kw.k_main)
             gemm = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
             full = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
-            w_bytes = kw.codes.numel() + (kw.rel_exp.numel() if kw.rel_exp is not None else 0) + 4 * n + 2 * n * k
+            w_bytes = kw.codes.numel() + (kw.rel_exp.nbytes if kw.rel_exp is not None else 0) + 4 * n + 2 * n * k
             a_bytes = m * kw.k_main * a.element_size()
             gemm_bytes = w_bytes + a_bytes + 2 * m * k + 2 * m * n
             full_bytes = gemm_bytes + 2 * m * k_in + a_bytes + 2 * m * k  # split reads x, writes A and x_o
@@ -184,13 +184,14 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
     return rows
 
 
-def bench_gemm(ms=(1, 8, 16, 64, 256, 1024, 4096, 16384), k_outs=(64, 128), shapes=None, progress=True) -> list[Row]:
+def bench_gemm(ms=(1, 8, 16, 64, 256, 1024, 4096, 16384), k_outs=(64, 128), shapes=None, progress=True,
+               fmt: str = "mxfp4") -> list[Row]:
     from tqdm.auto import tqdm
 
     _need_cuda("gemm")
     rows = []
-    for name, n, k in tqdm(shapes or qwen3_shapes(), desc="bench gemm", disable=not progress):
-        rows += bench_shape(name, n, k, list(ms), list(k_outs))
+    for name, n, k in tqdm(shapes or qwen3_shapes(), desc=f"bench gemm {fmt}", disable=not progress):
+        rows += bench_shape(name, n, k, list(ms), list(k_outs), fmt)
     return rows
 
 

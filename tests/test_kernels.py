@@ -30,7 +30,7 @@ DEV = "cuda" if CUDA else "cpu"
 # (M, K, N): M = 1, 7, 16, 33, ...; K and N not powers of two wherever the format allows
 SHAPES = ([(1, 4160, 1000), (7, 4160, 1000), (16, 2080, 3000), (33, 4160, 1000), (128, 2080, 1000),
            (1000, 4160, 3000)] if CUDA else [(1, 160, 40), (7, 416, 72), (33, 160, 40)])
-FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("int4", 16), ("fp8", 0), ("fp8", 16)]
+FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("nvfp4", 32), ("int4", 16), ("fp8", 0), ("fp8", 16)]
 
 
 ALL_CODES = torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)  # 8 bytes
@@ -58,7 +58,7 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
 @pytest.mark.parametrize("m,k_in,n", SHAPES[:2])
 def test_split_quantize_packed_is_bit_exact(fmt, m, k_in, n):
     layer, idx = make_layer(k_in, n, fmt, 32)
@@ -66,17 +66,23 @@ def test_split_quantize_packed_is_bit_exact(fmt, m, k_in, n):
     x = activations(m, k_in, idx)
     poison = (torch.full((m, 32), float("nan"), dtype=torch.bfloat16, device=DEV),
               torch.full((m, kw.k_main // 2), 0xAB, dtype=torch.uint8, device=DEV),
-              torch.full((m, kw.k_main // 32), 0xAB, dtype=torch.uint8, device=DEV),
+              torch.full((m, kw.k_main // (16 if fmt == "nvfp4" else 32)), 0xAB, dtype=torch.uint8, device=DEV),
               torch.full((m,), float("nan"), device=DEV))
     xo, q, s = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, MODE_PACKED, kw.k_main, out=poison)
     main = nn.functional.pad(layer.zero_outliers(x), (0, kw.k_main - k_in))  # the 4-bit path's input
     ref = F.quantize(main.cpu(), fmt, per_row_global=True)
     assert torch.equal(xo.cpu(), x[:, kw.outlier_idx.long()].cpu())
     assert torch.equal(q.cpu(), ref.codes)
-    assert torch.equal(s.cpu().reshape(ref.scales.shape).to(ref.scales.dtype), ref.scales)
+    if fmt == "nvfp4":  # e4m3 block scales and one FP32 scale per token
+        s, g = s
+        assert torch.equal(g.cpu(), ref.global_scale.reshape(-1))
+        s, ref_s = s.view(torch.uint8), ref.scales.view(torch.uint8)
+    else:
+        ref_s = ref.scales
+    assert torch.equal(s.cpu().reshape(ref_s.shape).to(ref_s.dtype), ref_s)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4", "fp8"])
 @pytest.mark.parametrize("mode", [MODE_F16, MODE_F8])
 @pytest.mark.parametrize("rows", [1, 4])  # rows per program; 7 rows leave the last program short
 def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
@@ -84,27 +90,44 @@ def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
     layer, idx = make_layer(k_in, n, fmt, 16)
     kw = ops.layer_weights(layer)
     x = activations(m, k_in, idx)
+    if fmt == "nvfp4" and mode == MODE_F8:
+        with pytest.raises(ValueError, match="NVFP4 activations quantize to FP16 operands"):
+            ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+        return
     xo, a, rs = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
     assert torch.equal(xo.cpu(), x[:, kw.outlier_idx.long()].cpu())
     main = nn.functional.pad(layer.zero_outliers(x), (0, kw.k_main - k_in))  # the 4-bit path's input
+    if fmt == "nvfp4":  # operand = e2m1 value * e4m3 block scale (exact in FP16), the row scale the global one
+        ref = F.quantize(main.cpu(), fmt, per_row_global=True)
+        assert torch.equal(rs.cpu(), ref.global_scale.reshape(-1))
+        assert torch.equal(a.float().cpu(), F.element_values(ref) * ref.scales.float().repeat_interleave(16, 1))
+        return
     deq = F.fake_quantize(main.cpu(), fmt, per_row_global=True)
     got = a.float().cpu() * rs.cpu()[:, None]
     assert torch.equal(got, deq), (got - deq).abs().max()
 
 
-@pytest.mark.parametrize("fmt,k", [("mxfp4", 32), ("int4", 16), ("fp8", 0)])
+@pytest.mark.parametrize("fmt,k", [("mxfp4", 32), ("nvfp4", 32), ("int4", 16), ("fp8", 0)])
 @pytest.mark.parametrize("op_f8", [False, True])
 def test_weight_unpacking_is_bit_exact(fmt, k, op_f8):
     _, k_in, n = SHAPES[1]
     layer, _ = make_layer(k_in, n, fmt, k)
     kw = ops.layer_weights(layer)
+    if fmt == "nvfp4" and op_f8:
+        with pytest.raises(ValueError, match="NVFP4 weights decode to FP16"):
+            ops.decode_weights(kw, op_f8)
+        return
     got = ops.decode_weights(kw, op_f8).float().cpu()
     want = reference_operand(kw).cpu() * (2 if op_f8 and fmt == "mxfp4" else 1)
     assert torch.equal(got, want)
-    # and with the row scales it is the reference dequantization of the stored weights
+    # and with the row scales it is the reference dequantization of the stored weights (NVFP4: to FP32 rounding,
+    # the reference multiplying the block scale by the global one first)
     deq = F.dequantize(layer.weight_qtensor()).cpu()
     scale = kw.row_scale.cpu()[:, None] / (2 if op_f8 and fmt == "mxfp4" else 1)
-    assert torch.equal((got * scale)[:, :deq.shape[1]], deq)
+    if fmt == "nvfp4":
+        assert torch.allclose((got * scale)[:, :deq.shape[1]], deq, rtol=2 ** -22, atol=0)
+    else:
+        assert torch.equal((got * scale)[:, :deq.shape[1]], deq)
 
 
 def test_e4m3_unpack_is_bit_exact():
@@ -291,6 +314,12 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
                          ops.layer_weights(make_layer(k_in, n, fmt, k)[0]), torch.zeros(m, 0, device=DEV),
                          torch.bfloat16, cfg)
         return
+    if fmt == "nvfp4" and (cfg.op_f8 or cfg.fold):
+        with pytest.raises(ValueError, match="NVFP4 weights multiply FP16 operands"):
+            ops.osc_gemm(torch.zeros(m, 128, dtype=torch.float8_e4m3fn, device=DEV), None,
+                         ops.layer_weights(make_layer(k_in, n, fmt, k)[0]), torch.zeros(m, 0, device=DEV),
+                         torch.bfloat16, cfg)
+        return
     layer, idx = make_layer(k_in, n, fmt, k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
@@ -342,7 +371,10 @@ def test_default_configs_and_the_layer_backend(monkeypatch):
     y = layer(x)
     assert y.dtype == torch.bfloat16 and rel_err(y, reference_forward(layer, x.float())) <= 1e-2
     # formats without a kernel go to the reference, saying why
-    nv, _ = make_layer(k_in, n, "nvfp4", 16)
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(k_in, n)
+    nv = OSCLinear.from_linear(lin, LayerScheme("int4", 16, group_size=32), torch.randperm(k_in, generator=g)[:16])
+    nv = nv.to(DEV)
     assert "no kernel" in ops.supported(nv, x)
     if CUDA:
         assert backends.choose(nv, x) == "reference"
@@ -392,6 +424,11 @@ def test_bad_inputs_raise():
         ops.osc_gemm(a, sa, fp8, xo, torch.bfloat16, cub)
     with pytest.raises(ValueError, match="N a multiple of 16, got 40"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, fp8, xo, torch.bfloat16, cub)
+    nv = ops.layer_weights(make_layer(k_in, n, "nvfp4", 32)[0])  # NVFP4: FP16 operands only
+    with pytest.raises(ValueError, match="NVFP4 activations quantize to FP16 operands"):
+        ops.split_quantize(torch.ones(1, k_in, device=DEV), nv.keep, nv.outlier_idx, "nvfp4", MODE_F8, nv.k_main)
+    with pytest.raises(ValueError, match="NVFP4 weights multiply FP16 operands"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, nv, xo, torch.bfloat16, ops.fold_config(32, n, nv.k_main))
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
@@ -464,6 +501,10 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert not ops.gemm_config(256, 4096, 4096, "fp8", cublas=False).cublas
     assert not any(ops.gemm_config(256, 4096, 4096, fmt).cublas for fmt in ("mxfp4", "int4"))
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
+    # NVFP4: FP16 operands at every M (no e4m3 form): the transposed GEMM up to 64 tokens, then the plain one
+    nv = [ops.gemm_config(m, n, 4096, "nvfp4") for m in (1, 16, 64, 65, 4096) for n in (4096, 24576)]
+    assert not any(c.op_f8 or c.fold or c.frag or c.wgmma or c.expand or c.cublas for c in nv)
+    assert [c.path for c in nv] == ["t"] * 6 + ["plain"] * 4 and nv[-1].bk == 256
 
 
 def test_fp8_kernel_codes_are_the_canonical_bytes_where_no_padding_is_needed():
@@ -477,7 +518,7 @@ def test_fp8_kernel_codes_are_the_canonical_bytes_where_no_padding_is_needed():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4", "fp8"])
 def test_the_gpu_holds_one_copy_of_the_codes(fmt):
     """Once the kernels have their own layout of a 4-bit layer's codes on the GPU, the canonical codes move to host
     memory (OSCLinear.park_codes): outputs, the reference path, saving, stacking siblings and model.to() still work
@@ -541,7 +582,7 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 19 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 22 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
     # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs, and the
     # plain FP8 GEMM on e4m3 experts (long prompts)
     assert r.stdout.count("grouped MoE experts") == 7 and r.stdout.count("-pair tiles") == 3
@@ -549,7 +590,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 13
+    assert r.stdout.count("PDL order: ok") == 16
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -22,7 +22,7 @@ from oscquant.linear import OSCLinear, reference_forward  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 K_IN, N = (2080, 1000) if CUDA else (160, 40)  # not powers of two
-FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("int4", 16), ("fp8", 16), ("fp8", 0)]
+FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("nvfp4", 16), ("int4", 16), ("fp8", 16), ("fp8", 0)]
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k, tile_m):
 
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
-def test_long_prompt_path_expands_the_experts_and_matches_each_experts_reference(fmt, k):
+def test_long_prompt_path_expands_the_experts_and_matches_each_experts_reference(fmt, k, monkeypatch):
     """The long-prompt config: every expert's weights expanded to e4m3 (4-bit ones by the folded GEMM's byte tables),
     then the plain FP8 GEMM over the tile table, weight tiles varying fastest. 40 tokens, 2 of 3 experts each: an
     expert's pairs take several tiles of 16, and the table's unused slots must store nothing (y poisoned)."""
@@ -100,6 +100,13 @@ def test_long_prompt_path_expands_the_experts_and_matches_each_experts_reference
     p = routing.experts.numel()
     assert (routing.tiles[:, 1] == 0).any()  # unused slots in this table
     cfg = ops.GemmConfig(16, 32, 1, True, 4, 2, expand=fmt != "fp8")
+    if fmt == "nvfp4":  # no e4m3 form of its weights: it keeps the transposed GEMM on FP16 operands
+        monkeypatch.setattr(moe, "EXPAND_PAIRS", 16)
+        assert not moe.grouped_config(1 << 20, N, stacked.weights.k_main, fmt, 16).expand
+        assert moe.grouped_config(1 << 20, N, stacked.weights.k_main, "int4", 16).expand
+        with pytest.raises(ValueError, match="NVFP4 activations quantize to FP16"):
+            moe.grouped_linear(x, routing.tokens, routing, stacked, cfg)
+        return
     out = torch.full((p, N), float("nan"), dtype=torch.bfloat16, device=DEV)
     y = moe.grouped_linear(x, routing.tokens, routing, stacked, cfg, out=out)
     assert torch.isfinite(y).all()
@@ -334,7 +341,8 @@ def test_moe_model_bench_rows_and_missing_graph_columns():
     assert "| OSC, experts one by one | 2.000 | 0.50 | - | - | 2.000 | 0.50 | - | - |" in md
 
 
-@pytest.mark.parametrize("fmt,mode", [("mxfp4", "f16"), ("mxfp4", "f8"), ("int4", "f16"), ("fp8", "f8")])
+@pytest.mark.parametrize("fmt,mode", [("mxfp4", "f16"), ("mxfp4", "f8"), ("nvfp4", "f16"), ("int4", "f16"),
+                                      ("fp8", "f8")])
 @pytest.mark.parametrize("rows_per_program", [1, 4])
 def test_grouped_split_quantize_is_each_experts_own_split_bit_for_bit(fmt, mode, rows_per_program):
     """Row p of the grouped split-quantize (1 or 4 rows a program; 7 pairs, so the last program is partly masked) is

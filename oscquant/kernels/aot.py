@@ -60,7 +60,12 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                  SB_SCALE=0.5 if op_f8 and fmt == K.FMT_MXFP4 else 1.0, INTERPRET=False)
     sig = GEMM_SIG + [s for s in GROUPED_SIG if s[0] != "stride_ee"] if grouped else GEMM_SIG
     return compile_kernel(K.osc_gemm_kernel, sig, dict(const, GROUPED=True) if grouped else const, warps, stages,
-                          {"a_ptr": a, "b_ptr": b})
+                          {"a_ptr": a, "b_ptr": b, "be_ptr": _block_scales(fmt)})
+
+
+def _block_scales(fmt: int) -> str:
+    """The GEMMs' block-scale pointer: MXFP4's relative exponents, or NVFP4's FP16 block factors."""
+    return "*fp16" if fmt == K.FMT_NVFP4 else "*i8"
 
 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
@@ -71,7 +76,7 @@ def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages:
     return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG + (GROUPED_SIG if grouped else []),
                           dict(const, GROUPED=True) if grouped else const, warps, stages,
                           {"a_ptr": "*fp8e4nv" if op_f8 or fold else "*fp16",
-                           "b_ptr": "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"})
+                           "b_ptr": "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8", "be_ptr": _block_scales(fmt)})
 
 
 FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr", "*i32"), ("sw_ptr", "*fp32"),
@@ -199,6 +204,8 @@ def main() -> int:
                     ("gemm-t mxfp4 e4m3 folded 17-64 tokens", gemm_t(K.FMT_MXFP4, 64, 64, split_k=4, warps=4, stages=3, fold=True)),
                     ("gemm-t mxfp4 e4m3 folded 65-256 tokens", gemm_t(K.FMT_MXFP4, 128, 128, warps=8, stages=3, fold=True)),
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
+                    ("gemm-t nvfp4 M<=16", gemm_t(K.FMT_NVFP4, 16, 32, split_k=4, stages=6)),
+                    ("gemm-t nvfp4 M<=64", gemm_t(K.FMT_NVFP4, 64, 64, split_k=4, warps=4)),
                     ("gemm-t mxfp4 grouped MoE experts", gemm_t(K.FMT_MXFP4, 1, 32, stages=3, pdl=False, grouped=True)),
                     ("gemm-t fp8-weights grouped MoE experts", gemm_t(K.FMT_FP8, 1, 32, split_k=2, op_f8=True,
                                                                       pdl=False, grouped=True)),
@@ -212,12 +219,14 @@ def main() -> int:
                     ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3), 2),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
+                    ("gemm nvfp4 prefill", gemm(K.FMT_NVFP4, False, 128, 128, bk=256, warps=8, stages=3)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
                     ("gemm fp8-weights grouped MoE experts, long prompts",
                      gemm(K.FMT_FP8, True, 128, 128, warps=8, stages=4, grouped=True)),
                     ("split mxfp4 f8", split(K.FMT_MXFP4, K.MODE_F8)),
                     ("split fp8 grouped MoE experts", split(K.FMT_FP8, K.MODE_F8, pdl=False, grouped=True)),
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
+                    ("split nvfp4 f16", split(K.FMT_NVFP4, K.MODE_F16)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
         usage = resources(c)
         print(f"{name}: {usage}")

@@ -12,8 +12,10 @@ rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the 
         largest are re-rounded onto that grid once, here, so that every kernel (the e4m3 byte
         tables of the fragment and folded GEMMs included) multiplies the same weights. The row's
         largest goes into the row scale.
-row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the int4 scale for INT4, the
-        e4m3 scale for FP8.
+        [N, Kk/16] fp16 (NVFP4): each 16-column block's factor, its e4m3 scale times 2**6 (exact; the FP16 unpack's
+        e2m1 * 2**-14 times it is e2m1 * scale * 2**-8, exact in FP16 down to the smallest e4m3 scale).
+row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the per-tensor scale times 2**8 for NVFP4, the int4
+        scale for INT4, the e4m3 scale for FP8.
 
 Kk is K rounded up to two CHUNKs (128) with zero columns (zero codes decode to 0); the outlier
 channels' columns hold zero codes too (linear.py).
@@ -38,9 +40,9 @@ FRAG_TILE_PAD = 8  # tiles padded to a multiple of this, the most warps a progra
 
 @dataclass
 class KernelWeights:
-    fmt: str  # mxfp4 | int4 | fp8
+    fmt: str  # mxfp4 | nvfp4 | int4 | fp8
     codes: torch.Tensor  # uint8 [N, Kk/2] (4-bit) or float8_e4m3fn [N, Kk] (fp8)
-    rel_exp: torch.Tensor | None  # int8 [N, Kk/32] (mxfp4)
+    rel_exp: torch.Tensor | None  # int8 [N, Kk/32] (mxfp4) or the block factors fp16 [N, Kk/16] (nvfp4)
     row_scale: torch.Tensor  # fp32 [N]
     k_main: int  # Kk
     w_outlier: torch.Tensor  # bf16 [N, k]
@@ -106,6 +108,10 @@ def kernel_weights(layer, frag: bool = True) -> KernelWeights:
         codes, rel = reround_low_blocks(_pad_cols(formats.unpack_nibbles(qweight), kk),
                                         _pad_cols(rel, kk // 32, REL_EXP_MIN))
         packed = chunk_pack(codes)
+    elif fmt == "nvfp4":
+        packed = chunk_pack(_pad_cols(formats.unpack_nibbles(qweight), kk))
+        rel = (_pad_cols(layer.wscale.float(), kk // 16) * 64).to(torch.float16)  # padded blocks: factor 0
+        row = (layer.wscale_global.float().reshape(1) * 256).expand(n)
     elif fmt == "int4" and layer.scheme.group_size is None:
         packed = chunk_pack(_pad_cols(formats.unpack_nibbles(qweight), kk))
         rel, row = None, layer.wscale.float().reshape(n)
@@ -135,6 +141,8 @@ def reference_operand(kw: KernelWeights) -> torch.Tensor:
         c = codes.to(torch.int16)
         return torch.where(c >= 8, c - 16, c).float()
     vals = formats.e2m1_decode(codes)
+    if kw.fmt == "nvfp4":
+        return vals * kw.rel_exp.float().repeat_interleave(16, dim=1) * 2.0 ** -14  # factor s * 2**6
     return vals * torch.exp2(kw.rel_exp.float()).repeat_interleave(32, dim=1)
 
 

@@ -153,9 +153,10 @@ def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, ex
     about two programs an SM. From ``EXPAND_PAIRS`` pairs on (long prompts, where the MMAs bound the transposed GEMM),
     in tiles: every expert's 4-bit weights expanded to e4m3 first (beside split-quantize), then the plain FP8 GEMM on
     tiles of 128 weight rows (as the dense prefill path's), 8 warps from 64 pairs a tile, where the expanded copy of the
-    ``experts`` experts fits ``EXPAND_MAX_BYTES``."""
+    ``experts`` experts fits ``EXPAND_MAX_BYTES``. NVFP4 keeps FP16 operands and the transposed GEMM throughout (its
+    weights have no e4m3 form)."""
     fits = fmt == "fp8" or experts * n * k_pad <= EXPAND_MAX_BYTES
-    if EXPAND_PAIRS is not None and tile_m > 1 and pairs >= EXPAND_PAIRS and fits:
+    if EXPAND_PAIRS is not None and tile_m > 1 and pairs >= EXPAND_PAIRS and fits and fmt != "nvfp4":
         return GemmConfig(tile_m, 128, 1, True, 8 if tile_m >= 64 else 4, 4, expand=fmt != "fp8", pdl=fmt != "fp8")
     bn, warps = (32, 2) if tile_m == 1 else (64, 4) if tile_m <= 32 else (128, 8)
     programs = triton.cdiv(n, bn) * triton.cdiv(pairs, tile_m)
@@ -165,7 +166,7 @@ def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, ex
     if tile_m == 1:
         return GemmConfig(1, 32, split, fmt == "fp8", 2, 6 if k_pad > n else 3, swap=True)
     stages = 4 if split == 1 and tile_m * bn <= 64 * 64 else 3
-    return GemmConfig(tile_m, bn, split, fmt != "int4", warps, stages, swap=True, fold=fmt == "mxfp4")
+    return GemmConfig(tile_m, bn, split, fmt in ("mxfp4", "fp8"), warps, stages, swap=True, fold=fmt == "mxfp4")
 
 
 def grouped_linear(x: torch.Tensor, rows: torch.Tensor, routing: Routing, stacked: StackedExperts,

@@ -20,6 +20,9 @@ Regimes, chosen in :func:`gemm_config` only:
                       row's largest), then a plain FP8 GEMM with the BF16 branch fused runs:
                       unpacking inside the main loop would make it ALU-bound.
 FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
+NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M, the
+                      transposed GEMM up to 64 tokens, then the plain GEMM unpacking in registers (nvfp4_config;
+                      not tuned on a GPU yet).
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ import triton
 
 from .layout import FragWeights, KernelWeights, kernel_weights
 from .overlap import prefer_shared_carveout
-from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
+from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, FMT_NVFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
                          osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
-FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8}
+FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8, "nvfp4": FMT_NVFP4}
 DECODE_MAX_M = 16
 FRAG_MAX_M = 8  # the fragment GEMM's one token group; at 9-16 tokens the transposed GEMM measured faster
 SWAP_MAX_M = 64
@@ -88,7 +91,8 @@ def supported(layer, x: torch.Tensor) -> str | None:
     """None if the kernels can run this call, else the reason they cannot."""
     s = layer.scheme
     if s.format not in FMT_IDS or (s.format == "int4" and s.group_size is not None):
-        return f"format {s.format} (group_size={s.group_size}) has no kernel; the kernels take mxfp4, per-row int4, fp8"
+        return (f"format {s.format} (group_size={s.group_size}) has no kernel; the kernels take mxfp4, nvfp4, per-row "
+                "int4, fp8")
     if not (x.is_cuda or (INTERPRETED and os.environ.get("OSCQUANT_BACKEND") == "triton")):
         return "the input is not on a CUDA device"
     if layer.in_features > MAX_K:
@@ -104,7 +108,8 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
                    pdl_late: bool = False, shared_beside: bool = True, src: torch.Tensor | None = None,
                    grp: torch.Tensor | None = None):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
-    and scales = E8M0 [M, k_pad/32] (mxfp4) or per-token FP32 (int4); else q = operand
+    and scales = E8M0 [M, k_pad/32] (mxfp4), per-token FP32 (int4), or for nvfp4 the pair (e4m3 [M, k_pad/16],
+    per-token FP32 global scales); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
     write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped, from the start of
     this kernel's programs or (``pdl_late``) from when they have issued their stores; ``shared_beside``: that kernel
@@ -115,6 +120,9 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     channels, keep [groups, k_pad] and outlier_idx [groups, k]."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
+    if fmt == "nvfp4" and mode == MODE_F8:
+        raise ValueError("NVFP4 activations quantize to FP16 operands (MODE_F16) or packed codes, not e4m3: an e2m1 "
+                         "value times its e4m3 block scale needs up to 5 significant bits")
     grouped = src is not None
     if grouped and (grp is None or src.shape != grp.shape or keep.dim() != 2 or outlier_idx.dim() != 2):
         raise ValueError("grouped split_quantize takes src and grp of one shape [P], keep [groups, k_pad] and "
@@ -125,7 +133,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     xo = torch.empty(m, k_out, dtype=torch.bfloat16, device=dev)
     if mode == MODE_PACKED:
         q = torch.empty(m, k_pad // 2, dtype=torch.uint8, device=dev)
-        sc = torch.empty(m, k_pad // 32, dtype=torch.uint8, device=dev)
+        sc = torch.empty(m, k_pad // (16 if fmt == "nvfp4" else 32), dtype=torch.uint8, device=dev)
         rs = torch.empty(m, dtype=torch.float32, device=dev)
     else:
         q = torch.empty(m, k_pad, dtype=torch.float16 if mode == MODE_F16 else torch.float8_e4m3fn, device=dev)
@@ -153,6 +161,8 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         if launch["PDL"] and shared_beside:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)
     if mode == MODE_PACKED:
+        if fmt == "nvfp4":
+            return xo, q, (sc.view(torch.float8_e4m3fn), rs)
         return xo, q, (sc if fmt == "mxfp4" else rs)
     return xo, q, rs
 
@@ -225,6 +235,8 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     # (scripts/cublas_route.py, docs/bench/h200_cublas_route_2026-11-30.md)
     if fmt == "fp8" and cublas and SWAP_MAX_M < m <= 512 and n >= 4096 and n % 16 == 0:
         return CUBLAS_CONFIG
+    if fmt == "nvfp4":
+        return nvfp4_config(m, n, k_pad)
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
@@ -266,6 +278,18 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if triton.cdiv(m, 128) * triton.cdiv(n, 256) <= 64:
         return GemmConfig(128, 128, 1, True, 8, 4, expand=True, pdl=True)
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True, pdl=True)
+
+
+def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
+    """NVFP4, FP16 operands throughout (its weights are e2m1 times an e4m3 scale per 16 columns: exact in FP16, not
+    in e4m3). Up to 64 tokens the FP16 transposed GEMM with the tiles measured for MXFP4 and INT4 there; above, the
+    plain GEMM unpacking the codes in registers, 128 x 128 tiles on 8 warps (193 registers a thread for sm_90, no
+    spills; 64 x 128 on 4 warps spilled). Not yet timed on a GPU."""
+    if m <= SWAP_MAX_M:
+        cfg = gemm_config(m, n, k_pad, "int4")
+        return GemmConfig(cfg.bm, cfg.bn, cfg.split_k, False, cfg.warps, cfg.stages, swap=True, pdl=cfg.pdl,
+                          pdl_late=cfg.pdl_late)
+    return GemmConfig(128, 128, 1, False, 8, 3, bk=256)
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
@@ -376,6 +400,9 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         return _wgmma_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.swap and kw.fmt == "fp8" and (cfg.fold or not cfg.op_f8):
         raise ValueError("the transposed GEMM takes FP8-fallback weights with e4m3 operands only (op_f8, no fold)")
+    if kw.fmt == "nvfp4" and (cfg.op_f8 or cfg.fold):
+        raise ValueError("NVFP4 weights multiply FP16 operands (op_f8=False, no fold): e2m1 times an e4m3 block scale "
+                         "is not an e4m3 number (ops.nvfp4_config)")
     want = torch.float8_e4m3fn if cfg.op_f8 else torch.float16
     if a.dtype != want:
         raise ValueError(f"this GemmConfig multiplies {want} activation operands, got {a.dtype}: split_quantize "
@@ -530,7 +557,8 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
                    pdl: bool = False) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
-    FP16: value * 2**rel_exp (MXFP4), the int4 value, or the e4m3 value. FP8 (MXFP4): twice that.
+    FP16: value * 2**rel_exp (MXFP4), value * e4m3 block scale * 2**-8 (NVFP4), the int4 value, or the e4m3
+    value. FP8 (MXFP4, INT4): twice that for MXFP4.
     raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
     block factors go on the partial products). lut (MXFP4): the byte-table unpack of the folded
     GEMM, value * 2**(rel_exp + 6) in e4m3. ``pdl``: launched overlapped with the split-quantize before it (the
@@ -540,6 +568,8 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
         return kw.codes if op_f8 else kw.codes.to(torch.float16)
     if (raw_e4m3 or lut) and kw.fmt != "mxfp4":
         raise ValueError(f"raw_e4m3 and lut are MXFP4 unpacks; got {kw.fmt}")
+    if op_f8 and kw.fmt == "nvfp4":
+        raise ValueError("NVFP4 weights decode to FP16 (op_f8=False): e2m1 times an e4m3 block scale is not e4m3")
     n = kw.row_scale.numel()  # stacked experts ([E, N, ...], contiguous: moe.stack_experts) as E * N rows
     if kw.codes.dim() > 2 and not (kw.codes.is_contiguous() and (kw.rel_exp is None or kw.rel_exp.is_contiguous())):
         raise ValueError("decode_weights takes stacked weights only as moe.stack_experts makes them (contiguous)")

@@ -31,7 +31,7 @@ from .overlap import release_dependents, wait_inputs
 _LUT_LO, _LUT_HI, _LUT_LO_STEP, _LUT_HI_STEP = (tl.constexpr(v) for v in FRAG_LUT)
 
 MODE_PACKED, MODE_F16, MODE_F8 = 0, 1, 2
-FMT_MXFP4, FMT_INT4, FMT_FP8 = 0, 1, 2
+FMT_MXFP4, FMT_INT4, FMT_FP8, FMT_NVFP4 = 0, 1, 2, 3
 
 
 @triton.jit
@@ -162,6 +162,33 @@ def split_quantize_kernel(
         else:
             tl.store(q_ptr + out, q.to(tl.float16).to(tl.float8e4nv), mask=cm)
         tl.store(rs_ptr + r, scale, mask=rm)
+    elif FMT == 3:  # NVFP4: an e4m3 scale per 16 columns under an FP32 scale per token, as formats.quantize_nvfp4
+        tl.static_assert(MODE != 2, "NVFP4 values times their e4m3 scales are FP16 operands, not e4m3")
+        amax = tl.max(tl.abs(x), axis=1)
+        g = tl.math.div_rn(amax, 2688.0)  # the largest block scale maps onto e4m3's 448 (6 * 448)
+        g = tl.where(g > 0, g, 1.0)
+        xb = tl.reshape(x, [ROWS, BLOCK // 16, 16])
+        bs = tl.minimum(tl.math.div_rn(tl.math.div_rn(tl.max(tl.abs(xb), axis=2), 6.0), g[:, None]), 448.0)
+        if INTERPRET:  # the CPU interpreter's float -> e4m3 cast carries wrongly into the next binade
+            s8 = _round_e4m3(bs).to(tl.float8e4nv)
+        else:
+            s8 = bs.to(tl.float8e4nv)
+        sf = s8.to(tl.float32)
+        eff = sf * g[:, None]
+        v = tl.math.div_rn(xb, tl.where(eff > 0, eff, 1.0)[:, :, None])
+        nb = tl.arange(0, BLOCK // 16)
+        if MODE == 0:
+            code = _e2m1_code(v)
+            lo, hi = tl.split(tl.reshape(code, [ROWS, BLOCK // 2, 2]))
+            h = tl.arange(0, BLOCK // 2)
+            tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
+                     mask=rm[:, None] & (h < K_PAD // 2)[None, :])
+            tl.store(s_ptr + r[:, None] * (K_PAD // 16) + nb[None, :], s8.to(tl.uint8, bitcast=True),
+                     mask=rm[:, None] & (nb < K_PAD // 16)[None, :])
+        else:  # e2m1 * scale: at most 5 significant bits, 2**-10 to 2688, exact in FP16
+            val = _e2m1_round(v) * sf[:, :, None]
+            tl.store(q_ptr + out, tl.reshape(val, [ROWS, BLOCK]).to(tl.float16), mask=cm)
+        tl.store(rs_ptr + r, g, mask=rm)
     else:  # FP8 e4m3, one scale per token
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
@@ -292,11 +319,11 @@ def _unpack_lut(packed, e0, e1, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _nibble_f16(c, FMT: tl.constexpr):
-    """A 4-bit code (0..15, int16) -> FP16: e2m1 value * 2**-14 (FMT 0) or the int4 value (FMT 1)."""
-    if FMT == 0:
-        return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
-    else:
+    """A 4-bit code (0..15, int16) -> FP16: e2m1 value * 2**-14 (MXFP4, NVFP4) or the int4 value (FMT 1)."""
+    if FMT == 1:
         return (0x6400 | (c ^ 8)).to(tl.float16, bitcast=True) - 1032.0
+    else:
+        return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -310,22 +337,34 @@ def _unpack_f16(packed, FMT: tl.constexpr, INTERPRET: tl.constexpr):
         c = packed.to(tl.int16)
         return _nibble_f16(c & 0xF, FMT), _nibble_f16((c >> 4) & 0xF, FMT)
     else:
-        return tl.inline_asm_elementwise(_E2M1_ASM if FMT == 0 else _INT4_ASM, "=r,=r,=r,=r,r", [packed],
+        return tl.inline_asm_elementwise(_INT4_ASM if FMT == 1 else _E2M1_ASM, "=r,=r,=r,=r,r", [packed],
                                          dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
 def _load_codes(b_ptr, be_ptr, rn64, nm, ck, limit, stride_bn, K_PAD, FMT: tl.constexpr):
-    """The raw bytes [BN, 32] of 64-column chunk ``ck`` and, for MXFP4, its two blocks' relative
-    exponents [BN]. Chunks at or past ``limit`` read as zeros (they contribute nothing)."""
+    """The raw bytes [BN, 32] of 64-column chunk ``ck`` and its block scales [BN] for each half: MXFP4, the two
+    blocks' relative exponents; NVFP4, the FP16 factors of the half's two 16-column blocks as one int32 (FP16 bits
+    of the first block low). Chunks at or past ``limit`` read as zeros (they contribute nothing)."""
     h = tl.arange(0, 32)
     ok = nm & (ck < limit)
     p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 32 + h)[None, :], mask=ok[:, None], other=0)
     if FMT == 0:
         eb = be_ptr + rn64 * (K_PAD // 32) + ck * 2
         return p, tl.load(eb, mask=ok, other=0), tl.load(eb + 1, mask=ok, other=0)
+    elif FMT == 3:  # [N, K_PAD / 16] FP16 read as [N, K_PAD / 32] int32
+        eb = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (K_PAD // 32) + ck * 2
+        return p, tl.load(eb, mask=ok, other=0), tl.load(eb + 1, mask=ok, other=0)
     else:
         return p, p, p
+
+
+@triton.jit
+def _block_factors(f2):
+    """NVFP4: an int32 [BN] holding two FP16 block factors -> the [BN, 32] factor tile of a half chunk."""
+    first = (f2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    second = ((f2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.where((tl.arange(0, 32) < 16)[None, :], first[:, None], second[:, None])
 
 
 @triton.jit
@@ -334,12 +373,17 @@ def _decode_codes(p, e0, e1, FMT: tl.constexpr, OP_F8: tl.constexpr, INTERPRET: 
 
     MXFP4 blocks get their factor 2**(d + 14) (FP16 operand: e2m1 * 2**d) or 2**(d + 15)
     (FP8 operand: e2m1 * 2**(d + 1), exact in e4m3 for d >= -9; the GEMM takes the 2 back).
+    NVFP4 blocks (FP16 only) get their factor s * 2**6 (layout.kernel_weights): e2m1 * s * 2**-8, exact in FP16.
     """
+    tl.static_assert(not (FMT == 3 and OP_F8), "NVFP4 weights decode to FP16 operands only")
     b_lo, b_hi = _unpack_f16(p, FMT, INTERPRET)
     if FMT == 0:  # FP16 2**(e + off) from its bits (e >= -24 keeps the exponent field in 5..30)
         off = 15 if OP_F8 else 14
         b_lo = b_lo * (((e0 + off + 15) << 10).to(tl.int16).to(tl.float16, bitcast=True))[:, None]
         b_hi = b_hi * (((e1 + off + 15) << 10).to(tl.int16).to(tl.float16, bitcast=True))[:, None]
+    elif FMT == 3:
+        b_lo = b_lo * _block_factors(e0)
+        b_hi = b_hi * _block_factors(e1)
     if OP_F8:
         b_lo = b_lo.to(tl.float8e4nv)
         b_hi = b_hi.to(tl.float8e4nv)
@@ -683,6 +727,14 @@ def osc_gemm_t_kernel(
                 w = tl.load(wrow + ck * 64 + 32 * j, mask=nm[:, None], other=0.0)
                 a = tl.load(arow + ck * 64 + 32 * j, mask=mm[:, None], other=0.0)
                 acc = _dot_f8(w, a, acc, INTERPRET)
+        elif FMT == 3:  # NVFP4: FP16 operands, each 16-column block's factor on the weights
+            for j in tl.static_range(2):
+                p, f_lo, f_hi = _load_codes(b_ptr, be_ptr, rn64, nm, ck + j, c1, stride_bn, K_PAD, FMT)
+                a_lo = tl.load(arow + (ck + j) * 64, mask=mm[:, None], other=0.0)
+                a_hi = tl.load(arow + (ck + j) * 64 + 32, mask=mm[:, None], other=0.0)
+                w_lo, w_hi = _decode_codes(p, f_lo, f_hi, FMT, False, INTERPRET)
+                acc = tl.dot(w_lo, tl.trans(a_lo), acc)
+                acc = tl.dot(w_hi, tl.trans(a_hi), acc)
         else:
             p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
             acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, F8_FOLD, INTERPRET)
