@@ -59,7 +59,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """safetensors refuses shared storage (tied embeddings): keep one name, record the aliases."""
     seen, tensors, aliases = {}, {}, {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             aliases[name] = seen[key]
         else:
