@@ -150,11 +150,18 @@ def test_tile_rule_follows_the_measured_configs(monkeypatch):
     cfgs = {m: moe.grouped_config(p, 1536, 2048, "mxfp4", m) for p, m in ((2048, 32), (16384, 128))}
     assert (cfgs[32].bn, cfgs[32].warps, cfgs[128].bn, cfgs[128].warps) == (64, 4, 128, 8)
     assert all(c.fold and c.op_f8 and c.split_k == 1 for c in cfgs.values())
-    assert not moe.grouped_config(2048, 2048, 768, "fp8", 32).fold and moe.grouped_config(8, 1536, 2048, "mxfp4").bm == 1
+    assert moe.grouped_config(8, 1536, 2048, "mxfp4").bm == 1
     assert not any(moe.grouped_config(p, 1536, 2048, "mxfp4", m).expand for p, m in ((16384, 128), (65536, 128)))
-    monkeypatch.setattr(moe, "EXPAND_PAIRS", 16384)  # the long-prompt path, where it is switched on
+    # FP8 experts in tiles from 2048 pairs: the plain FP8 GEMM on the tile table (docs/bench/h100_moe_plain_2026-12-07.md),
+    # 128 weight rows on 4 warps, 256 on 8 for tiles of 128 pairs; the transposed GEMM below 2048 pairs and decoding
+    fp8 = {p: moe.grouped_config(p, 2048, 768, "fp8", moe.tile_rows(p, 128), experts=128) for p in (1024, 2048, 4096, 65536)}
+    assert fp8[1024].swap and not any(fp8[p].swap or fp8[p].expand or fp8[p].fold for p in (2048, 4096, 65536))
+    assert [(fp8[p].bm, fp8[p].bn, fp8[p].warps) for p in (2048, 4096, 65536)] == [(32, 128, 4), (64, 128, 4),
+                                                                                   (128, 256, 8)]
+    assert moe.grouped_config(4096, 2048, 768, "fp8").swap  # one pair a program stays transposed
+    monkeypatch.setattr(moe, "EXPAND_PAIRS", 16384)  # the 4-bit long-prompt path, where it is switched on
     long = moe.grouped_config(16384, 1536, 2048, "mxfp4", 128, experts=128)
-    assert long.expand and long.pdl and not long.swap and (long.bm, long.bn, long.warps) == (128, 128, 8)
+    assert long.expand and long.pdl and not long.swap and (long.bm, long.bn, long.warps) == (128, 256, 8)
     # Qwen3-235B-A22B's gate_up: 1.6 GB of e4m3 experts would not fit the workspace; its FP8 experts need none
     assert moe.grouped_config(16384, 3072, 4096, "mxfp4", 128, experts=128).fold
     assert not moe.grouped_config(16384, 4096, 1536, "fp8", 128, experts=128).swap

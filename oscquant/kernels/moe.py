@@ -31,9 +31,14 @@ from .ops import FMT_IDS, GemmConfig, osc_gemm, split_quantize, supported
 MAX_PAIRS = 65536
 PROJECTIONS = ("gate_up_proj", "down_proj")  # convert.ExpertLinears' layers of each expert
 PAIR_TILES = True  # False: one pair a program at any size (benchmarks compare the two)
-# from this many pairs a step (in tiles), every expert's weights are expanded to e4m3 and the plain FP8 GEMM runs
-# (grouped_config). None: never. Off until measured on a GPU (scripts/moe_tiles.py, bench model --moe's row
-# "expanded"): no device could be started in the session that wrote it
+# FP8 experts (the down_proj fallback) from this many pairs a step (in tiles): the plain FP8 GEMM over the tile table
+# instead of the transposed one, 1.12-1.64x faster at 2048-65536 pairs on Qwen3-30B-A3B's down (H100,
+# scripts/moe_tiles.py, docs/bench/h100_moe_plain_2026-12-07.md); fewer pairs were not measured
+FP8_PLAIN_PAIRS = 2048
+# from this many pairs a step (in tiles), every expert's 4-bit weights are expanded to e4m3 and the plain FP8 GEMM runs
+# (grouped_config). None: never. Off: on the H100 the expansion of 30B-A3B's gate_up experts alone took ~750 µs, and the
+# path beat the folded tiles only at 65536 pairs on 128 x 256 tiles, by 8 % (within run-to-run noise), and lost on
+# 128 x 128 (same file)
 EXPAND_PAIRS: int | None = None
 # ... where the e4m3 copy of a projection's experts fits this many bytes (a workspace for the call: Qwen3-30B-A3B's
 # gate_up 403 MB; Qwen3-235B-A22B's 1.6 GB would not, and keeps the tiles)
@@ -150,14 +155,18 @@ def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, ex
     the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of tile_m pairs:
     as fold_config's, 64 weight rows on 4 warps up to 32 pairs a tile, 128 on 8 warps from 64 (the block factors
     folded into e4m3 weights for MXFP4). Split-K (a power of two up to 8, at least 2 steps of 128 columns each) until
-    about two programs an SM. From ``EXPAND_PAIRS`` pairs on (long prompts, where the MMAs bound the transposed GEMM),
-    in tiles: every expert's 4-bit weights expanded to e4m3 first (beside split-quantize), then the plain FP8 GEMM on
-    tiles of 128 weight rows (as the dense prefill path's), 8 warps from 64 pairs a tile, where the expanded copy of the
-    ``experts`` experts fits ``EXPAND_MAX_BYTES``. NVFP4 keeps FP16 operands and the transposed GEMM throughout (its
-    weights have no e4m3 form)."""
-    fits = fmt == "fp8" or experts * n * k_pad <= EXPAND_MAX_BYTES
-    if EXPAND_PAIRS is not None and tile_m > 1 and pairs >= EXPAND_PAIRS and fits and fmt != "nvfp4":
-        return GemmConfig(tile_m, 128, 1, True, 8 if tile_m >= 64 else 4, 4, expand=fmt != "fp8", pdl=fmt != "fp8")
+    about two programs an SM. FP8 experts in tiles from ``FP8_PLAIN_PAIRS`` pairs, and 4-bit ones from
+    ``EXPAND_PAIRS`` (off) where the expanded copy of the ``experts`` experts fits ``EXPAND_MAX_BYTES``: the plain FP8
+    GEMM over the tile table (4-bit weights expanded to e4m3 first, beside split-quantize), 128 weight rows a tile on 4
+    warps, or 256 on 8 warps for tiles of 128 pairs (the best of scripts/moe_tiles.py's configs at 2048-65536 pairs).
+    NVFP4 keeps FP16 operands and the transposed GEMM throughout (its weights have no e4m3 form)."""
+    fits = experts * n * k_pad <= EXPAND_MAX_BYTES
+    plain = fmt == "fp8" and pairs >= FP8_PLAIN_PAIRS
+    expand = fmt in ("mxfp4", "int4") and EXPAND_PAIRS is not None and pairs >= EXPAND_PAIRS and fits
+    if tile_m > 1 and (plain or expand):
+        wide = tile_m >= 128
+        return GemmConfig(tile_m, 256 if wide else 128, 1, True, 8 if wide else 4, 3 if wide else 4, expand=expand,
+                          pdl=expand)
     bn, warps = (32, 2) if tile_m == 1 else (64, 4) if tile_m <= 32 else (128, 8)
     programs = triton.cdiv(n, bn) * triton.cdiv(pairs, tile_m)
     split = 1
