@@ -558,7 +558,7 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
     FP16: value * 2**rel_exp (MXFP4), value * e4m3 block scale * 2**-8 (NVFP4), the int4 value, or the e4m3
-    value. FP8 (MXFP4, INT4): twice that for MXFP4.
+    value. op_f8: the same in e4m3, twice it for MXFP4 (not NVFP4, which has no e4m3 form).
     raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
     block factors go on the partial products). lut (MXFP4): the byte-table unpack of the folded
     GEMM, value * 2**(rel_exp + 6) in e4m3. ``pdl``: launched overlapped with the split-quantize before it (the
