@@ -114,7 +114,8 @@ class OSCLinear(nn.Module):
 
     def weight_qtensor(self) -> QTensor:
         s = self.scheme
-        return QTensor(s.format, self.qweight.to(self.wscale.device), self.wscale, (self.out_features, self.main_columns),
+        codes = self.qweight.to(self.wscale.device)  # parked in host memory once the kernels have their layout
+        return QTensor(s.format, codes, self.wscale, (self.out_features, self.main_columns),
                        formats.block_size(s.format, s.group_size),
                        self.wscale_global if s.format == "nvfp4" else None)
 
