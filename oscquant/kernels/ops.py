@@ -27,6 +27,7 @@ NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -286,9 +287,7 @@ def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
     plain GEMM unpacking the codes in registers, 128 x 128 tiles on 8 warps (193 registers a thread for sm_90, no
     spills; 64 x 128 on 4 warps spilled). Not yet timed on a GPU."""
     if m <= SWAP_MAX_M:
-        cfg = gemm_config(m, n, k_pad, "int4")
-        return GemmConfig(cfg.bm, cfg.bn, cfg.split_k, False, cfg.warps, cfg.stages, swap=True, pdl=cfg.pdl,
-                          pdl_late=cfg.pdl_late)
+        return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
     return GemmConfig(128, 128, 1, False, 8, 3, bk=256)
 
 

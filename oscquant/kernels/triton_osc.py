@@ -72,6 +72,15 @@ def _e2m1_round(v):
 
 
 @triton.jit
+def _store_nibbles(q_ptr, r, rm, code, K_PAD, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows r of 4-bit codes [ROWS, BLOCK] (int32, 0..15) packed two a byte, column 2j low, into q [M, K_PAD / 2]."""
+    lo, hi = tl.split(tl.reshape(code, [ROWS, BLOCK // 2, 2]))
+    h = tl.arange(0, BLOCK // 2)
+    tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
+             mask=rm[:, None] & (h < K_PAD // 2)[None, :])
+
+
+@triton.jit
 def split_quantize_kernel(
     x_ptr, stride_xm, keep_ptr, out_idx_ptr,
     xo_ptr, q_ptr, s_ptr, rs_ptr,
@@ -129,11 +138,7 @@ def split_quantize_kernel(
         v = xb * _pow2(-tl.maximum(e, -126))[:, :, None]
         nb = tl.arange(0, BLOCK // 32)
         if MODE == 0:
-            code = _e2m1_code(v)
-            lo, hi = tl.split(tl.reshape(code, [ROWS, BLOCK // 2, 2]))
-            h = tl.arange(0, BLOCK // 2)
-            tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
-                     mask=rm[:, None] & (h < K_PAD // 2)[None, :])
+            _store_nibbles(q_ptr, r, rm, _e2m1_code(v), K_PAD, ROWS, BLOCK)
             tl.store(s_ptr + r[:, None] * (K_PAD // 32) + nb[None, :], (e + 127).to(tl.uint8),
                      mask=rm[:, None] & (nb < K_PAD // 32)[None, :])
         else:
@@ -153,10 +158,7 @@ def split_quantize_kernel(
         q = _round_even(tl.math.div_rn(x, scale[:, None]))
         q = tl.minimum(tl.maximum(q, -8.0), 7.0)
         if MODE == 0:
-            lo, hi = tl.split(tl.reshape(q.to(tl.int32) & 0xF, [ROWS, BLOCK // 2, 2]))
-            h = tl.arange(0, BLOCK // 2)
-            tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
-                     mask=rm[:, None] & (h < K_PAD // 2)[None, :])
+            _store_nibbles(q_ptr, r, rm, q.to(tl.int32) & 0xF, K_PAD, ROWS, BLOCK)
         elif MODE == 1:
             tl.store(q_ptr + out, q.to(tl.float16), mask=cm)
         else:
@@ -178,11 +180,7 @@ def split_quantize_kernel(
         v = tl.math.div_rn(xb, tl.where(eff > 0, eff, 1.0)[:, :, None])
         nb = tl.arange(0, BLOCK // 16)
         if MODE == 0:
-            code = _e2m1_code(v)
-            lo, hi = tl.split(tl.reshape(code, [ROWS, BLOCK // 2, 2]))
-            h = tl.arange(0, BLOCK // 2)
-            tl.store(q_ptr + r[:, None] * (K_PAD // 2) + h[None, :], (lo | (hi << 4)).to(tl.uint8),
-                     mask=rm[:, None] & (h < K_PAD // 2)[None, :])
+            _store_nibbles(q_ptr, r, rm, _e2m1_code(v), K_PAD, ROWS, BLOCK)
             tl.store(s_ptr + r[:, None] * (K_PAD // 16) + nb[None, :], s8.to(tl.uint8, bitcast=True),
                      mask=rm[:, None] & (nb < K_PAD // 16)[None, :])
         else:  # e2m1 * scale: at most 5 significant bits, 2**-10 to 2688, exact in FP16
@@ -349,11 +347,8 @@ def _load_codes(b_ptr, be_ptr, rn64, nm, ck, limit, stride_bn, K_PAD, FMT: tl.co
     h = tl.arange(0, 32)
     ok = nm & (ck < limit)
     p = tl.load(b_ptr + rn64[:, None] * stride_bn + (ck * 32 + h)[None, :], mask=ok[:, None], other=0)
-    if FMT == 0:
-        eb = be_ptr + rn64 * (K_PAD // 32) + ck * 2
-        return p, tl.load(eb, mask=ok, other=0), tl.load(eb + 1, mask=ok, other=0)
-    elif FMT == 3:  # [N, K_PAD / 16] FP16 read as [N, K_PAD / 32] int32
-        eb = be_ptr.to(tl.pointer_type(tl.int32)) + rn64 * (K_PAD // 32) + ck * 2
+    if FMT == 0 or FMT == 3:  # NVFP4's [N, K_PAD / 16] FP16 factors read as [N, K_PAD / 32] int32
+        eb = (be_ptr.to(tl.pointer_type(tl.int32)) if FMT == 3 else be_ptr) + rn64 * (K_PAD // 32) + ck * 2
         return p, tl.load(eb, mask=ok, other=0), tl.load(eb + 1, mask=ok, other=0)
     else:
         return p, p, p
