@@ -33,8 +33,8 @@ if [[ $PARTS == *" model "* ]]; then
         ${MODEL_COMPILE:+--compile} --md "$OUT/model.md" 2>&1 | tail -10
 fi
 if [[ $PARTS == *" moe "* ]]; then
-    # Qwen3-30B-A3B's experts: the transposed GEMM's tiles and the expanded plain FP8 GEMM (moe.EXPAND_PAIRS) per
-    # projection, then the model end to end with a row for each
+    # Qwen3-30B-A3B's experts: the transposed GEMM's tiles and the plain FP8 GEMM over them (moe.FP8_PLAIN_PAIRS; for
+    # 4-bit experts after their expansion, moe.EXPAND_PAIRS) per projection, then the model end to end
     python3 scripts/moe_tiles.py "${MOE_PAIRS:-2048,16384,65536}" 2>&1 | tee "$OUT/moe_tiles.md"
     for p in ${MOE_PREFILL:-256 8192}; do
         python3 -m oscquant.cli bench model --moe --layers 2 --prefill "$p" --md "$OUT/moe_$p.md" 2>&1 | tail -12

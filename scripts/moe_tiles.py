@@ -1,8 +1,8 @@
 """On the GPU: tile configs of the grouped MoE GEMM (kernels/moe.py), side by side in one process, at Qwen3-30B-A3B's
 expert shapes (128 experts of 768, 8 a token; gate_up 1536 x 2048 in MXFP4 with 128 outlier channels, down 2048 x 768
 in FP8), each projection's split-quantize + grouped GEMM as one CUDA graph (bench._graph_time: L2 flushed, median µs)
-on a uniform random routing; the transposed GEMM's tiles, then the long-prompt path (every expert's weights expanded
-to e4m3, then the plain FP8 GEMM). Beside them BF16 torch._grouped_mm on the same pairs sorted by expert (what transformers'
+on a uniform random routing; the transposed GEMM's tiles, then the plain FP8 GEMM over the tile table ("expanded":
+4-bit experts' weights expanded to e4m3 first; FP8 experts need no expansion, so for down it is the plain GEMM alone). Beside them BF16 torch._grouped_mm on the same pairs sorted by expert (what transformers'
 grouped_mm experts run), where this torch has it.
 Usage: python3 scripts/moe_tiles.py 2048,16384,65536"""
 import sys
