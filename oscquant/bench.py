@@ -115,7 +115,8 @@ def clone_weights(kw):
                    w_outlier=kw.w_outlier.clone(), frag=frag)
 
 
-def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], fmt: str = "mxfp4") -> list[Row]:
+def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], fmt: str = "mxfp4",
+                group_size: int | None = None) -> list[Row]:
     from .config import LayerScheme
     from .kernels.ops import layer_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
     from .linear import OSCLinear
@@ -146,10 +147,10 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
         int8 = _graph_time(lambda: torch._int_mm(x_i8, w_i8.T)) if m > 16 else None
         fb = _graph_time(lambda: osc_linear_2d(x, fb_kw))
         for k in k_outs:
-            layer = OSCLinear.from_linear(lin, LayerScheme(fmt, k), planted[:k])
+            layer = OSCLinear.from_linear(lin, LayerScheme(fmt, k, group_size=group_size), planted[:k])
             kw = layer_weights(layer)
             cfg = layer_config(x, kw)
-            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, cfg.mode, kw.k_main)
+            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, cfg.mode, kw.k_main, group=kw.group)
             gemm = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
             full = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
             w_bytes = kw.codes.numel() + (kw.rel_exp.nbytes if kw.rel_exp is not None else 0) + 4 * n + 2 * n * k
@@ -185,13 +186,13 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
 
 
 def bench_gemm(ms=(1, 8, 16, 64, 256, 1024, 4096, 16384), k_outs=(64, 128), shapes=None, progress=True,
-               fmt: str = "mxfp4") -> list[Row]:
+               fmt: str = "mxfp4", group_size: int | None = None) -> list[Row]:
     from tqdm.auto import tqdm
 
     _need_cuda("gemm")
     rows = []
     for name, n, k in tqdm(shapes or qwen3_shapes(), desc=f"bench gemm {fmt}", disable=not progress):
-        rows += bench_shape(name, n, k, list(ms), list(k_outs), fmt)
+        rows += bench_shape(name, n, k, list(ms), list(k_outs), fmt, group_size)
     return rows
 
 

@@ -231,7 +231,8 @@ def cmd_bench(a) -> int:
     if a.what == "small":
         print(sweep_small())
         return 0
-    rows = bench_gemm([int(v) for v in a.m.split(",")], [int(v) for v in a.k.split(",")], fmt=a.format)
+    rows = bench_gemm([int(v) for v in a.m.split(",")], [int(v) for v in a.k.split(",")], fmt=a.format,
+                      group_size=a.group_size)
     save(rows, a.json, a.md)
     print(markdown(rows))
     print()
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--png", default=None, help="write the figure (speed against BF16 by M, one panel a shape) here")
     b.add_argument("--base", default=None, help="an earlier gemm run's JSON: gemm and diff compare against it")
     b.add_argument("--format", default="mxfp4", choices=FP4_FORMATS, help="gemm: the OSC layers' 4-bit format")
+    b.add_argument("--group-size", type=int, default=None, help="gemm, int4 only: columns per scale (default per row)")
     b.add_argument("--layers", type=int, default=4, help="model: decoder layers of the Qwen3-8B-shaped model")
     b.add_argument("--prefill", type=int, default=512, help="model: prompt tokens (also the decode step's KV cache)")
     b.add_argument("--compile", action="store_true",

@@ -36,7 +36,7 @@ FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("nvfp4", 32), ("int4", 16), ("fp8", 0),
 ALL_CODES = torch.arange(16, dtype=torch.uint8)[::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)  # 8 bytes
 
 
-def make_layer(k_in, n, fmt, k, seed=0, bias=True):
+def make_layer(k_in, n, fmt, k, seed=0, bias=True, group=None):
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k_in, n, bias=bias)
     with torch.no_grad():
@@ -44,7 +44,7 @@ def make_layer(k_in, n, fmt, k, seed=0, bias=True):
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
     idx = torch.randperm(k_in, generator=g)[:k]
-    return OSCLinear.from_linear(lin, LayerScheme(fmt, k), idx).to(DEV), idx
+    return OSCLinear.from_linear(lin, LayerScheme(fmt, k, group_size=group), idx).to(DEV), idx
 
 
 def activations(m, k_in, idx, seed=1):
@@ -337,6 +337,46 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
         assert rel_err(again.cpu(), ref) <= 1e-2  # a workspace left dirty would add the first call's sums
 
 
+# INT4 with group scales: (group, (M, K, N)), K a multiple of the group, padded to 128 columns or to whole groups
+GROUP_CASES = [(g, shape) for g, shapes in {
+    32: [(1, 4160, 1000), (16, 2080, 3000), (300, 4160, 1000)] if CUDA else [(1, 160, 40), (70, 416, 72)],
+    64: [(7, 4160, 1000), (64, 4096, 2000)] if CUDA else [(7, 384, 40)],
+    128: [(1, 4096, 1000), (33, 2048, 3000), (1000, 4096, 1000)] if CUDA else [(1, 384, 40), (70, 768, 72)],
+    256: [(16, 4352, 1000), (257, 2304, 1000)] if CUDA else [(33, 768, 40)]}.items() for shape in shapes]
+
+
+@pytest.mark.parametrize("group,shape", GROUP_CASES, ids=[f"g{g}-{m}x{k}x{n}" for g, (m, k, n) in GROUP_CASES])
+def test_int4_group_scales_split_and_gemm_match_the_reference(group, shape):
+    """INT4 with a scale per group of columns: split-quantize's codes and scales bit-exact, its operands times their
+    group's scale equal to the reference values, and the transposed GEMM (each group's partial products times its
+    two scales) against the float32 reference, by the layer's own config and by explicit ones (FP16 and e4m3
+    operands, split-K, token tiles smaller than M)."""
+    m, k_in, n = shape
+    layer, idx = make_layer(k_in, n, "int4", 16, group=group)
+    kw = ops.layer_weights(layer)
+    assert kw.group == group and kw.k_main % max(128, group) == 0 and kw.rel_exp.shape == (n, kw.k_main // group)
+    x = activations(m, k_in, idx, seed=m)
+    main = nn.functional.pad(layer.zero_outliers(x), (0, kw.k_main - k_in)).cpu()
+    ref_q = F.quantize(main, "int4", group)
+    xo, q, s = ops.split_quantize(x, kw.keep, kw.outlier_idx, "int4", MODE_PACKED, kw.k_main, group=group)
+    assert torch.equal(q.cpu(), ref_q.codes) and torch.equal(s.cpu(), ref_q.scales)
+    xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "int4", MODE_F16, kw.k_main, group=group)
+    assert torch.equal(a.float().cpu() * sa.cpu().repeat_interleave(group, 1), F.dequantize(ref_q))
+    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
+    cfgs = [ops.layer_config(x, kw), ops.GemmConfig(16, 32, 2, False, 2, 3, swap=True),
+            ops.GemmConfig(8, 64, 1, True, 4, 3, swap=True)]
+    assert cfgs[0].swap and not (cfgs[0].fold or cfgs[0].expand)
+    for cfg in cfgs:
+        xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "int4", cfg.mode, kw.k_main, group=group)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
+        y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
+        assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2, cfg
+    # the layer end to end picks the kernels, and wrong group scales would show: one group's scale doubled
+    assert rel_err(ops.osc_linear_2d(x, kw).cpu(), ref) <= 1e-2
+    kw.rel_exp[:, 0] *= 2
+    assert rel_err(ops.osc_linear_2d(x, kw).cpu(), ref) > 1e-2
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (cuBLAS)")
 @pytest.mark.parametrize("k", [0, 16])
 @pytest.mark.parametrize("m,k_in,n", [(65, 4160, 1008), (300, 2080, 4096), (512, 4160, 4096)])
@@ -370,10 +410,10 @@ def test_default_configs_and_the_layer_backend(monkeypatch):
     assert backends.choose(layer, x) == "triton"
     y = layer(x)
     assert y.dtype == torch.bfloat16 and rel_err(y, reference_forward(layer, x.float())) <= 1e-2
-    # formats without a kernel go to the reference, saying why
+    # formats without a kernel go to the reference, saying why (INT4 groups narrower than the kernels' 32 columns)
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(k_in, n)
-    nv = OSCLinear.from_linear(lin, LayerScheme("int4", 16, group_size=32), torch.randperm(k_in, generator=g)[:16])
+    nv = OSCLinear.from_linear(lin, LayerScheme("int4", 16, group_size=16), torch.randperm(k_in, generator=g)[:16])
     nv = nv.to(DEV)
     assert "no kernel" in ops.supported(nv, x)
     if CUDA:
@@ -429,6 +469,22 @@ def test_bad_inputs_raise():
         ops.split_quantize(torch.ones(1, k_in, device=DEV), nv.keep, nv.outlier_idx, "nvfp4", MODE_F8, nv.k_main)
     with pytest.raises(ValueError, match="NVFP4 weights multiply FP16 operands"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, nv, xo, torch.bfloat16, ops.fold_config(32, n, nv.k_main))
+    with pytest.raises(ValueError, match="group scales take int4"):  # MXFP4's blocks are the format's own
+        ops.split_quantize(torch.ones(1, k_in, device=DEV), kw.keep, kw.outlier_idx, "mxfp4", MODE_F16, kw.k_main,
+                           group=32)
+    g32 = ops.layer_weights(make_layer(k_in, n, "int4", 16, group=32)[0])
+    assert g32.group == 32
+    with pytest.raises(ValueError, match="group scales take int4 and a power of two"):
+        ops.split_quantize(torch.ones(1, k_in, device=DEV), g32.keep, g32.outlier_idx, "int4", MODE_F16, g32.k_main,
+                           group=48)
+    xo, a, sa = ops.split_quantize(torch.ones(1, k_in, device=DEV), g32.keep, g32.outlier_idx, "int4", MODE_F16,
+                                   g32.k_main)  # per-token scales, not the layer's groups
+    with pytest.raises(ValueError, match="token scales of each group"):
+        ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, ops.gemm_config(1, n, g32.k_main, "int4", group=32))
+    for cfg in (ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True), ops.GemmConfig(16, 64, 1, False, 4, 2),
+                ops.fold_config(32, n, g32.k_main)):  # every path but the transposed GEMM's own
+        with pytest.raises(ValueError, match="group scales .* take the transposed GEMM"):
+            ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, cfg)
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
@@ -445,6 +501,13 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
         assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
         assert not ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).swap
         assert ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).op_f8
+    # INT4 with group scales: the transposed GEMM at every M (its partial products take the scales), the per-row
+    # INT4 tiles up to 16 tokens, 64 x 64 tiles on 8 warps for groups of 32 (four partial products live at once)
+    grouped = {(m, g): ops.gemm_config(m, 4096, 4096, "int4", group=g) for m in (1, 16, 64, 4096) for g in (32, 128)}
+    assert all(c.swap and not (c.expand or c.fold or c.frag or c.wgmma or c.cublas) for c in grouped.values())
+    assert grouped[1, 128] == ops.gemm_config(1, 4096, 4096, "int4") == grouped[1, 32]
+    assert [(grouped[m, 32].bm, grouped[m, 32].bn, grouped[m, 32].warps) for m in (64, 4096)] == [(64, 64, 8)] * 2
+    assert (grouped[4096, 128].bm, grouped[4096, 128].bn) == (64, 128)
     # without the wgmma GEMM: 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the
     # block factors folded in
     mid = [ops.gemm_config(m, n, k, wgmma=False) for m, n, k in ((17, 4096, 4096), (64, 5120, 2048), (128, 4096, 4096),
@@ -582,14 +645,15 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 23 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
-    # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs, and the
-    # plain FP8 GEMM on e4m3 experts in tiles of 64 and 128 pairs
-    assert r.stdout.count("grouped MoE experts") == 8 and r.stdout.count("-pair tiles") == 5
+    assert r.stdout.count("gemm") == 29 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("int4 groups of") == 7  # INT4 with group scales: the transposed GEMM's tiles, split
+    # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs (INT4 with
+    # group scales too), and the plain FP8 GEMM on e4m3 experts in tiles of 64 and 128 pairs
+    assert r.stdout.count("grouped MoE experts") == 9 and r.stdout.count("-pair tiles") == 6
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 16
+    assert r.stdout.count("PDL order: ok") == 22
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -22,7 +22,13 @@ from oscquant.linear import OSCLinear, reference_forward  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 K_IN, N = (2080, 1000) if CUDA else (160, 40)  # not powers of two
-FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("nvfp4", 16), ("int4", 16), ("fp8", 16), ("fp8", 0)]
+# "int4-g32": INT4 with a scale per 32 columns
+FORMATS = [("mxfp4", 32), ("mxfp4", 0), ("nvfp4", 16), ("int4", 16), ("int4-g32", 16), ("fp8", 16), ("fp8", 0)]
+
+
+def scheme(fmt, k):
+    name, _, group = fmt.partition("-g")
+    return LayerScheme(name, k, group_size=int(group) if group else None)
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +46,7 @@ def expert_layers(fmt, k, experts=3, k_in=K_IN, n=N):
         with torch.no_grad():
             lin.weight.copy_(torch.randn(n, k_in, generator=g) * 0.02)
         idx = torch.randperm(k_in, generator=g)[:k]
-        layers.append(OSCLinear.from_linear(lin, LayerScheme(fmt, k), idx).to(DEV))
+        layers.append(OSCLinear.from_linear(lin, scheme(fmt, k), idx).to(DEV))
     return layers
 
 
@@ -74,7 +80,7 @@ def test_grouped_linear_matches_each_experts_reference(fmt, k, split_k, tile_m):
     x, routing = routed(7, len(layers), 2, tile_m)
     stacked = moe.stack_experts(layers)
     p = routing.experts.numel()
-    cfg = moe.grouped_config(p, N, stacked.weights.k_main, fmt, tile_m)
+    cfg = moe.grouped_config(p, N, stacked.weights.k_main, stacked.weights.fmt, tile_m, group=stacked.weights.group)
     assert cfg.bm == tile_m and cfg.fold == (fmt == "mxfp4" and tile_m > 1)
     cfg = ops.GemmConfig(**{**cfg.__dict__, "split_k": split_k})
     out = torch.full((p, N), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned
@@ -100,6 +106,12 @@ def test_long_prompt_path_expands_the_experts_and_matches_each_experts_reference
     p = routing.experts.numel()
     assert (routing.tiles[:, 1] == 0).any()  # unused slots in this table
     cfg = ops.GemmConfig(16, 32, 1, True, 4, 2, expand=fmt != "fp8")
+    if fmt == "int4-g32":  # group scales go on partial products: no e4m3 form of the weights either
+        monkeypatch.setattr(moe, "EXPAND_PAIRS", 16)
+        assert not moe.grouped_config(1 << 20, N, stacked.weights.k_main, "int4", 16, group=32).expand
+        with pytest.raises(ValueError, match="group scales .* take the transposed GEMM"):
+            moe.grouped_linear(x, routing.tokens, routing, stacked, cfg)
+        return
     if fmt == "nvfp4":  # no e4m3 form of its weights: it keeps the transposed GEMM on FP16 operands
         monkeypatch.setattr(moe, "EXPAND_PAIRS", 16)
         assert not moe.grouped_config(1 << 20, N, stacked.weights.k_main, fmt, 16).expand
@@ -349,7 +361,7 @@ def test_moe_model_bench_rows_and_missing_graph_columns():
 
 
 @pytest.mark.parametrize("fmt,mode", [("mxfp4", "f16"), ("mxfp4", "f8"), ("nvfp4", "f16"), ("int4", "f16"),
-                                      ("fp8", "f8")])
+                                      ("int4-g32", "f16"), ("fp8", "f8")])
 @pytest.mark.parametrize("rows_per_program", [1, 4])
 def test_grouped_split_quantize_is_each_experts_own_split_bit_for_bit(fmt, mode, rows_per_program):
     """Row p of the grouped split-quantize (1 or 4 rows a program; 7 pairs, so the last program is partly masked) is
@@ -360,10 +372,10 @@ def test_grouped_split_quantize_is_each_experts_own_split_bit_for_bit(fmt, mode,
     w = moe.stack_experts(expert_layers(fmt, 16)).weights
     x, rows, experts = pairs_and_input(4, 3, 2)
     rows, experts = rows[:7], experts[:7]
-    xo, a, sa = ops.split_quantize(x, w.keep, w.outlier_idx, fmt, m, w.k_main, rows=rows_per_program, src=rows,
-                                   grp=experts)
+    xo, a, sa = ops.split_quantize(x, w.keep, w.outlier_idx, w.fmt, m, w.k_main, rows=rows_per_program, src=rows,
+                                   grp=experts, group=w.group)
     for p in range(7):
         e, t = int(experts[p]), int(rows[p])
-        xo1, a1, sa1 = ops.split_quantize(x[t:t + 1], w.keep[e], w.outlier_idx[e], fmt, m, w.k_main)
+        xo1, a1, sa1 = ops.split_quantize(x[t:t + 1], w.keep[e], w.outlier_idx[e], w.fmt, m, w.k_main, group=w.group)
         assert torch.equal(xo[p:p + 1], xo1) and torch.equal(sa[p:p + 1], sa1)
         assert torch.equal(a[p:p + 1].view(torch.uint8), a1.view(torch.uint8))

@@ -63,20 +63,24 @@ def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 
                           {"a_ptr": a, "b_ptr": b, "be_ptr": _block_scales(fmt)})
 
 
-def _block_scales(fmt: int) -> str:
-    """The GEMMs' block-scale pointer: MXFP4's relative exponents, or NVFP4's FP16 block factors."""
-    return "*fp16" if fmt == K.FMT_NVFP4 else "*i8"
+def _block_scales(fmt: int, group: int = 0) -> str:
+    """The GEMMs' block-scale pointer: MXFP4's relative exponents, NVFP4's FP16 block factors, or INT4's FP32 group
+    scales."""
+    return "*fp32" if group else "*fp16" if fmt == K.FMT_NVFP4 else "*i8"
 
 
 def gemm_t(fmt: int, mp: int, bn: int, split_k: int = 1, warps: int = 2, stages: int = 4, op_f8: bool = False,
-           fold: bool = False, pdl: bool = True, grouped: bool = False):
-    """The transposed GEMM; ``grouped``: on stacked MoE expert weights, by tiles of (token, expert) pairs."""
+           fold: bool = False, pdl: bool = True, grouped: bool = False, group: int = 0):
+    """The transposed GEMM; ``grouped``: on stacked MoE expert weights, by tiles of (token, expert) pairs; ``group``:
+    INT4 with a scale per ``group`` columns."""
     const = dict(FMT=fmt, HAS_BIAS=True, MP=mp, BN=bn, BO=64, SPLIT_K=split_k, OP_F8=op_f8 or fold, F8_FOLD=fold,
                  INTERPRET=False, PDL=pdl)
-    return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG + (GROUPED_SIG if grouped else []),
-                          dict(const, GROUPED=True) if grouped else const, warps, stages,
+    # (GROUP comes after the grouped parameters: compile_kernel matches constexprs by position)
+    const = dict(const, GROUPED=grouped) if grouped or group else const
+    return compile_kernel(K.osc_gemm_t_kernel, GEMM_T_SIG + (GROUPED_SIG if grouped or group else []),
+                          dict(const, GROUP=group) if group else const, warps, stages,
                           {"a_ptr": "*fp8e4nv" if op_f8 or fold else "*fp16",
-                           "b_ptr": "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8", "be_ptr": _block_scales(fmt)})
+                           "b_ptr": "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8", "be_ptr": _block_scales(fmt, group)})
 
 
 FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr", "*i32"), ("sw_ptr", "*fp32"),
@@ -109,9 +113,14 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
     return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
 
 
-def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False):
+def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False,
+          group: int = 0):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
     const = dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl, RELEASE_LATE=late)
+    if group:  # INT4 with a scale per group columns, into s
+        return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
+                              dict(const, SHARED_BESIDE=False, GROUPED=False, GROUP=group), 8, 1,
+                              {"q_ptr": q, "s_ptr": "*fp32"})
     if grouped:  # MoE experts: each row its source row and its expert's outlier channels
         return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
                               dict(const, SHARED_BESIDE=False, GROUPED=True), 8, 1, {"q_ptr": q})
@@ -206,6 +215,13 @@ def main() -> int:
                     ("gemm-t int4 M<=16", gemm_t(K.FMT_INT4, 16, 32)),
                     ("gemm-t nvfp4 M<=16", gemm_t(K.FMT_NVFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t nvfp4 M<=64", gemm_t(K.FMT_NVFP4, 64, 64, split_k=4, warps=4)),
+                    ("gemm-t int4 groups of 32 M<=16", gemm_t(K.FMT_INT4, 16, 32, split_k=4, stages=6, group=32)),
+                    ("gemm-t int4 groups of 128 e4m3 M<=16", gemm_t(K.FMT_INT4, 16, 32, split_k=2, op_f8=True, group=128)),
+                    ("gemm-t int4 groups of 128 M<=64", gemm_t(K.FMT_INT4, 64, 64, split_k=4, warps=4, stages=3, group=128)),
+                    ("gemm-t int4 groups of 32 M>16", gemm_t(K.FMT_INT4, 64, 64, warps=8, stages=3, group=32)),
+                    ("gemm-t int4 groups of 128 prefill", gemm_t(K.FMT_INT4, 64, 128, warps=8, stages=3, group=128)),
+                    ("gemm-t int4 groups of 128 grouped MoE experts, 64-pair tiles",
+                     gemm_t(K.FMT_INT4, 64, 128, warps=8, stages=3, pdl=False, grouped=True, group=128)),
                     ("gemm-t mxfp4 grouped MoE experts", gemm_t(K.FMT_MXFP4, 1, 32, stages=3, pdl=False, grouped=True)),
                     ("gemm-t fp8-weights grouped MoE experts", gemm_t(K.FMT_FP8, 1, 32, split_k=2, op_f8=True,
                                                                       pdl=False, grouped=True)),
@@ -229,6 +245,7 @@ def main() -> int:
                     ("split fp8 grouped MoE experts", split(K.FMT_FP8, K.MODE_F8, pdl=False, grouped=True)),
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
                     ("split nvfp4 f16", split(K.FMT_NVFP4, K.MODE_F16)),
+                    ("split int4 groups of 128 f16", split(K.FMT_INT4, K.MODE_F16, group=128)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
         usage = resources(c)
         print(f"{name}: {usage}")

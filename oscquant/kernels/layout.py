@@ -14,11 +14,13 @@ rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the 
         largest goes into the row scale.
         [N, Kk/16] fp16 (NVFP4): each 16-column block's factor, its e4m3 scale times 2**6 (exact; the FP16 unpack's
         e2m1 * 2**-14 times it is e2m1 * scale * 2**-8, exact in FP16 down to the smallest e4m3 scale).
+        [N, Kk/G] fp32 (INT4 with a scale per G columns): the group scales themselves. The kernels multiply
+        each group's partial product by the weight's and the token's scale of that group.
 row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the per-tensor scale times 2**8 for NVFP4, the int4
-        scale for INT4, the e4m3 scale for FP8.
+        scale for INT4 (1 with group scales), the e4m3 scale for FP8.
 
-Kk is K rounded up to two CHUNKs (128) with zero columns (zero codes decode to 0); the outlier
-channels' columns hold zero codes too (linear.py).
+Kk is K rounded up to two CHUNKs (128), or to whole groups where an INT4 group is wider, with zero columns
+(zero codes decode to 0); the outlier channels' columns hold zero codes too (linear.py).
 An operand element is then value * 2**rel_exp, and y = acc * row_scale_x * row_scale_w.
 """
 
@@ -42,7 +44,8 @@ FRAG_TILE_PAD = 8  # tiles padded to a multiple of this, the most warps a progra
 class KernelWeights:
     fmt: str  # mxfp4 | nvfp4 | int4 | fp8
     codes: torch.Tensor  # uint8 [N, Kk/2] (4-bit) or float8_e4m3fn [N, Kk] (fp8)
-    rel_exp: torch.Tensor | None  # int8 [N, Kk/32] (mxfp4) or the block factors fp16 [N, Kk/16] (nvfp4)
+    rel_exp: torch.Tensor | None  # int8 [N, Kk/32] (mxfp4), block factors fp16 [N, Kk/16] (nvfp4) or group scales
+    # fp32 [N, Kk/G] (int4 with group_size G)
     row_scale: torch.Tensor  # fp32 [N]
     k_main: int  # Kk
     w_outlier: torch.Tensor  # bf16 [N, k]
@@ -51,10 +54,17 @@ class KernelWeights:
     bias: torch.Tensor | None
     frag: FragWeights | None = None  # mxfp4: the same weights for the decode fragment GEMM
 
+    @property
+    def group(self) -> int:
+        """INT4's columns per scale (0: one scale per row, and every other format); Kk holds whole groups."""
+        return self.k_main // self.rel_exp.shape[-1] if self.fmt == "int4" and self.rel_exp is not None else 0
 
-def padded_width(k: int) -> int:
-    """K rounded up to whole chunk pairs: the transposed small-M GEMM steps two chunks at a time."""
-    return -(-k // (2 * CHUNK)) * 2 * CHUNK
+
+def padded_width(k: int, group: int = 0) -> int:
+    """K rounded up to whole chunk pairs (the transposed small-M GEMM steps two chunks at a time), and to whole
+    groups of ``group`` columns (INT4 group scales; a power of two, so the larger of the two)."""
+    step = max(2 * CHUNK, group)
+    return -(-k // step) * step
 
 
 def chunk_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -95,12 +105,19 @@ def reround_low_blocks(codes: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Te
     return codes, rel.to(torch.int8)
 
 
+def group_kernel(group: int) -> bool:
+    """Whether the kernels take INT4 groups of this many columns (0: per row): powers of two from 32, so that each
+    32-column tile of the kernels lies in one group and each group in whole tiles."""
+    return group == 0 or (group >= HALF and group & (group - 1) == 0)
+
+
 def kernel_weights(layer, frag: bool = True) -> KernelWeights:
     """Re-encode an OSCLinear for the kernels (call once; the result is cached on the layer). ``frag``: also the
     fragment GEMM's layout (MXFP4), which the grouped MoE kernels do not use."""
     fmt = layer.scheme.format
     n = layer.out_features
-    kk = padded_width(layer.main_columns)
+    group = layer.scheme.group_size or 0
+    kk = padded_width(layer.main_columns, group)
     dev = layer.compute_device
     qweight = layer.qweight.to(dev)  # parked in host memory (OSCLinear.park_codes) after an earlier build
     if fmt == "mxfp4":
@@ -112,9 +129,12 @@ def kernel_weights(layer, frag: bool = True) -> KernelWeights:
         packed = chunk_pack(_pad_cols(formats.unpack_nibbles(qweight), kk))
         rel = (_pad_cols(layer.wscale.float(), kk // 16) * 64).to(torch.float16)  # padded blocks: factor 0
         row = (layer.wscale_global.float().reshape(1) * 256).expand(n)
-    elif fmt == "int4" and layer.scheme.group_size is None:
+    elif fmt == "int4" and group_kernel(group):
         packed = chunk_pack(_pad_cols(formats.unpack_nibbles(qweight), kk))
-        rel, row = None, layer.wscale.float().reshape(n)
+        if group:  # padded groups: scale 0 (their codes are 0 too)
+            rel, row = _pad_cols(layer.wscale.float().reshape(n, -1), kk // group), torch.ones(n, device=dev)
+        else:
+            rel, row = None, layer.wscale.float().reshape(n)
     elif fmt == "fp8":
         # the canonical e4m3 bytes themselves where no padding is needed: one copy of them on the GPU
         packed = (qweight if kk == qweight.shape[1] else _pad_cols(qweight, kk)).view(torch.float8_e4m3fn)
@@ -133,7 +153,8 @@ def kernel_weights(layer, frag: bool = True) -> KernelWeights:
 
 
 def reference_operand(kw: KernelWeights) -> torch.Tensor:
-    """What the kernels decode the weights to, before the row scale: float32 [N, Kk]."""
+    """What the kernels decode the weights to, before the row scale (and INT4's group scales, which the kernels put on
+    partial products): float32 [N, Kk]."""
     if kw.fmt == "fp8":
         return kw.codes.float()
     codes = chunk_unpack(kw.codes)

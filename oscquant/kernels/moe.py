@@ -150,7 +150,8 @@ def route(top_k_index: torch.Tensor, num_experts: int, tile_m: int | None = None
     return Routing(experts, tokens, tiles, tile_m, order)
 
 
-def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, experts: int = 1) -> GemmConfig:
+def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, experts: int = 1,
+                   group: int = 0) -> GemmConfig:
     """The grouped GEMM's config. One pair a program (tile_m = 1): the transposed GEMM, 32 weight rows on 2 warps as
     the decode configs of gemm_config, FP16 operands for 4-bit weights and e4m3 for FP8 ones. Tiles of tile_m pairs:
     as fold_config's, 64 weight rows on 4 warps up to 32 pairs a tile, 128 on 8 warps from 64 (the block factors
@@ -159,10 +160,11 @@ def grouped_config(pairs: int, n: int, k_pad: int, fmt: str, tile_m: int = 1, ex
     ``EXPAND_PAIRS`` (off) where the expanded copy of the ``experts`` experts fits ``EXPAND_MAX_BYTES``: the plain FP8
     GEMM over the tile table (4-bit weights expanded to e4m3 first, beside split-quantize), 128 weight rows a tile on 4
     warps, or 256 on 8 warps for tiles of 128 pairs (the best of scripts/moe_tiles.py's configs at 2048-65536 pairs).
-    NVFP4 keeps FP16 operands and the transposed GEMM throughout (its weights have no e4m3 form)."""
+    NVFP4 keeps FP16 operands and the transposed GEMM throughout (its weights have no e4m3 form), and so does INT4 with
+    ``group`` scales (each group's partial products get its scales)."""
     fits = experts * n * k_pad <= EXPAND_MAX_BYTES
     plain = fmt == "fp8" and pairs >= FP8_PLAIN_PAIRS
-    expand = fmt in ("mxfp4", "int4") and EXPAND_PAIRS is not None and pairs >= EXPAND_PAIRS and fits
+    expand = fmt in ("mxfp4", "int4") and not group and EXPAND_PAIRS is not None and pairs >= EXPAND_PAIRS and fits
     if tile_m > 1 and (plain or expand):
         wide = tile_m >= 128
         return GemmConfig(tile_m, 256 if wide else 128, 1, True, 8 if wide else 4, 3 if wide else 4, expand=expand,
@@ -193,13 +195,13 @@ def grouped_linear(x: torch.Tensor, rows: torch.Tensor, routing: Routing, stacke
     if w.fmt not in FMT_IDS:
         raise ValueError(f"no grouped kernel for format {w.fmt}")
     p = rows.numel()
-    cfg = cfg or grouped_config(p, stacked.out_features, w.k_main, w.fmt, routing.tile_m, stacked.experts)
+    cfg = cfg or grouped_config(p, stacked.out_features, w.k_main, w.fmt, routing.tile_m, stacked.experts, w.group)
     if cfg.bm < routing.tile_m:
         raise ValueError(f"the routing's tiles hold up to {routing.tile_m} pairs, more than the config's {cfg.bm}")
     x = x.contiguous()
     # the weight expansion (long prompts) reads only the weights: it runs beside split-quantize (overlap.py)
     xo, a, sa = split_quantize(x, w.keep, w.outlier_idx, w.fmt, cfg.mode, w.k_main, src=rows, grp=experts,
-                               pdl=cfg.expand and cfg.pdl, shared_beside=False)
+                               pdl=cfg.expand and cfg.pdl, shared_beside=False, group=w.group)
     y = out if out is not None else torch.empty(p, stacked.out_features, dtype=x.dtype, device=x.device)
     if p == 0:
         return y

@@ -23,6 +23,9 @@ FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
 NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M, the
                       transposed GEMM up to 64 tokens, then the plain GEMM unpacking in registers (nvfp4_config;
                       not tuned on a GPU yet).
+INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds into an
+                      operand): the int4 values as operands, each group's partial product times its two scales
+                      in FP32, on the transposed GEMM at every M (int4_group_config; not tuned on a GPU yet).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .layout import FragWeights, KernelWeights, kernel_weights
+from .layout import FragWeights, KernelWeights, group_kernel, kernel_weights
 from .overlap import prefer_shared_carveout
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, FMT_NVFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
                          osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
@@ -91,9 +94,9 @@ def _major(device: torch.device) -> int:
 def supported(layer, x: torch.Tensor) -> str | None:
     """None if the kernels can run this call, else the reason they cannot."""
     s = layer.scheme
-    if s.format not in FMT_IDS or (s.format == "int4" and s.group_size is not None):
-        return (f"format {s.format} (group_size={s.group_size}) has no kernel; the kernels take mxfp4, nvfp4, per-row "
-                "int4, fp8")
+    if s.format not in FMT_IDS or (s.format == "int4" and not group_kernel(s.group_size or 0)):
+        return (f"format {s.format} (group_size={s.group_size}) has no kernel; the kernels take mxfp4, nvfp4, fp8, and "
+                "int4 per row or in groups of a power of two from 32 columns")
     if not (x.is_cuda or (INTERPRETED and os.environ.get("OSCQUANT_BACKEND") == "triton")):
         return "the input is not on a CUDA device"
     if layer.in_features > MAX_K:
@@ -107,11 +110,12 @@ def supported(layer, x: torch.Tensor) -> str | None:
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
                    k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
                    pdl_late: bool = False, shared_beside: bool = True, src: torch.Tensor | None = None,
-                   grp: torch.Tensor | None = None):
+                   grp: torch.Tensor | None = None, group: int = 0):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4), per-token FP32 (int4), or for nvfp4 the pair (e4m3 [M, k_pad/16],
     per-token FP32 global scales); else q = operand
-    [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``out`` = (xo, q, sc, rs) buffers to
+    [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``group`` (int4 only, a power of two from 32 dividing k_pad):
+    a scale per ``group`` columns of a token, scales = FP32 [M, k_pad / group] in every mode. ``out`` = (xo, q, sc, rs) buffers to
     write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped, from the start of
     this kernel's programs or (``pdl_late``) from when they have issued their stores; ``shared_beside``: that kernel
     needs shared memory, so this one runs with the largest shared-memory carve-out (overlap.py). The prefill path's
@@ -124,6 +128,9 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     if fmt == "nvfp4" and mode == MODE_F8:
         raise ValueError("NVFP4 activations quantize to FP16 operands (MODE_F16) or packed codes, not e4m3: an e2m1 "
                          "value times its e4m3 block scale needs up to 5 significant bits")
+    if group and (fmt != "int4" or not group_kernel(group) or k_pad % group):
+        raise ValueError(f"group scales take int4 and a power of two from 32 dividing k_pad={k_pad} "
+                         f"(KernelWeights.group); got {fmt}, group={group}")
     grouped = src is not None
     if grouped and (grp is None or src.shape != grp.shape or keep.dim() != 2 or outlier_idx.dim() != 2):
         raise ValueError("grouped split_quantize takes src and grp of one shape [P], keep [groups, k_pad] and "
@@ -135,11 +142,12 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     if mode == MODE_PACKED:
         q = torch.empty(m, k_pad // 2, dtype=torch.uint8, device=dev)
         sc = torch.empty(m, k_pad // (16 if fmt == "nvfp4" else 32), dtype=torch.uint8, device=dev)
-        rs = torch.empty(m, dtype=torch.float32, device=dev)
     else:
         q = torch.empty(m, k_pad, dtype=torch.float16 if mode == MODE_F16 else torch.float8_e4m3fn, device=dev)
         sc = q
-        rs = torch.empty(m, dtype=torch.float32, device=dev)
+    if group:
+        sc = torch.empty(m, k_pad // group, dtype=torch.float32, device=dev)
+    rs = torch.empty(m, dtype=torch.float32, device=dev)
     block = triton.next_power_of_2(k_pad)
     block_o = max(16, triton.next_power_of_2(k_out))
     if out is not None:
@@ -157,10 +165,12 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
             INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
             SHARED_BESIDE=launch["PDL"] and shared_beside, **launch,
-            **(dict(src_ptr=src, grp_ptr=grp, GROUPED=True) if grouped else {}),
+            **(dict(src_ptr=src, grp_ptr=grp, GROUPED=True) if grouped else {}), **(dict(GROUP=group) if group else {}),
         )
         if launch["PDL"] and shared_beside:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)
+    if group:
+        return xo, q, sc
     if mode == MODE_PACKED:
         if fmt == "nvfp4":
             return xo, q, (sc.view(torch.float8_e4m3fn), rs)
@@ -208,7 +218,7 @@ CUBLAS_CONFIG = GemmConfig(0, 0, 1, True, 0, 0, cublas=True)  # tiles, warps and
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True,
-                cublas: bool = True) -> GemmConfig:
+                cublas: bool = True, group: int = 0) -> GemmConfig:
     """The one place that picks tiles and the regime for a shape.
 
     MXFP4 up to 8 tokens: the fragment GEMM (``frag``: False where it cannot run, i.e. the
@@ -238,6 +248,8 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
         return CUBLAS_CONFIG
     if fmt == "nvfp4":
         return nvfp4_config(m, n, k_pad)
+    if fmt == "int4" and group:
+        return int4_group_config(m, n, k_pad, group)
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
@@ -289,6 +301,21 @@ def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
     if m <= SWAP_MAX_M:
         return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
     return GemmConfig(128, 128, 1, False, 8, 3, bk=256)
+
+
+def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
+    """INT4 with a scale per ``group`` columns: the transposed GEMM at every M, each group's partial products times
+    its scales in FP32 (no path that folds scales into e4m3 weights). Up to 16 tokens the tiles of per-row INT4; above,
+    64 weight rows on 4 warps up to 64 tokens, then 64-token tiles of 128 weight rows on 8 warps. Groups of 32 keep
+    a partial product per 32 columns, four of them live at once: 64 x 64 tiles on 8 warps above 16 tokens. These are
+    the tiles that compile for sm_90 without spilling registers (aot.py; 128 x 128 spilled); none is timed yet."""
+    if m <= DECODE_MAX_M:
+        return gemm_config(m, n, k_pad, "int4")
+    if group == 32:
+        return GemmConfig(64, 64, 1, False, 8, 3, swap=True, **overlapped(m, k_pad))
+    if m <= SWAP_MAX_M:
+        return GemmConfig(64, 64, 4 if k_pad >= n else 1, False, 4, 3, swap=True, **overlapped(m, k_pad))
+    return GemmConfig(64, 128, 1, False, 8, 3, swap=True, **overlapped(m, k_pad))
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
@@ -399,6 +426,9 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         return _wgmma_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.swap and kw.fmt == "fp8" and (cfg.fold or not cfg.op_f8):
         raise ValueError("the transposed GEMM takes FP8-fallback weights with e4m3 operands only (op_f8, no fold)")
+    if kw.group and (cfg.fold or not transposed):
+        raise ValueError(f"INT4 weights with group scales (group {kw.group}) take the transposed GEMM (swap, no fold "
+                         "or expansion), which puts the scales on each group's partial products (int4_group_config)")
     if kw.fmt == "nvfp4" and (cfg.op_f8 or cfg.fold):
         raise ValueError("NVFP4 weights multiply FP16 operands (op_f8=False, no fold): e2m1 times an e4m3 block scale "
                          "is not an e4m3 number (ops.nvfp4_config)")
@@ -424,6 +454,12 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
                kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt)
     common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
+    if kw.group:
+        if sa.shape != (m, kw.k_main // kw.group) or sa.dtype != torch.float32:
+            raise ValueError(f"INT4 with group scales takes the token scales of each group, FP32 [M, "
+                             f"{kw.k_main // kw.group}] (split_quantize with group={kw.group}); got {sa.dtype} "
+                             f"{tuple(sa.shape)}")
+        common["GROUP"] = kw.group
     stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0), TILES=tiles, GROUPED=True)
     if cfg.swap:
         if groups is not None:  # the transposed GEMM also offsets the MXFP4 exponents by expert
@@ -593,14 +629,14 @@ def layer_config(x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
     # the fragment GEMM is PTX: the CPU interpreter takes the transposed GEMM instead
     hopper = wgmma_runs(x)  # where the wgmma GEMM and the cuBLAS route were measured
     return gemm_config(x.shape[0], kw.row_scale.numel(), kw.k_main, kw.fmt,
-                       frag=kw.frag is not None and not INTERPRETED, wgmma=hopper, cublas=hopper)
+                       frag=kw.frag is not None and not INTERPRETED, wgmma=hopper, cublas=hopper, group=kw.group)
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     cfg = cfg or layer_config(x, kw)
     xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
-                               pdl_late=cfg.pdl_late, shared_beside=not cfg.expand)
+                               pdl_late=cfg.pdl_late, shared_beside=not cfg.expand, group=kw.group)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 

@@ -88,6 +88,7 @@ def split_quantize_kernel(
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
     SHARED_BESIDE: tl.constexpr = False, src_ptr=None, grp_ptr=None, GROUPED: tl.constexpr = False,
+    GROUP: tl.constexpr = 0,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
@@ -96,7 +97,8 @@ def split_quantize_kernel(
     for the largest shared-memory carve-out (set per compiled kernel), for launches whose overlapped dependent
     needs shared memory (overlap.py); the others keep the default carve-out and with it their L1.
     GROUPED (MoE experts, moe.py): output row r quantizes x row src[r] with the outlier channels of group grp[r]
-    (keep [groups, K_PAD], out_idx [groups, K_OUT]): one launch for every (token, expert) pair of a layer."""
+    (keep [groups, K_PAD], out_idx [groups, K_OUT]): one launch for every (token, expert) pair of a layer.
+    GROUP (INT4 only; a power of two dividing K_PAD): a scale per GROUP columns of a token, not one per token."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -152,10 +154,20 @@ def split_quantize_kernel(
                 val = _e2m1_round(v) * tl.exp2((d + 5).to(tl.float32))[:, :, None]
                 tl.store(q_ptr + out, tl.reshape(val, [ROWS, BLOCK]).to(tl.float8e4nv), mask=cm)
                 tl.store(rs_ptr + r, _pow2(tl.maximum(top - 5, -126)), mask=rm)
-    elif FMT == 1:  # INT4, one scale per token
-        amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
-        q = _round_even(tl.math.div_rn(x, scale[:, None]))
+    elif FMT == 1:  # INT4, one scale per token, or per GROUP columns of a token (into s, [M, K_PAD / GROUP])
+        if not GROUP:
+            amax = tl.max(tl.abs(x), axis=1)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
+            q = _round_even(tl.math.div_rn(x, scale[:, None]))
+            tl.store(rs_ptr + r, scale, mask=rm)
+        else:
+            xg = tl.reshape(x, [ROWS, BLOCK // GROUP, GROUP])
+            amax = tl.max(tl.abs(xg), axis=2)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
+            q = tl.reshape(_round_even(tl.math.div_rn(xg, scale[:, :, None])), [ROWS, BLOCK])
+            ng = tl.arange(0, BLOCK // GROUP)
+            tl.store(s_ptr + r[:, None] * (K_PAD // GROUP) + ng[None, :], scale,
+                     mask=rm[:, None] & (ng < K_PAD // GROUP)[None, :])
         q = tl.minimum(tl.maximum(q, -8.0), 7.0)
         if MODE == 0:
             _store_nibbles(q_ptr, r, rm, q.to(tl.int32) & 0xF, K_PAD, ROWS, BLOCK)
@@ -163,7 +175,6 @@ def split_quantize_kernel(
             tl.store(q_ptr + out, q.to(tl.float16), mask=cm)
         else:
             tl.store(q_ptr + out, q.to(tl.float16).to(tl.float8e4nv), mask=cm)
-        tl.store(rs_ptr + r, scale, mask=rm)
     elif FMT == 3:  # NVFP4: an e4m3 scale per 16 columns under an FP32 scale per token, as formats.quantize_nvfp4
         tl.static_assert(MODE != 2, "NVFP4 values times their e4m3 scales are FP16 operands, not e4m3")
         amax = tl.max(tl.abs(x), axis=1)
@@ -657,13 +668,57 @@ def _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT: tl.constexpr, OP_F8: tl.co
 
 
 @triton.jit
+def _t_tile(w, a, part, OP_F8: tl.constexpr, INTERPRET: tl.constexpr):
+    if OP_F8:
+        part = _dot_f8(w, a, part, INTERPRET)
+    else:
+        part = tl.dot(w, tl.trans(a), part)
+    return part
+
+
+@triton.jit
+def _group_flush(acc, part, sw_row, sa_row, g, nm, mm):
+    """acc [BN, MP] + part times group g's weight scales (sw_row + g) and token scales (sa_row + g), part the group's
+    partial product (int4 values multiplied and summed: exact in FP32)."""
+    sw = tl.load(sw_row + g, mask=nm, other=0.0)
+    sa = tl.load(sa_row + g, mask=mm, other=0.0)
+    return acc + part * sw[:, None] * sa[None, :]
+
+
+@triton.jit
+def _t_step_groups(acc, p0, p1, a0, a1, a2, a3, ck, sw_row, sa_row, nm, mm, GROUP: tl.constexpr,
+                   OP_F8: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += W · A^T over one step's four 32-column tiles for INT4 with a scale per GROUP columns: each group's
+    partial product times the group's weight and token scales (groups wider than the step's 128 columns: once a
+    step)."""
+    w0, w1 = _decode_codes(p0, p0, p0, 1, OP_F8, INTERPRET)
+    w2, w3 = _decode_codes(p1, p1, p1, 1, OP_F8, INTERPRET)
+    g = ck * 64 // GROUP  # the step's first group
+    if GROUP == 32:
+        acc = _group_flush(acc, _t_tile(w0, a0, None, OP_F8, INTERPRET), sw_row, sa_row, g, nm, mm)
+        acc = _group_flush(acc, _t_tile(w1, a1, None, OP_F8, INTERPRET), sw_row, sa_row, g + 1, nm, mm)
+        acc = _group_flush(acc, _t_tile(w2, a2, None, OP_F8, INTERPRET), sw_row, sa_row, g + 2, nm, mm)
+        acc = _group_flush(acc, _t_tile(w3, a3, None, OP_F8, INTERPRET), sw_row, sa_row, g + 3, nm, mm)
+    elif GROUP == 64:
+        part = _t_tile(w1, a1, _t_tile(w0, a0, None, OP_F8, INTERPRET), OP_F8, INTERPRET)
+        acc = _group_flush(acc, part, sw_row, sa_row, g, nm, mm)
+        part = _t_tile(w3, a3, _t_tile(w2, a2, None, OP_F8, INTERPRET), OP_F8, INTERPRET)
+        acc = _group_flush(acc, part, sw_row, sa_row, g + 1, nm, mm)
+    else:
+        part = _t_tile(w1, a1, _t_tile(w0, a0, None, OP_F8, INTERPRET), OP_F8, INTERPRET)
+        part = _t_tile(w3, a3, _t_tile(w2, a2, part, OP_F8, INTERPRET), OP_F8, INTERPRET)
+        acc = _group_flush(acc, part, sw_row, sa_row, g, nm, mm)
+    return acc
+
+
+@triton.jit
 def osc_gemm_t_kernel(
     a_ptr, sa_ptr, b_ptr, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_am, stride_bn, stride_be, stride_ym,
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
     SPLIT_K: tl.constexpr, OP_F8: tl.constexpr = False, F8_FOLD: tl.constexpr = False,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, grp_ptr=None, stride_ce=0, stride_ee=0,
-    TILES=0, GROUPED: tl.constexpr = False,
+    TILES=0, GROUPED: tl.constexpr = False, GROUP: tl.constexpr = 0,
 ):
     """y^T [BN, MP] = deq(B) · A^T for MP tokens a program (grid axis 0: weight tiles x token tiles), A the FP16
     (OP_F8: e4m3) operands of split_quantize. MP may be below 16 (down to 1): Triton pads the MMA, and
@@ -684,6 +739,8 @@ def osc_gemm_t_kernel(
     (first row, rows <= MP, expert) of the int32 tile table [TILES, 3]: those rows times that expert's weights, whose
     codes, exponents, row scales, BF16 columns and bias lie stride_ce, stride_ee, N, N * K_OUT and N elements after
     the previous expert's. A tile of no rows (the table's unused slots) skips the main loop and stores nothing.
+    GROUP (INT4 with a scale per GROUP columns): sa [M, K_PAD / GROUP] and be [N, K_PAD / GROUP] (FP32, row stride
+    stride_be) hold each group's token and weight scales, which multiply its partial products (sb is 1).
     """
     wait_inputs(PDL)  # launched overlapped (overlap.py): every load comes after split-quantize has finished
     # token tiles vary fastest: the programs that share a weight tile run together, so the weights
@@ -730,14 +787,19 @@ def osc_gemm_t_kernel(
                 w_lo, w_hi = _decode_codes(p, f_lo, f_hi, FMT, False, INTERPRET)
                 acc = tl.dot(w_lo, tl.trans(a_lo), acc)
                 acc = tl.dot(w_hi, tl.trans(a_hi), acc)
+        elif GROUP:
+            p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
+            acc = _t_step_groups(acc, p0, p1, a0, a1, a2, a3, ck, be_ptr + rn64 * stride_be,
+                                 sa_ptr + rm.to(tl.int64) * (K_PAD // GROUP), nm, mm, GROUP, OP_F8, INTERPRET)
         else:
             p0, p1, ev, a0, a1, a2, a3 = _t_loads(wrow, erow, arow, nm, mm, ck, FMT)
             acc = _t_step(acc, p0, p1, ev, a0, a1, a2, a3, rn, FMT, OP_F8, F8_FOLD, INTERPRET)
-    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
-    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
-    if F8_FOLD and FMT == 0:  # the table-unpacked e4m3 weights are 2**6 times the values
-        sb = sb * 0.015625
-    acc = acc * sa[None, :] * sb[:, None]
+    if not GROUP:  # (group scales went on the partial products)
+        sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+        sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
+        if F8_FOLD and FMT == 0:  # the table-unpacked e4m3 weights are 2**6 times the values
+            sb = sb * 0.015625
+        acc = acc * sa[None, :] * sb[:, None]
     if BO > 0 and split == 0:
         acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
     if HAS_BIAS and split == 0:
