@@ -731,13 +731,14 @@ def test_overlapped_launches_read_what_the_kernel_before_wrote(m, late, monkeypa
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
-def test_whole_model_on_gpu_matches_the_reference(arch, monkeypatch):
+@pytest.mark.parametrize("fmt,group", [("mxfp4", None), ("int4", 32)])
+def test_whole_model_on_gpu_matches_the_reference(arch, fmt, group, monkeypatch):
     from tiny import batches, tiny_model
 
     from oscquant import OSCConfig, quantize
 
     model = tiny_model(arch).to(DEV, torch.bfloat16)
-    quantize(model, OSCConfig.osc("mxfp4", 16), [b.to(DEV) for b in batches()], progress=False)
+    quantize(model, OSCConfig.osc(fmt, 16, group_size=group), [b.to(DEV) for b in batches()], progress=False)
     ids = batches(2, 40, seed=7)[0].to(DEV)
     with torch.no_grad():
         fast = model(ids).logits.float()
