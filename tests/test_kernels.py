@@ -292,6 +292,7 @@ def test_wgmma_gemm_matches_reference(m, k_in, n, k, bn, warps, bt, split_k, sta
 
 CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, False, 4, 2, bk=256),
            ops.GemmConfig(64, 64, 1, True, 4, 2), ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True),
+           ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True),
            ops.GemmConfig(16, 64, 1, False, 4, 3, swap=True), ops.GemmConfig(64, 32, 3, False, 2, 2, swap=True),
            ops.GemmConfig(8, 32, 1, True, 2, 4, swap=True), ops.GemmConfig(1, 32, 2, True, 2, 4, swap=True),
            ops.GemmConfig(16, 64, 1, True, 4, 4, swap=True), ops.GemmConfig(8, 32, 4, False, 2, 4, swap=True),
@@ -302,8 +303,8 @@ CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, Fal
 
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("m,k_in,n", SHAPES)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "swap", "swap-splitk-m64",
-                                          "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk",
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "f16-expanded", "swap",
+                                          "swap-splitk-m64", "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk",
                                           "swap-f8-fold-m64", "swap-f8-fold-m16-splitk",
                                           "swap-f8-fold-wgmma-m16-splitk"])
 def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
@@ -564,10 +565,11 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert not ops.gemm_config(256, 4096, 4096, "fp8", cublas=False).cublas
     assert not any(ops.gemm_config(256, 4096, 4096, fmt).cublas for fmt in ("mxfp4", "int4"))
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
-    # NVFP4: FP16 operands at every M (no e4m3 form): the transposed GEMM up to 64 tokens, then the plain one
+    # NVFP4: FP16 operands at every M (no e4m3 form): the transposed GEMM up to 64 tokens, then the weights expanded
+    # to FP16 and the plain GEMM, 64 columns a step
     nv = [ops.gemm_config(m, n, 4096, "nvfp4") for m in (1, 16, 64, 65, 4096) for n in (4096, 24576)]
-    assert not any(c.op_f8 or c.fold or c.frag or c.wgmma or c.expand or c.cublas for c in nv)
-    assert [c.path for c in nv] == ["t"] * 6 + ["plain"] * 4 and nv[-1].bk == 256
+    assert not any(c.op_f8 or c.fold or c.frag or c.wgmma or c.cublas for c in nv)
+    assert [c.path for c in nv] == ["t"] * 6 + ["expand"] * 4 and all(c.bk == 64 for c in nv[6:])
 
 
 def test_fp8_kernel_codes_are_the_canonical_bytes_where_no_padding_is_needed():
@@ -653,7 +655,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 22
+    assert r.stdout.count("PDL order: ok") == 23
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

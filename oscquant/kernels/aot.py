@@ -52,10 +52,11 @@ GROUPED_SIG = [("grp_ptr", "*i32"), ("stride_ce", "i32"), ("stride_ee", "i32"), 
 
 
 def gemm(fmt: int, op_f8: bool, bm: int, bn: int, bk: int = 128, split_k: int = 1, warps: int = 4, stages: int = 3,
-         grouped: bool = False):
-    """The plain GEMM; ``grouped``: on MoE experts' e4m3 weights (long prompts), by tiles of (token, expert) pairs."""
+         grouped: bool = False, fp16_weights: bool = False):
+    """The plain GEMM; ``grouped``: on MoE experts' e4m3 weights (long prompts), by tiles of (token, expert) pairs;
+    ``fp16_weights`` (FMT_FP8 with op_f8 False): on weights expanded to FP16 (NVFP4's prefill path)."""
     a = "*fp8e4nv" if op_f8 else "*fp16"
-    b = "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"
+    b = "*fp16" if fp16_weights else "*fp8e4nv" if fmt == K.FMT_FP8 else "*u8"
     const = dict(FMT=fmt, OP_F8=op_f8, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, BO=64, GROUP_M=8, SPLIT_K=split_k,
                  SB_SCALE=0.5 if op_f8 and fmt == K.FMT_MXFP4 else 1.0, INTERPRET=False)
     sig = GEMM_SIG + [s for s in GROUPED_SIG if s[0] != "stride_ee"] if grouped else GEMM_SIG
@@ -131,7 +132,7 @@ def decode(fmt: int, op_f8: bool, pdl: bool = True):
     out = "*fp8e4nv" if op_f8 else "*fp16"
     return compile_kernel(K.decode_weights_kernel, DECODE_SIG,
                           dict(FMT=fmt, OP_F8=op_f8, BN=64, RAW_E4M3=False, LUT=False, INTERPRET=False, PDL=pdl), 4, 1,
-                          {"out_ptr": out})
+                          {"out_ptr": out, "be_ptr": _block_scales(fmt)})
 
 
 def resources(c) -> str:
@@ -235,7 +236,8 @@ def main() -> int:
                     ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3), 2),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
-                    ("gemm nvfp4 prefill", gemm(K.FMT_NVFP4, False, 128, 128, bk=256, warps=8, stages=3)),
+                    ("gemm nvfp4 prefill (weights expanded to FP16)",
+                     gemm(K.FMT_FP8, False, 128, 256, bk=64, warps=8, stages=3, fp16_weights=True)),
                     ("gemm fp8-weights prefill", gemm(K.FMT_FP8, True, 128, 256, warps=8, stages=3)),
                     ("gemm fp8-weights grouped MoE experts, 64-pair tiles",
                      gemm(K.FMT_FP8, True, 64, 128, warps=4, stages=4, grouped=True)),
@@ -246,7 +248,8 @@ def main() -> int:
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
                     ("split nvfp4 f16", split(K.FMT_NVFP4, K.MODE_F16)),
                     ("split int4 groups of 128 f16", split(K.FMT_INT4, K.MODE_F16, group=128)),
-                    ("decode mxfp4 f8", decode(K.FMT_MXFP4, True))]:
+                    ("decode mxfp4 f8", decode(K.FMT_MXFP4, True)),
+                    ("decode nvfp4 f16", decode(K.FMT_NVFP4, False))]:
         usage = resources(c)
         print(f"{name}: {usage}")
         spills += "STACK:" in usage and "STACK:0 " not in usage

@@ -21,8 +21,8 @@ Regimes, chosen in :func:`gemm_config` only:
                       unpacking inside the main loop would make it ALU-bound.
 FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
 NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M, the
-                      transposed GEMM up to 64 tokens, then the plain GEMM unpacking in registers (nvfp4_config;
-                      not tuned on a GPU yet).
+                      transposed GEMM up to 64 tokens, then the weights expanded to FP16 (exact) and the plain
+                      GEMM on FP16 wgmma (nvfp4_config).
 INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds into an
                       operand): the int4 values as operands, each group's partial product times its two scales
                       in FP32, on the transposed GEMM at every M (int4_group_config; not tuned on a GPU yet).
@@ -188,7 +188,7 @@ class GemmConfig:
     warps: int
     stages: int
     bk: int = 128  # K per step; the 4-bit path always steps 256 (4 chunks)
-    expand: bool = False  # 4-bit weights -> e4m3 workspace first, then the FP8 GEMM
+    expand: bool = False  # 4-bit weights -> e4m3 (op_f8) or FP16 workspace first, then the plain GEMM on it
     group_m: int = 8
     swap: bool = False  # few tokens: y^T = W · A^T with the 4-bit weights as the left operand (bm = rows padded)
     frag: bool = False  # MXFP4, M <= 16: the fragment GEMM (frag_gemm.py); bm = tokens padded to 8 or 16, bn = 16 * warps
@@ -295,12 +295,14 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
 
 def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
     """NVFP4, FP16 operands throughout (its weights are e2m1 times an e4m3 scale per 16 columns: exact in FP16, not
-    in e4m3). Up to 64 tokens the FP16 transposed GEMM with the tiles measured for MXFP4 and INT4 there; above, the
-    plain GEMM unpacking the codes in registers, 128 x 128 tiles on 8 warps (193 registers a thread for sm_90, no
-    spills; 64 x 128 on 4 warps spilled). Not yet timed on a GPU."""
+    in e4m3). Up to 64 tokens the FP16 transposed GEMM with the tiles measured for MXFP4 and INT4 there (on the H100
+    0.49-0.72x MXFP4's time at 1-16 tokens, docs/bench/h100_formats_2026-12-07.md). Above, the weights expanded to
+    FP16 beside split-quantize and the plain GEMM on FP16 wgmma, on the tiles of the e4m3 expansion path with 64
+    columns a step (FP16 doubles a step's bytes): the plain GEMM unpacking the codes in registers, which ran there
+    before, took 3-5x BF16's time at 256-4096 tokens (same file). The expansion path is not yet timed."""
     if m <= SWAP_MAX_M:
         return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
-    return GemmConfig(128, 128, 1, False, 8, 3, bk=256)
+    return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
 
 
 def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:

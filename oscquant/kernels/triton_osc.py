@@ -531,8 +531,8 @@ def osc_gemm_kernel(
     """y[M, N] = (A @ deq(B)^T) * sa[:, None] * sb[None, :] * SB_SCALE + xo @ wo^T + bias.
 
     A: [M, K_PAD] FP16 or FP8 operands from split_quantize. B: 4-bit codes in chunk layout
-    ([N, K_PAD/2] bytes, FMT 0/1, BK/64 chunks per step) or e4m3 ([N, K_PAD], FMT 2, BK
-    columns per step). be: MXFP4 relative exponents [N, K_PAD/32]. SPLIT_K > 1: see _store_tile
+    ([N, K_PAD/2] bytes, FMT 0/1/3, BK/64 chunks per step) or e4m3 ([N, K_PAD], FMT 2, BK
+    columns per step; FP16 weights expanded from NVFP4 take the same path with OP_F8 off). be: MXFP4 relative exponents [N, K_PAD/32]. SPLIT_K > 1: see _store_tile
     (ws [M, N] FP32, cnt one int32 per output tile). SB_SCALE: what the expanded e4m3 weights are over the
     values (0.5 or 2**-6 for MXFP4, by ops.decode_weights' recipe).
     GROUPED (MoE experts on long prompts, FMT 2 only: the experts' weights expanded to e4m3 and stacked): token tile
