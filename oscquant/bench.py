@@ -118,7 +118,7 @@ def clone_weights(kw):
 def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], fmt: str = "mxfp4",
                 group_size: int | None = None) -> list[Row]:
     from .config import LayerScheme
-    from .kernels.ops import layer_config, layer_weights, osc_gemm, osc_linear_2d, split_quantize
+    from .kernels.ops import layer_config, layer_weights, osc_gemm, osc_linear_2d, split_for
     from .linear import OSCLinear
 
     dev = "cuda"
@@ -150,7 +150,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
             layer = OSCLinear.from_linear(lin, LayerScheme(fmt, k, group_size=group_size), planted[:k])
             kw = layer_weights(layer)
             cfg = layer_config(x, kw)
-            xo, a, sa = split_quantize(x, kw.keep, kw.outlier_idx, fmt, cfg.mode, kw.k_main, group=kw.group)
+            xo, a, sa = split_for(x, kw, cfg)
             gemm = _graph_time(lambda: osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg))
             full = _graph_time(lambda: osc_linear_2d(x, kw, cfg))
             w_bytes = kw.codes.numel() + (kw.rel_exp.nbytes if kw.rel_exp is not None else 0) + 4 * n + 2 * n * k

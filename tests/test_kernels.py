@@ -304,7 +304,8 @@ CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, Fal
 @pytest.mark.parametrize("fmt,k", FORMATS)
 @pytest.mark.parametrize("m,k_in,n", SHAPES)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["f16", "f16-splitk", "f8", "f8-expanded", "f16-expanded", "swap",
-                                          "swap-splitk-m64", "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16", "swap-m8-splitk",
+                                          "swap-splitk-m64", "swap-f8-m8", "swap-f8-m1-splitk", "swap-f8-m16",
+                                          "swap-m8-splitk",
                                           "swap-f8-fold-m64", "swap-f8-fold-m16-splitk",
                                           "swap-f8-fold-wgmma-m16-splitk"])
 def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
@@ -349,9 +350,10 @@ GROUP_CASES = [(g, shape) for g, shapes in {
 @pytest.mark.parametrize("group,shape", GROUP_CASES, ids=[f"g{g}-{m}x{k}x{n}" for g, (m, k, n) in GROUP_CASES])
 def test_int4_group_scales_split_and_gemm_match_the_reference(group, shape):
     """INT4 with a scale per group of columns: split-quantize's codes and scales bit-exact, its operands times their
-    group's scale equal to the reference values, and the transposed GEMM (each group's partial products times its
-    two scales) against the float32 reference, by the layer's own config and by explicit ones (FP16 and e4m3
-    operands, split-K, token tiles smaller than M)."""
+    group's scale equal to the reference values, and both GEMM paths against the float32 reference, by the layer's
+    own config and by explicit ones: the transposed GEMM (each group's partial products times its two scales; FP16
+    and e4m3 operands, split-K, token tiles smaller than M) and the prefill path (group scales folded into FP16
+    weights and activations, one rounding each, then the plain GEMM)."""
     m, k_in, n = shape
     layer, idx = make_layer(k_in, n, "int4", 16, group=group)
     kw = ops.layer_weights(layer)
@@ -363,12 +365,21 @@ def test_int4_group_scales_split_and_gemm_match_the_reference(group, shape):
     assert torch.equal(q.cpu(), ref_q.codes) and torch.equal(s.cpu(), ref_q.scales)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "int4", MODE_F16, kw.k_main, group=group)
     assert torch.equal(a.float().cpu() * sa.cpu().repeat_interleave(group, 1), F.dequantize(ref_q))
+    # the prefill path's operands: value times group scale over the token's (and the row's) largest, one FP16 rounding
+    xo, a, top = ops.split_quantize(x, kw.keep, kw.outlier_idx, "int4", MODE_F16, kw.k_main, group=group,
+                                    fold_groups=True)
+    used = main.reshape(m, -1, group).abs().amax(-1) > 0  # all-zero groups (scale 1) do not set the largest
+    assert top.shape == (m,) and torch.equal(top.cpu(), ref_q.scales.where(used, 0).amax(1))
+    assert torch.allclose(a.float().cpu() * top.cpu()[:, None], F.dequantize(ref_q), rtol=2 ** -11, atol=0)
+    w_deq = F.dequantize(layer.weight_qtensor()).cpu()
+    got = ops.decode_weights(kw, False).float().cpu() * kw.row_scale.cpu()[:, None]
+    assert torch.allclose(got[:, :w_deq.shape[1]], w_deq, rtol=2 ** -11, atol=0)
     ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
     cfgs = [ops.layer_config(x, kw), ops.GemmConfig(16, 32, 2, False, 2, 3, swap=True),
-            ops.GemmConfig(8, 64, 1, True, 4, 3, swap=True)]
-    assert cfgs[0].swap and not (cfgs[0].fold or cfgs[0].expand)
+            ops.GemmConfig(8, 64, 1, True, 4, 3, swap=True), ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True)]
+    assert not cfgs[0].fold and (cfgs[0].swap if m <= 64 else cfgs[0].expand and not cfgs[0].op_f8)
     for cfg in cfgs:
-        xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "int4", cfg.mode, kw.k_main, group=group)
+        xo, a, sa = ops.split_for(x, kw, cfg)
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
         y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
         assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2, cfg
@@ -483,9 +494,18 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="token scales of each group"):
         ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, ops.gemm_config(1, n, g32.k_main, "int4", group=32))
     for cfg in (ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True), ops.GemmConfig(16, 64, 1, False, 4, 2),
-                ops.fold_config(32, n, g32.k_main)):  # every path but the transposed GEMM's own
+                ops.fold_config(32, n, g32.k_main)):  # every path but the transposed GEMM and the FP16 expansion
         with pytest.raises(ValueError, match="group scales .* take the transposed GEMM"):
             ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, cfg)
+    xo, a, sa = ops.split_quantize(torch.ones(1, k_in, device=DEV), g32.keep, g32.outlier_idx, "int4", MODE_F16,
+                                   g32.k_main, group=32)  # the transposed GEMM's operands, not the expansion's
+    with pytest.raises(ValueError, match="fold_groups=True"):
+        ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True))
+    with pytest.raises(ValueError, match="fold_groups folds INT4 group scales into FP16 operands"):
+        ops.split_quantize(torch.ones(1, k_in, device=DEV), g32.keep, g32.outlier_idx, "int4", MODE_F8, g32.k_main,
+                           group=32, fold_groups=True)
+    with pytest.raises(ValueError, match="decode to FP16"):
+        ops.decode_weights(g32, True)
 
 
 def test_decode_and_prefill_regimes_are_chosen_in_one_place():
@@ -502,13 +522,16 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
         assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
         assert not ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).swap
         assert ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).op_f8
-    # INT4 with group scales: the transposed GEMM at every M (its partial products take the scales), the per-row
+    # INT4 with group scales up to 64 tokens: the transposed GEMM (its partial products take the scales), the per-row
     # INT4 tiles up to 16 tokens, 64 x 64 tiles on 8 warps for groups of 32 (four partial products live at once)
     grouped = {(m, g): ops.gemm_config(m, 4096, 4096, "int4", group=g) for m in (1, 16, 64, 4096) for g in (32, 128)}
-    assert all(c.swap and not (c.expand or c.fold or c.frag or c.wgmma or c.cublas) for c in grouped.values())
+    assert all(c.swap and not (c.expand or c.fold or c.frag or c.wgmma or c.cublas)
+               for (m, g), c in grouped.items() if m <= 64)
     assert grouped[1, 128] == ops.gemm_config(1, 4096, 4096, "int4") == grouped[1, 32]
-    assert [(grouped[m, 32].bm, grouped[m, 32].bn, grouped[m, 32].warps) for m in (64, 4096)] == [(64, 64, 8)] * 2
-    assert (grouped[4096, 128].bm, grouped[4096, 128].bn) == (64, 128)
+    assert [(grouped[64, g].bm, grouped[64, g].bn, grouped[64, g].warps) for g in (32, 128)] \
+        == [(64, 64, 8), (64, 64, 4)]
+    # ... and above 64 tokens the prefill path: FP16 weights and activations with the group scales folded in
+    assert all(grouped[4096, g].expand and not grouped[4096, g].op_f8 and grouped[4096, g].bk == 64 for g in (32, 128))
     # without the wgmma GEMM: 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the
     # block factors folded in
     mid = [ops.gemm_config(m, n, k, wgmma=False) for m, n, k in ((17, 4096, 4096), (64, 5120, 2048), (128, 4096, 4096),
@@ -647,15 +670,16 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 29 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
-    assert r.stdout.count("int4 groups of") == 7  # INT4 with group scales: the transposed GEMM's tiles, split
+    assert r.stdout.count("gemm") == 28 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    # INT4 with group scales: the transposed GEMM's tiles, split-quantize for it and for the FP16 expansion, the latter
+    assert r.stdout.count("int4 groups of") == 8
     # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs (INT4 with
     # group scales too), and the plain FP8 GEMM on e4m3 experts in tiles of 64 and 128 pairs
     assert r.stdout.count("grouped MoE experts") == 9 and r.stdout.count("-pair tiles") == 6
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 23
+    assert r.stdout.count("PDL order: ok") == 24
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -115,12 +115,12 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
 
 
 def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False,
-          group: int = 0):
+          group: int = 0, fold: bool = False):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
     const = dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl, RELEASE_LATE=late)
     if group:  # INT4 with a scale per group columns, into s
         return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
-                              dict(const, SHARED_BESIDE=False, GROUPED=False, GROUP=group), 8, 1,
+                              dict(const, SHARED_BESIDE=False, GROUPED=False, GROUP=group, FOLD=fold), 8, 1,
                               {"q_ptr": q, "s_ptr": "*fp32"})
     if grouped:  # MoE experts: each row its source row and its expert's outlier channels
         return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
@@ -128,11 +128,15 @@ def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool =
     return compile_kernel(K.split_quantize_kernel, SPLIT_SIG, const, 8, 1, {"q_ptr": q})
 
 
-def decode(fmt: int, op_f8: bool, pdl: bool = True):
+def decode(fmt: int, op_f8: bool, pdl: bool = True, group: int = 0):
+    """The weight expansion; ``group``: INT4 with a scale per ``group`` columns, folded into FP16 weights."""
     out = "*fp8e4nv" if op_f8 else "*fp16"
-    return compile_kernel(K.decode_weights_kernel, DECODE_SIG,
-                          dict(FMT=fmt, OP_F8=op_f8, BN=64, RAW_E4M3=False, LUT=False, INTERPRET=False, PDL=pdl), 4, 1,
-                          {"out_ptr": out, "be_ptr": _block_scales(fmt)})
+    const = dict(FMT=fmt, OP_F8=op_f8, BN=64, RAW_E4M3=False, LUT=False, INTERPRET=False, PDL=pdl)
+    types = {"out_ptr": out, "be_ptr": _block_scales(fmt, group)}
+    if group:
+        return compile_kernel(K.decode_weights_kernel, DECODE_SIG + [("sb_ptr", "*fp32")], dict(const, GROUP=group), 4,
+                              1, types)
+    return compile_kernel(K.decode_weights_kernel, DECODE_SIG, const, 4, 1, types)
 
 
 def resources(c) -> str:
@@ -217,10 +221,11 @@ def main() -> int:
                     ("gemm-t nvfp4 M<=16", gemm_t(K.FMT_NVFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t nvfp4 M<=64", gemm_t(K.FMT_NVFP4, 64, 64, split_k=4, warps=4)),
                     ("gemm-t int4 groups of 32 M<=16", gemm_t(K.FMT_INT4, 16, 32, split_k=4, stages=6, group=32)),
-                    ("gemm-t int4 groups of 128 e4m3 M<=16", gemm_t(K.FMT_INT4, 16, 32, split_k=2, op_f8=True, group=128)),
-                    ("gemm-t int4 groups of 128 M<=64", gemm_t(K.FMT_INT4, 64, 64, split_k=4, warps=4, stages=3, group=128)),
-                    ("gemm-t int4 groups of 32 M>16", gemm_t(K.FMT_INT4, 64, 64, warps=8, stages=3, group=32)),
-                    ("gemm-t int4 groups of 128 prefill", gemm_t(K.FMT_INT4, 64, 128, warps=8, stages=3, group=128)),
+                    ("gemm-t int4 groups of 128 e4m3 M<=16",
+                     gemm_t(K.FMT_INT4, 16, 32, split_k=2, op_f8=True, group=128)),
+                    ("gemm-t int4 groups of 128 M<=64",
+                     gemm_t(K.FMT_INT4, 64, 64, split_k=4, warps=4, stages=3, group=128)),
+                    ("gemm-t int4 groups of 32 17-64 tokens", gemm_t(K.FMT_INT4, 64, 64, warps=8, stages=3, group=32)),
                     ("gemm-t int4 groups of 128 grouped MoE experts, 64-pair tiles",
                      gemm_t(K.FMT_INT4, 64, 128, warps=8, stages=3, pdl=False, grouped=True, group=128)),
                     ("gemm-t mxfp4 grouped MoE experts", gemm_t(K.FMT_MXFP4, 1, 32, stages=3, pdl=False, grouped=True)),
@@ -248,8 +253,11 @@ def main() -> int:
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
                     ("split nvfp4 f16", split(K.FMT_NVFP4, K.MODE_F16)),
                     ("split int4 groups of 128 f16", split(K.FMT_INT4, K.MODE_F16, group=128)),
+                    ("split int4 groups of 128 f16 for the FP16 expansion path",
+                     split(K.FMT_INT4, K.MODE_F16, group=128, fold=True)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True)),
-                    ("decode nvfp4 f16", decode(K.FMT_NVFP4, False))]:
+                    ("decode nvfp4 f16", decode(K.FMT_NVFP4, False)),
+                    ("decode int4 groups of 128 f16", decode(K.FMT_INT4, False, group=128))]:
         usage = resources(c)
         print(f"{name}: {usage}")
         spills += "STACK:" in usage and "STACK:0 " not in usage

@@ -17,7 +17,8 @@ rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the 
         [N, Kk/G] fp32 (INT4 with a scale per G columns): the group scales themselves. The kernels multiply
         each group's partial product by the weight's and the token's scale of that group.
 row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the per-tensor scale times 2**8 for NVFP4, the int4
-        scale for INT4 (1 with group scales), the e4m3 scale for FP8.
+        scale for INT4 (with group scales the largest of the row's, which only the prefill path uses), the e4m3 scale
+        for FP8.
 
 Kk is K rounded up to two CHUNKs (128), or to whole groups where an INT4 group is wider, with zero columns
 (zero codes decode to 0); the outlier channels' columns hold zero codes too (linear.py).
@@ -105,6 +106,15 @@ def reround_low_blocks(codes: torch.Tensor, rel: torch.Tensor) -> tuple[torch.Te
     return codes, rel.to(torch.int8)
 
 
+def _largest_group_scale(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """INT4 groups: each row's largest scale among its groups with a nonzero code (1 for a row of zeros), what the
+    prefill path's FP16 weights are relative to (ops.decode_weights); all-zero groups, such as the outlier channels'
+    columns, keep scale 1 from formats.quantize_int4 and would otherwise set it. codes: unpacked [N, Kk]."""
+    used = codes.reshape(scales.shape[0], -1, group).ne(0).any(-1)
+    top = torch.where(used, scales, 0.0).amax(1)
+    return torch.where(top > 0, top, 1.0).contiguous()
+
+
 def group_kernel(group: int) -> bool:
     """Whether the kernels take INT4 groups of this many columns (0: per row): powers of two from 32, so that each
     32-column tile of the kernels lies in one group and each group in whole tiles."""
@@ -130,9 +140,11 @@ def kernel_weights(layer, frag: bool = True) -> KernelWeights:
         rel = (_pad_cols(layer.wscale.float(), kk // 16) * 64).to(torch.float16)  # padded blocks: factor 0
         row = (layer.wscale_global.float().reshape(1) * 256).expand(n)
     elif fmt == "int4" and group_kernel(group):
-        packed = chunk_pack(_pad_cols(formats.unpack_nibbles(qweight), kk))
+        codes = _pad_cols(formats.unpack_nibbles(qweight), kk)
+        packed = chunk_pack(codes)
         if group:  # padded groups: scale 0 (their codes are 0 too)
-            rel, row = _pad_cols(layer.wscale.float().reshape(n, -1), kk // group), torch.ones(n, device=dev)
+            rel = _pad_cols(layer.wscale.float().reshape(n, -1), kk // group)
+            row = _largest_group_scale(codes, rel, group)
         else:
             rel, row = None, layer.wscale.float().reshape(n)
     elif fmt == "fp8":

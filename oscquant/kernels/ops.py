@@ -23,9 +23,11 @@ FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
 NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M, the
                       transposed GEMM up to 64 tokens, then the weights expanded to FP16 (exact) and the plain
                       GEMM on FP16 wgmma (nvfp4_config).
-INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds into an
-                      operand): the int4 values as operands, each group's partial product times its two scales
-                      in FP32, on the transposed GEMM at every M (int4_group_config; not tuned on a GPU yet).
+INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds exactly into
+                      an operand): up to 64 tokens the int4 values as operands on the transposed GEMM, each group's
+                      partial product times its two scales in FP32; above, each value times its group's scale over
+                      the row's largest, rounded once to FP16, for weights (expanded) and activations, and the
+                      plain GEMM on FP16 wgmma (int4_group_config).
 """
 
 from __future__ import annotations
@@ -110,12 +112,14 @@ def supported(layer, x: torch.Tensor) -> str | None:
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
                    k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
                    pdl_late: bool = False, shared_beside: bool = True, src: torch.Tensor | None = None,
-                   grp: torch.Tensor | None = None, group: int = 0):
+                   grp: torch.Tensor | None = None, group: int = 0, fold_groups: bool = False):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4), per-token FP32 (int4), or for nvfp4 the pair (e4m3 [M, k_pad/16],
     per-token FP32 global scales); else q = operand
     [M, k_pad] (fp16 or e4m3) and scales = per-row FP32. ``group`` (int4 only, a power of two from 32 dividing k_pad):
-    a scale per ``group`` columns of a token, scales = FP32 [M, k_pad / group] in every mode. ``out`` = (xo, q, sc, rs) buffers to
+    a scale per ``group`` columns of a token, scales = FP32 [M, k_pad / group] in every mode; with ``fold_groups``
+    (MODE_F16) each operand is its value times its group's scale over the token's largest, rounded once to FP16, and
+    scales is that largest scale per token (the prefill path of int4_group_config). ``out`` = (xo, q, sc, rs) buffers to
     write into (tests poison them first). ``pdl``: the GEMM after it is launched overlapped, from the start of
     this kernel's programs or (``pdl_late``) from when they have issued their stores; ``shared_beside``: that kernel
     needs shared memory, so this one runs with the largest shared-memory carve-out (overlap.py). The prefill path's
@@ -131,6 +135,8 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     if group and (fmt != "int4" or not group_kernel(group) or k_pad % group):
         raise ValueError(f"group scales take int4 and a power of two from 32 dividing k_pad={k_pad} "
                          f"(KernelWeights.group); got {fmt}, group={group}")
+    if fold_groups and not (group and mode == MODE_F16):
+        raise ValueError("fold_groups folds INT4 group scales into FP16 operands: it needs group and mode=MODE_F16")
     grouped = src is not None
     if grouped and (grp is None or src.shape != grp.shape or keep.dim() != 2 or outlier_idx.dim() != 2):
         raise ValueError("grouped split_quantize takes src and grp of one shape [P], keep [groups, k_pad] and "
@@ -145,7 +151,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     else:
         q = torch.empty(m, k_pad, dtype=torch.float16 if mode == MODE_F16 else torch.float8_e4m3fn, device=dev)
         sc = q
-    if group:
+    if group and not fold_groups:
         sc = torch.empty(m, k_pad // group, dtype=torch.float32, device=dev)
     rs = torch.empty(m, dtype=torch.float32, device=dev)
     block = triton.next_power_of_2(k_pad)
@@ -165,11 +171,12 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
             m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
             INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
             SHARED_BESIDE=launch["PDL"] and shared_beside, **launch,
-            **(dict(src_ptr=src, grp_ptr=grp, GROUPED=True) if grouped else {}), **(dict(GROUP=group) if group else {}),
+            **(dict(src_ptr=src, grp_ptr=grp, GROUPED=True) if grouped else {}),
+            **(dict(GROUP=group, FOLD=fold_groups) if group else {}),
         )
         if launch["PDL"] and shared_beside:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)
-    if group:
+    if group and not fold_groups:
         return xo, q, sc
     if mode == MODE_PACKED:
         if fmt == "nvfp4":
@@ -306,18 +313,20 @@ def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
 
 
 def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
-    """INT4 with a scale per ``group`` columns: the transposed GEMM at every M, each group's partial products times
-    its scales in FP32 (no path that folds scales into e4m3 weights). Up to 16 tokens the tiles of per-row INT4; above,
-    64 weight rows on 4 warps up to 64 tokens, then 64-token tiles of 128 weight rows on 8 warps. Groups of 32 keep
-    a partial product per 32 columns, four of them live at once: 64 x 64 tiles on 8 warps above 16 tokens. These are
-    the tiles that compile for sm_90 without spilling registers (aot.py; 128 x 128 spilled); none is timed yet."""
+    """INT4 with a scale per ``group`` columns. Up to 64 tokens the transposed GEMM, each group's partial products
+    times its scales in FP32: the tiles of per-row INT4 up to 16 tokens (on the H100 0.63-0.93x MXFP4's time,
+    docs/bench/h100_formats_2026-12-07.md), then 64 x 64 on 4 warps, or on 8 for groups of 32 (a partial product per
+    32 columns, four live at once: 4 warps spilled registers). Above 64 tokens the prefill path, as nvfp4_config's:
+    weights expanded to FP16 with their group scales folded in (over the row's largest, one rounding), activations
+    likewise (split_quantize's fold_groups), then the plain GEMM on FP16 wgmma. The transposed GEMM that ran there
+    before took 2-4x BF16's time at 256-4096 tokens (64 x 128 tiles on 8 warps, the largest that did not spill); the
+    prefill path is not yet timed."""
     if m <= DECODE_MAX_M:
         return gemm_config(m, n, k_pad, "int4")
-    if group == 32:
-        return GemmConfig(64, 64, 1, False, 8, 3, swap=True, **overlapped(m, k_pad))
     if m <= SWAP_MAX_M:
-        return GemmConfig(64, 64, 4 if k_pad >= n else 1, False, 4, 3, swap=True, **overlapped(m, k_pad))
-    return GemmConfig(64, 128, 1, False, 8, 3, swap=True, **overlapped(m, k_pad))
+        return GemmConfig(64, 64, 4 if k_pad >= n else 1, False, 8 if group == 32 else 4, 3, swap=True,
+                          **overlapped(m, k_pad))
+    return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
@@ -428,9 +437,10 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         return _wgmma_gemm(a, sa, kw, xo, out_dtype, cfg, out)
     if cfg.swap and kw.fmt == "fp8" and (cfg.fold or not cfg.op_f8):
         raise ValueError("the transposed GEMM takes FP8-fallback weights with e4m3 operands only (op_f8, no fold)")
-    if kw.group and (cfg.fold or not transposed):
-        raise ValueError(f"INT4 weights with group scales (group {kw.group}) take the transposed GEMM (swap, no fold "
-                         "or expansion), which puts the scales on each group's partial products (int4_group_config)")
+    if kw.group and (cfg.fold or not (transposed or (cfg.expand and not cfg.op_f8))):
+        raise ValueError(f"INT4 weights with group scales (group {kw.group}) take the transposed GEMM (swap, no fold), "
+                         "which puts the scales on each group's partial products, or the FP16 expansion (expand, "
+                         "op_f8 off) with the scales folded in (int4_group_config)")
     if kw.fmt == "nvfp4" and (cfg.op_f8 or cfg.fold):
         raise ValueError("NVFP4 weights multiply FP16 operands (op_f8=False, no fold): e2m1 times an e4m3 block scale "
                          "is not an e4m3 number (ops.nvfp4_config)")
@@ -456,12 +466,16 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
                kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt)
     common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
                   INTERPRET=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
-    if kw.group:
+    if kw.group and transposed:
         if sa.shape != (m, kw.k_main // kw.group) or sa.dtype != torch.float32:
             raise ValueError(f"INT4 with group scales takes the token scales of each group, FP32 [M, "
                              f"{kw.k_main // kw.group}] (split_quantize with group={kw.group}); got {sa.dtype} "
                              f"{tuple(sa.shape)}")
         common["GROUP"] = kw.group
+    elif kw.group and sa.shape != (m,):
+        raise ValueError(f"the FP16 expansion of INT4 group scales takes operands with the scales folded in and one "
+                         f"scale per token (split_quantize with group={kw.group}, fold_groups=True); got scales "
+                         f"{tuple(sa.shape)}")
     stacked = {} if groups is None else dict(grp_ptr=groups, stride_ce=codes.stride(0), TILES=tiles, GROUPED=True)
     if cfg.swap:
         if groups is not None:  # the transposed GEMM also offsets the MXFP4 exponents by expert
@@ -594,8 +608,9 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
                    pdl: bool = False) -> torch.Tensor:
     """The weight operands [N, Kk] exactly as the GEMM builds them in registers (FP16 or e4m3).
 
-    FP16: value * 2**rel_exp (MXFP4), value * e4m3 block scale * 2**-8 (NVFP4), the int4 value, or the e4m3
-    value. op_f8: the same in e4m3, twice it for MXFP4 (not NVFP4, which has no e4m3 form).
+    FP16: value * 2**rel_exp (MXFP4), value * e4m3 block scale * 2**-8 (NVFP4), the int4 value (with group scales:
+    times its group's scale over the row's largest, rounded to FP16), or the e4m3 value. op_f8: the same in e4m3,
+    twice it for MXFP4 (not NVFP4 or INT4 with group scales, which have no e4m3 form).
     raw_e4m3 (MXFP4): what the transposed GEMM's e4m3 variant multiplies, value * 2**-6 (its
     block factors go on the partial products). lut (MXFP4): the byte-table unpack of the folded
     GEMM, value * 2**(rel_exp + 6) in e4m3. ``pdl``: launched overlapped with the split-quantize before it (the
@@ -607,6 +622,8 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
         raise ValueError(f"raw_e4m3 and lut are MXFP4 unpacks; got {kw.fmt}")
     if op_f8 and kw.fmt == "nvfp4":
         raise ValueError("NVFP4 weights decode to FP16 (op_f8=False): e2m1 times an e4m3 block scale is not e4m3")
+    if op_f8 and kw.group:
+        raise ValueError("INT4 weights with group scales decode to FP16 (op_f8=False), their group scales folded in")
     n = kw.row_scale.numel()  # stacked experts ([E, N, ...], contiguous: moe.stack_experts) as E * N rows
     if kw.codes.dim() > 2 and not (kw.codes.is_contiguous() and (kw.rel_exp is None or kw.rel_exp.is_contiguous())):
         raise ValueError("decode_weights takes stacked weights only as moe.stack_experts makes them (contiguous)")
@@ -616,7 +633,7 @@ def decode_weights(kw: KernelWeights, op_f8: bool, raw_e4m3: bool = False, lut: 
     decode_weights_kernel[(triton.cdiv(n, bn), kw.k_main // 64)](
         kw.codes, kw.rel_exp if kw.rel_exp is not None else kw.codes, out, n, kw.k_main, kw.codes.stride(-2),
         FMT=FMT_IDS[kw.fmt], OP_F8=op_f8, BN=bn, RAW_E4M3=raw_e4m3, LUT=lut, INTERPRET=interpreting(), num_warps=4,
-        **pdl_launch(kw.codes.device, pdl))
+        **pdl_launch(kw.codes.device, pdl), **(dict(sb_ptr=kw.row_scale, GROUP=kw.group) if kw.group else {}))
     return out
 
 
@@ -634,11 +651,17 @@ def layer_config(x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
                        frag=kw.frag is not None and not INTERPRETED, wgmma=hopper, cublas=hopper, group=kw.group)
 
 
+def split_for(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig):
+    """split_quantize of a 2-D input for the GEMM that ``cfg`` runs on a layer's kernel weights: (x_o, a, sa)."""
+    return split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
+                          pdl_late=cfg.pdl_late, shared_beside=not cfg.expand, group=kw.group,
+                          fold_groups=bool(kw.group) and cfg.expand)
+
+
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize, then the dual-path GEMM."""
     cfg = cfg or layer_config(x, kw)
-    xo, a, sa = split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
-                               pdl_late=cfg.pdl_late, shared_beside=not cfg.expand, group=kw.group)
+    xo, a, sa = split_for(x, kw, cfg)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 

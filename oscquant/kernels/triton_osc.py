@@ -88,7 +88,7 @@ def split_quantize_kernel(
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
     SHARED_BESIDE: tl.constexpr = False, src_ptr=None, grp_ptr=None, GROUPED: tl.constexpr = False,
-    GROUP: tl.constexpr = 0,
+    GROUP: tl.constexpr = 0, FOLD: tl.constexpr = False,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
@@ -98,7 +98,9 @@ def split_quantize_kernel(
     needs shared memory (overlap.py); the others keep the default carve-out and with it their L1.
     GROUPED (MoE experts, moe.py): output row r quantizes x row src[r] with the outlier channels of group grp[r]
     (keep [groups, K_PAD], out_idx [groups, K_OUT]): one launch for every (token, expert) pair of a layer.
-    GROUP (INT4 only; a power of two dividing K_PAD): a scale per GROUP columns of a token, not one per token."""
+    GROUP (INT4 only; a power of two dividing K_PAD): a scale per GROUP columns of a token, not one per token; with
+    FOLD (MODE_F16) each value times its group's scale over the token's largest (of its nonzero groups), rounded once
+    to FP16, and that largest scale per token in rs (the prefill path's operands)."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -164,11 +166,20 @@ def split_quantize_kernel(
             xg = tl.reshape(x, [ROWS, BLOCK // GROUP, GROUP])
             amax = tl.max(tl.abs(xg), axis=2)
             scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
-            q = tl.reshape(_round_even(tl.math.div_rn(xg, scale[:, :, None])), [ROWS, BLOCK])
-            ng = tl.arange(0, BLOCK // GROUP)
-            tl.store(s_ptr + r[:, None] * (K_PAD // GROUP) + ng[None, :], scale,
-                     mask=rm[:, None] & (ng < K_PAD // GROUP)[None, :])
-        q = tl.minimum(tl.maximum(q, -8.0), 7.0)
+            q = _round_even(tl.math.div_rn(xg, scale[:, :, None]))
+            if FOLD:  # all-zero groups (scale 1) do not count towards the largest: their values are 0
+                tl.static_assert(MODE == 1, "folded group scales make FP16 operands")
+                top = tl.max(tl.where(amax > 0, scale, 0.0), axis=1)
+                top = tl.where(top > 0, top, 1.0)
+                q = tl.minimum(tl.maximum(q, -8.0), 7.0) * tl.math.div_rn(scale, top[:, None])[:, :, None]
+                tl.store(rs_ptr + r, top, mask=rm)
+            else:
+                ng = tl.arange(0, BLOCK // GROUP)
+                tl.store(s_ptr + r[:, None] * (K_PAD // GROUP) + ng[None, :], scale,
+                         mask=rm[:, None] & (ng < K_PAD // GROUP)[None, :])
+            q = tl.reshape(q, [ROWS, BLOCK])
+        if not FOLD:
+            q = tl.minimum(tl.maximum(q, -8.0), 7.0)
         if MODE == 0:
             _store_nibbles(q_ptr, r, rm, q.to(tl.int32) & 0xF, K_PAD, ROWS, BLOCK)
         elif MODE == 1:
@@ -484,10 +495,13 @@ def _store_tile(acc, y, ws, mask, cnt, SPLIT_K: tl.constexpr):
 @triton.jit
 def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
                           FMT: tl.constexpr, OP_F8: tl.constexpr, BN: tl.constexpr, RAW_E4M3: tl.constexpr = False,
-                          LUT: tl.constexpr = False, INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False):
+                          LUT: tl.constexpr = False, INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
+                          sb_ptr=None, GROUP: tl.constexpr = 0):
     """Write the weight operands exactly as the GEMM decodes them: for tests, and as the FP8
     expansion of 4-bit weights ahead of a large-M GEMM. RAW_E4M3 (MXFP4, for tests): the e4m3
     operands of the transposed GEMM's e4m3 variant, before their block factors (e2m1 * 2**-6).
+    GROUP (INT4 with a scale per GROUP columns, FP16 out): each value times its group's scale (be, [N, K_PAD / GROUP])
+    over the row's largest (sb), rounded once to FP16 (11 significant bits: the one rounding of the prefill path).
     PDL (overlap.py): launched while split-quantize still runs; it reads only the weights, and waits for
     split-quantize at its end, so that the GEMM launched after it finds both kernels' outputs complete."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -501,6 +515,13 @@ def decode_weights_kernel(b_ptr, be_ptr, out_ptr, N, K_PAD, stride_bn,
         b_lo, b_hi = _unpack_lut(p, e0.to(tl.int32), e1.to(tl.int32), INTERPRET)
     else:
         b_lo, b_hi = _decode_codes(p, e0, e1, FMT, OP_F8, INTERPRET)
+    if GROUP:
+        top = tl.load(sb_ptr + rn64, mask=nm, other=1.0)
+        srow = be_ptr + rn64 * (K_PAD // GROUP)
+        f_lo = tl.math.div_rn(tl.load(srow + ck * 64 // GROUP, mask=nm, other=0.0), top)
+        f_hi = tl.math.div_rn(tl.load(srow + (ck * 64 + 32) // GROUP, mask=nm, other=0.0), top)
+        b_lo = (b_lo.to(tl.float32) * f_lo[:, None]).to(tl.float16)
+        b_hi = (b_hi.to(tl.float32) * f_hi[:, None]).to(tl.float16)
     h = tl.arange(0, 32)
     base = out_ptr + rn64[:, None] * K_PAD + ck * 64 + h[None, :]
     tl.store(base, b_lo, mask=nm[:, None])
@@ -532,8 +553,9 @@ def osc_gemm_kernel(
 
     A: [M, K_PAD] FP16 or FP8 operands from split_quantize. B: 4-bit codes in chunk layout
     ([N, K_PAD/2] bytes, FMT 0/1/3, BK/64 chunks per step) or e4m3 ([N, K_PAD], FMT 2, BK
-    columns per step; FP16 weights expanded from NVFP4 take the same path with OP_F8 off). be: MXFP4 relative exponents [N, K_PAD/32]. SPLIT_K > 1: see _store_tile
-    (ws [M, N] FP32, cnt one int32 per output tile). SB_SCALE: what the expanded e4m3 weights are over the
+    columns per step; FP16 weights expanded from NVFP4 or INT4 with group scales take the same path with OP_F8 off). be:
+    MXFP4 relative exponents [N, K_PAD/32]. SPLIT_K > 1: see _store_tile (ws [M, N] FP32, cnt one int32 per output
+    tile). SB_SCALE: what the expanded e4m3 weights are over the
     values (0.5 or 2**-6 for MXFP4, by ops.decode_weights' recipe).
     GROUPED (MoE experts on long prompts, FMT 2 only: the experts' weights expanded to e4m3 and stacked): token tile
     t is the row grp[t] = (first row, rows <= BM, expert) of moe.route's tile table [TILES, 3], as in
