@@ -14,8 +14,9 @@ rel_exp [N, Kk/32] int8 (MXFP4): each 32-column block's E8M0 exponent minus the 
         largest goes into the row scale.
         [N, Kk/16] fp16 (NVFP4): each 16-column block's factor, its e4m3 scale times 2**6 (exact; the FP16 unpack's
         e2m1 * 2**-14 times it is e2m1 * scale * 2**-8, exact in FP16 down to the smallest e4m3 scale).
-        [N, Kk/G] fp32 (INT4 with a scale per G columns): the group scales themselves. The kernels multiply
-        each group's partial product by the weight's and the token's scale of that group.
+        [N, Kk/G] fp32 (INT4 with a scale per G columns): the group scales themselves. The transposed GEMM
+        multiplies each group's partial product by the weight's and the token's scale of that group; the prefill
+        path folds them into FP16 weights, over the row scale (ops.decode_weights).
 row_scale [N] fp32: 2**(max exponent - 127) for MXFP4, the per-tensor scale times 2**8 for NVFP4, the int4
         scale for INT4 (with group scales the largest of the row's, which only the prefill path uses), the e4m3 scale
         for FP8.
