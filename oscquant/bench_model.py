@@ -129,14 +129,15 @@ def measure_prefill_graph(model, ids: torch.Tensor, prefill: int, reps: int, com
 
 
 def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str = "cuda", dims: dict | None = None,
-                vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False, moe: bool = False
-                ) -> tuple[list[ModelRow], dict]:
+                vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False, moe: bool = False,
+                group_size: int | None = None) -> tuple[list[ModelRow], dict]:
     """Rows for BF16, OSC with its sibling projections apart and stacked, and the relative differences of their first
     decode step's logits (with, as strings, why a step could not be captured). ``compile`` (GPU): also the decode step
     and the prefill compiled by torch.compile, each then replayed from a CUDA graph. ``moe``: Qwen3-30B-A3B's shapes
     (a Qwen3-MoE model); its OSC rows run the experts one by one through their own layers (eager only: that loop asks
     the host which experts were reached), then through the grouped kernels (kernels/moe.py) one pair a program, and
-    as the library does by default (in tiles of pairs where pairs meet on experts)."""
+    as the library does by default (in tiles of pairs where pairs meet on experts). ``fmt`` and ``group_size``: the
+    OSC layers' 4-bit format (down_proj falls back to FP8 as by default)."""
     from .config import OSCConfig
     from .convert import quantize
     from .siblings import fuse_siblings
@@ -147,7 +148,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     osc = copy.deepcopy(model)
     g = torch.Generator().manual_seed(2)
     calib = [torch.randint(0, vocab, (1, 128), generator=g).to(device) for _ in range(4)]
-    quantize(osc, OSCConfig.osc(fmt, outliers), calib, progress=False)
+    quantize(osc, OSCConfig.osc(fmt, outliers, group_size=group_size), calib, progress=False)
     stacked = copy.deepcopy(osc)
     fuse_siblings(stacked)
     g = torch.Generator().manual_seed(1)

@@ -208,7 +208,8 @@ def cmd_bench(a) -> int:
         from .bench_model import bench_model
         from .bench_model import markdown as model_markdown
 
-        rows, errs = bench_model(a.layers, a.prefill, compile=a.compile, moe=a.moe)
+        rows, errs = bench_model(a.layers, a.prefill, compile=a.compile, moe=a.moe, fmt=a.format,
+                                 group_size=a.group_size)
         text = model_markdown(rows, a.prefill) + "\n\n" + "\n".join(
             f"- {k}: {v}" if isinstance(v, str) else f"- first decode step's logits, {k}: relative difference {v:.1e}"
             for k, v in errs.items())
@@ -345,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--md", default=None, help="write the Markdown table and target checks here")
     b.add_argument("--png", default=None, help="write the figure (speed against BF16 by M, one panel a shape) here")
     b.add_argument("--base", default=None, help="an earlier gemm run's JSON: gemm and diff compare against it")
-    b.add_argument("--format", default="mxfp4", choices=FP4_FORMATS, help="gemm: the OSC layers' 4-bit format")
-    b.add_argument("--group-size", type=int, default=None, help="gemm, int4 only: columns per scale (default per row)")
+    b.add_argument("--format", default="mxfp4", choices=FP4_FORMATS, help="gemm, model: the OSC layers' 4-bit format")
+    b.add_argument("--group-size", type=int, default=None,
+                   help="gemm, model; int4 only: columns per scale (default per row)")
     b.add_argument("--layers", type=int, default=4, help="model: decoder layers of the Qwen3-8B-shaped model")
     b.add_argument("--prefill", type=int, default=512, help="model: prompt tokens (also the decode step's KV cache)")
     b.add_argument("--compile", action="store_true",

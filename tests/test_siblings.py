@@ -113,7 +113,7 @@ def test_fused_siblings_through_the_kernels(m, monkeypatch):
     assert torch.isfinite(together).all() and rel_err(together, apart) <= 2e-2
 
 
-def test_model_bench_runs_the_three_models_and_compares_their_logits():
+def test_model_bench_runs_the_three_models_and_compares_their_logits(monkeypatch):
     """`oscquant bench model`'s harness, on a tiny Qwen3 on the CPU: BF16 (here float32), OSC with siblings apart and
     stacked; stacking changes no logit, quantizing changes some."""
     from oscquant.bench_model import bench_model, markdown
@@ -126,6 +126,17 @@ def test_model_bench_runs_the_three_models_and_compares_their_logits():
     assert 1e-4 < apart < 0.5 and abs(stacked_vs_float - apart) < 1e-5 and stacked < 1e-5, errs
     md = markdown(rows, 16)
     assert md.count("\n| OSC") == 2 and "prefill of 16 tokens, ms a layer" in md
+    # another 4-bit format: INT4 with a scale per 32 columns, its layers so quantized
+    from oscquant import convert
+
+    schemes = []
+    quantize = convert.quantize
+    monkeypatch.setattr(convert, "quantize",
+                        lambda model, cfg, *a, **k: schemes.append(cfg.default) or quantize(model, cfg, *a, **k))
+    rows, errs = bench_model(layers=1, prefill=8, reps=1, device="cpu", dims=dims, vocab=128, outliers=16,
+                             fmt="int4", group_size=32)
+    assert [(s.format, s.group_size) for s in schemes] == [("int4", 32)]
+    assert len(rows) == 3 and 1e-4 < errs["OSC, siblings apart vs float"] < 0.5, errs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
