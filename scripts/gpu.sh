@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, the GEMM benchmark and the model end to end.
-# Usage: bash scripts/gpu.sh [tests] [bench] [model] [moe]   (tests, bench and model without arguments; on the lent
+# Usage: bash scripts/gpu.sh [tests] [bench] [model] [moe] [formats]   (tests, bench and model without arguments; on the lent
 # device, whose commands stop after 10 minutes, run "tests" (about 7 minutes) and "bench model" (about 3) as two calls;
-# "moe": the MoE experts' grouped GEMM configs per projection, then `bench model --moe` at 256 and 8192 tokens)
+# "moe": the MoE experts' grouped GEMM configs per projection, then `bench model --moe` at 256 and 8192 tokens;
+# "formats": `bench gemm` for MXFP4, NVFP4, INT4 and INT4 groups of 128 side by side, scripts/formats_bench.sh)
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
 # Results land in ${OUT:-out}/: gpu.txt, pytest.log, bench.json, bench.md, bench.png, bench.log (with the comparison
-# against the newest full run in docs/bench), model.md, moe_tiles.md, moe_256.md, moe_8192.md.
+# against the newest full run in docs/bench), model.md, moe_tiles.md, moe_256.md, moe_8192.md, formats.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -15,7 +16,9 @@ PARTS=" ${*:-tests bench model} "
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [[ $PARTS == *" tests "* ]]; then
-    python3 -m pytest -q -x tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
+    # a fresh Inductor cache: a call stopped by its time limit can leave a truncated .so in the shared one
+    # ("invalid ELF header" in the next compiled test)
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m pytest -q -x tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
         tests/test_cli.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/pytest.log" | tail -15
 fi
@@ -39,4 +42,7 @@ if [[ $PARTS == *" moe "* ]]; then
     for p in ${MOE_PREFILL:-256 8192}; do
         python3 -m oscquant.cli bench model --moe --layers 2 --prefill "$p" --md "$OUT/moe_$p.md" 2>&1 | tail -12
     done
+fi
+if [[ $PARTS == *" formats "* ]]; then
+    OUT=$OUT bash scripts/formats_bench.sh "${FORMATS_M:-1,16,256,4096}" "${FORMATS_K:-128}"
 fi
