@@ -366,6 +366,73 @@ def plot(rows: list[Row], path_png: str, k_out: int | None = None):
     return fig
 
 
+def formats_table(runs: dict[str, list[Row]]) -> str:
+    """Runs of `bench gemm` in several 4-bit formats (name -> rows; the first the reference, e.g. MXFP4) side by
+    side: OSC + split-quantize µs per format on the rows of the first run, each format's speed over the first's, and
+    each one's over BF16 (BF16 and FP8 from the first run). A row missing from a run shows as n/a."""
+    names = list(runs)
+    if not names:
+        raise ValueError("formats_table needs at least one run")
+    by_key = {n: {(r.shape, r.m, r.k_out): r for r in rows} for n, rows in runs.items()}
+    lines = ["| shape | M | k | BF16 µs | FP8 µs | " + " | ".join(f"{n} µs" for n in names) + " | "
+             + " | ".join(f"{n} × {names[0]}" for n in names[1:]) + (" | " if names[1:] else "")
+             + " | ".join(f"{n} × BF16" for n in names) + " |"]
+    lines.append("|" + "---|" * (5 + 3 * len(names) - 1))
+    cell = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    for key, base in by_key[names[0]].items():
+        us = [by_key[n][key].osc_us if key in by_key[n] else None for n in names]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {base.bf16_us:.1f} | {base.fp8_us:.1f} | "
+                     + " | ".join("n/a" if u is None else f"{u:.1f}" for u in us) + " | "
+                     + " | ".join(cell(None if u is None else us[0] / u) for u in us[1:]) + (" | " if us[1:] else "")
+                     + " | ".join(cell(None if u is None else base.bf16_us / u) for u in us) + " |")
+    return "\n".join(lines)
+
+
+def plot_formats(runs: dict[str, list[Row]], path_png: str, k_out: int | None = None):
+    """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M for OSC + split-quantize in each
+    format of ``runs`` (name -> rows of `bench gemm`), and cuBLAS FP8 W8A8 from the first run. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    names = list(runs)
+    k_out = k_out or max(r.k_out for r in runs[names[0]])
+    shapes = list(dict.fromkeys(r.shape for r in runs[names[0]] if r.k_out == k_out))
+    if not shapes:
+        raise ValueError(f"no rows with k = {k_out} planted channels to plot")
+    cols = min(3, len(shapes))
+    fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(shapes) // cols)),
+                             squeeze=False, sharey=True)
+    for ax, shape in zip(axes.flat, shapes):
+        for i, name in enumerate(names):
+            sel = sorted((r for r in runs[name] if r.shape == shape and r.k_out == k_out), key=lambda r: r.m)
+            ax.plot([r.m for r in sel], [r.bf16_us / r.osc_us for r in sel], "o-", color=f"C{i}", label=name, ms=4)
+            if i == 0:
+                ax.plot([r.m for r in sel], [r.bf16_us / r.fp8_us for r in sel], "s--", color="grey",
+                        label="cuBLAS FP8 W8A8", ms=4)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_title(shape, fontsize=10)
+        ax.set_xlabel("tokens M")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speed vs cuBLAS BF16 (×)")
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"OSC + split-quantize by 4-bit format, k = {k_out} (CUDA graphs, L2 flushed)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return fig
+
+
 SWEEP_CONFIGS = {  # GemmConfig fields: bm, bn, split_k, op_f8, warps, stages, bk, expand
     "decode": [(16, bn, sk, False, w, st, 256, False) for bn, sk, w, st in
                [(32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2), (32, 8, 4, 2), (64, 1, 4, 2), (64, 2, 4, 2),

@@ -210,6 +210,29 @@ def test_bench_diff_against_an_earlier_run(tmp_path, capsys):
     code, _, err = run(capsys, "bench", "diff", "--json", tmp_path / "other.json", "--base", tmp_path / "base.json")
     assert code == 2 and "share no row" in err
 
+def test_formats_table_and_figure_side_by_side(tmp_path):
+    """scripts/formats_bench.sh's table and figure: each format's OSC + split beside the first run's, as speed over
+    it and over BF16; a row one run lacks shows as n/a."""
+    from oscquant.bench import Row, formats_table, plot_formats
+
+    def row(m, osc, shape="8B o"):
+        return Row(shape, 4096, 4096, m, 128, 20.0, None, 16.0, osc - 3, osc, 21.0, 1.0, 1.0, 50.0, 60.0, 16.0 / osc,
+                   20.0 / osc)
+    runs = {"mxfp4": [row(1, 10.0), row(4096, 25.0)], "nvfp4": [row(1, 20.0)]}
+    md = formats_table(runs).splitlines()
+    assert md[0] == ("| shape | M | k | BF16 µs | FP8 µs | mxfp4 µs | nvfp4 µs | nvfp4 × mxfp4 | mxfp4 × BF16 "
+                     "| nvfp4 × BF16 |")
+    assert md[2] == "| 8B o | 1 | 128 | 20.0 | 16.0 | 10.0 | 20.0 | 0.50 | 2.00 | 1.00 |"
+    assert md[3] == "| 8B o | 4096 | 128 | 20.0 | 16.0 | 25.0 | n/a | n/a | 0.80 | n/a |"
+    fig = plot_formats({**runs, "int4": [row(1, 8.0), row(1, 8.0, "8B qkv")]}, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["8B o"]  # the first run's shapes
+    lines = {line.get_label(): list(line.get_ydata()) for line in panels[0].get_lines()}
+    assert lines["mxfp4"] == [2.0, 0.8] and lines["nvfp4"] == [1.0] and lines["int4"] == [2.5]
+    assert lines["cuBLAS FP8 W8A8"] == [1.25, 1.25]
+
+
 def test_bench_plot_from_saved_rows(tmp_path, capsys):
     """`oscquant bench plot` draws a saved GPU run anywhere: one panel a shape, OSC's speed against BF16."""
     from oscquant.bench import Row, load, plot, save
