@@ -303,7 +303,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
 def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
     """NVFP4, FP16 operands throughout (its weights are e2m1 times an e4m3 scale per 16 columns: exact in FP16, not
     in e4m3). Up to 64 tokens the FP16 transposed GEMM with the tiles measured for MXFP4 and INT4 there (on the H100
-    0.49-0.72x MXFP4's time at 1-16 tokens, docs/bench/h100_formats_2026-12-07.md). Above, the weights expanded to
+    1.4-2.0x MXFP4's time at 1-16 tokens, docs/bench/h100_formats_2026-12-07.md). Above, the weights expanded to
     FP16 beside split-quantize and the plain GEMM on FP16 wgmma, on the tiles of the e4m3 expansion path with 64
     columns a step (FP16 doubles a step's bytes): the plain GEMM unpacking the codes in registers, which ran there
     before, took 3-5x BF16's time at 256-4096 tokens (same file). The expansion path is not yet timed."""
@@ -314,7 +314,7 @@ def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
 
 def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
     """INT4 with a scale per ``group`` columns. Up to 64 tokens the transposed GEMM, each group's partial products
-    times its scales in FP32: the tiles of per-row INT4 up to 16 tokens (on the H100 0.63-0.93x MXFP4's time,
+    times its scales in FP32: the tiles of per-row INT4 up to 16 tokens (on the H100 1.1-1.6x MXFP4's time,
     docs/bench/h100_formats_2026-12-07.md), then 64 x 64 on 4 warps, or on 8 for groups of 32 (a partial product per
     32 columns, four live at once: 4 warps spilled registers). Above 64 tokens the prefill path, as nvfp4_config's:
     weights expanded to FP16 with their group scales folded in (over the row's largest, one rounding), activations
