@@ -314,25 +314,61 @@ def diff(base: list[Row], rows: list[Row], slower: float = 0.97) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path_png: str, k_out: int | None = None):
-    """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M (both log scale) for
-    OSC + split-quantize, the two cuBLAS W8A8 GEMMs and the FP8-fallback layer, k = k_out planted
-    channels (the largest in the rows by default); the issue's targets as grey marks. Returns the figure."""
+def _speed_panels(count: int):
+    """A figure of ``count`` panels, three a row, sharing the speed axis (the two plots below)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    cols = min(3, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    return fig, axes
+
+
+def _style_speed_panel(ax, title: str) -> None:
+    """Both axes log 2 with plain tick labels (0.5, 1, 2 and 1, 4, ..., 16384 rather than powers of two), the BF16
+    line at 1, the title and the grid."""
     from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 1, 2 and 1, 4, ..., 16384 rather than powers of two
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(plain)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("tokens M")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _save_speed_panels(fig, axes, used: int, title: str, path_png: str):
+    """Labels, the first panel's legend, the spare panels hidden; written to path_png and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speed vs cuBLAS BF16 (×)")
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot(rows: list[Row], path_png: str, k_out: int | None = None):
+    """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M (both log scale) for
+    OSC + split-quantize, the two cuBLAS W8A8 GEMMs and the FP8-fallback layer, k = k_out planted
+    channels (the largest in the rows by default); the issue's targets as grey marks. Returns the figure."""
     k_out = k_out or max(r.k_out for r in rows)
     rows = [r for r in rows if r.k_out == k_out]
     shapes = list(dict.fromkeys((r.shape, r.n, r.k_in) for r in rows))
     if not shapes:
         raise ValueError(f"no rows with k = {k_out} planted channels to plot")
-    cols = min(3, len(shapes))
-    fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(shapes) // cols)),
-                             squeeze=False, sharey=True)
+    fig, axes = _speed_panels(len(shapes))
     series = [("OSC + split (W4A4)", "osc_us", "C0", "o-"), ("cuBLAS FP8 W8A8", "fp8_us", "C1", "s--"),
               ("cuBLAS INT8 W8A8", "int8_us", "C2", "^--"), ("OSC FP8 fallback", "fallback_us", "C3", "x:")]
     for ax, (name, n, k) in zip(axes.flat, shapes):
@@ -340,30 +376,15 @@ def plot(rows: list[Row], path_png: str, k_out: int | None = None):
         for label, field, color, style in series:
             pts = [(r.m, r.bf16_us / getattr(r, field)) for r in sel if getattr(r, field)]
             ax.plot(*zip(*pts), style, color=color, label=label, ms=4)
-        ax.axhline(1.0, color="k", lw=0.8)
         for r in sel:  # the targets: 1.8x the best W8A8 up to 16 tokens, 0.9x cuBLAS FP8 from 4096
             if r.m <= 16:
                 ax.plot(r.m, 1.8 * r.bf16_us / _best_w8a8_us(r), "_", color="grey", ms=12, mew=2)
             elif r.m >= 4096:
                 ax.plot(r.m, 0.9 * r.bf16_us / r.fp8_us, "_", color="grey", ms=12, mew=2)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.xaxis.set_major_formatter(plain)
-        ax.yaxis.set_major_formatter(plain)
-        ax.set_title(f"{name} {n}×{k}", fontsize=10)
-        ax.set_xlabel("tokens M")
-        ax.grid(alpha=0.3, which="both")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("speed vs cuBLAS BF16 (×)")
-    for ax in list(axes.flat)[len(shapes):]:
-        ax.set_visible(False)
+        _style_speed_panel(ax, f"{name} {n}×{k}")
     axes.flat[0].plot([], [], "_", color="grey", ms=12, mew=2, label="target (M ≤ 16, M ≥ 4096)")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"oscquant bench gemm, k = {k_out} outlier channels (CUDA graphs, L2 flushed)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
-    plt.close(fig)
-    return fig
+    return _save_speed_panels(fig, axes, len(shapes),
+                              f"oscquant bench gemm, k = {k_out} outlier channels (CUDA graphs, L2 flushed)", path_png)
 
 
 def formats_table(runs: dict[str, list[Row]]) -> str:
@@ -391,21 +412,12 @@ def formats_table(runs: dict[str, list[Row]]) -> str:
 def plot_formats(runs: dict[str, list[Row]], path_png: str, k_out: int | None = None):
     """One panel per layer shape: speed relative to cuBLAS BF16 against tokens M for OSC + split-quantize in each
     format of ``runs`` (name -> rows of `bench gemm`), and cuBLAS FP8 W8A8 from the first run. Returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
     names = list(runs)
     k_out = k_out or max(r.k_out for r in runs[names[0]])
     shapes = list(dict.fromkeys(r.shape for r in runs[names[0]] if r.k_out == k_out))
     if not shapes:
         raise ValueError(f"no rows with k = {k_out} planted channels to plot")
-    cols = min(3, len(shapes))
-    fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(shapes) // cols)),
-                             squeeze=False, sharey=True)
+    fig, axes = _speed_panels(len(shapes))
     for ax, shape in zip(axes.flat, shapes):
         for i, name in enumerate(names):
             sel = sorted((r for r in runs[name] if r.shape == shape and r.k_out == k_out), key=lambda r: r.m)
@@ -413,24 +425,9 @@ def plot_formats(runs: dict[str, list[Row]], path_png: str, k_out: int | None = 
             if i == 0:
                 ax.plot([r.m for r in sel], [r.bf16_us / r.fp8_us for r in sel], "s--", color="grey",
                         label="cuBLAS FP8 W8A8", ms=4)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.xaxis.set_major_formatter(plain)
-        ax.yaxis.set_major_formatter(plain)
-        ax.set_title(shape, fontsize=10)
-        ax.set_xlabel("tokens M")
-        ax.grid(alpha=0.3, which="both")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("speed vs cuBLAS BF16 (×)")
-    for ax in list(axes.flat)[len(shapes):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"OSC + split-quantize by 4-bit format, k = {k_out} (CUDA graphs, L2 flushed)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
-    plt.close(fig)
-    return fig
+        _style_speed_panel(ax, shape)
+    return _save_speed_panels(fig, axes, len(shapes),
+                              f"OSC + split-quantize by 4-bit format, k = {k_out} (CUDA graphs, L2 flushed)", path_png)
 
 
 SWEEP_CONFIGS = {  # GemmConfig fields: bm, bn, split_k, op_f8, warps, stages, bk, expand
