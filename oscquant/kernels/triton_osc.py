@@ -160,26 +160,24 @@ def split_quantize_kernel(
         if not GROUP:
             amax = tl.max(tl.abs(x), axis=1)
             scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
-            q = _round_even(tl.math.div_rn(x, scale[:, None]))
+            q = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(x, scale[:, None])), -8.0), 7.0)
             tl.store(rs_ptr + r, scale, mask=rm)
         else:
             xg = tl.reshape(x, [ROWS, BLOCK // GROUP, GROUP])
             amax = tl.max(tl.abs(xg), axis=2)
             scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
-            q = _round_even(tl.math.div_rn(xg, scale[:, :, None]))
+            q = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(xg, scale[:, :, None])), -8.0), 7.0)
             if FOLD:  # all-zero groups (scale 1) do not count towards the largest: their values are 0
                 tl.static_assert(MODE == 1, "folded group scales make FP16 operands")
                 top = tl.max(tl.where(amax > 0, scale, 0.0), axis=1)
                 top = tl.where(top > 0, top, 1.0)
-                q = tl.minimum(tl.maximum(q, -8.0), 7.0) * tl.math.div_rn(scale, top[:, None])[:, :, None]
+                q = q * tl.math.div_rn(scale, top[:, None])[:, :, None]
                 tl.store(rs_ptr + r, top, mask=rm)
             else:
                 ng = tl.arange(0, BLOCK // GROUP)
                 tl.store(s_ptr + r[:, None] * (K_PAD // GROUP) + ng[None, :], scale,
                          mask=rm[:, None] & (ng < K_PAD // GROUP)[None, :])
             q = tl.reshape(q, [ROWS, BLOCK])
-        if not FOLD:
-            q = tl.minimum(tl.maximum(q, -8.0), 7.0)
         if MODE == 0:
             _store_nibbles(q_ptr, r, rm, q.to(tl.int32) & 0xF, K_PAD, ROWS, BLOCK)
         elif MODE == 1:
