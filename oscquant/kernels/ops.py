@@ -309,6 +309,12 @@ def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
     before, took 3-5x BF16's time at 256-4096 tokens (same file). The expansion path is not yet timed."""
     if m <= SWAP_MAX_M:
         return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
+    return _fp16_expansion_config(m, n, k_pad)
+
+
+def _fp16_expansion_config(m: int, n: int, k_pad: int) -> GemmConfig:
+    """The prefill path on weights expanded to FP16 (NVFP4, INT4 with group scales): the e4m3 expansion path's tiles
+    with FP16 operands and 64 columns a step (FP16 doubles a step's bytes)."""
     return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
 
 
@@ -326,7 +332,7 @@ def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
     if m <= SWAP_MAX_M:
         return GemmConfig(64, 64, 4 if k_pad >= n else 1, False, 8 if group == 32 else 4, 3, swap=True,
                           **overlapped(m, k_pad))
-    return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
+    return _fp16_expansion_config(m, n, k_pad)
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
