@@ -166,8 +166,8 @@ def kernel_weights(layer, frag: bool = True) -> KernelWeights:
 
 
 def reference_operand(kw: KernelWeights) -> torch.Tensor:
-    """What the kernels decode the weights to, before the row scale (and INT4's group scales, which the kernels put on
-    partial products): float32 [N, Kk]."""
+    """What the kernels decode the weights to, before the row scale and INT4's group scales (which the transposed GEMM
+    puts on partial products and ops.decode_weights folds into FP16 weights for the prefill path): float32 [N, Kk]."""
     if kw.fmt == "fp8":
         return kw.codes.float()
     codes = chunk_unpack(kw.codes)
