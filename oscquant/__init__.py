@@ -9,7 +9,8 @@ from .config import LayerScheme, OSCConfig  # noqa: E402
 from .convert import quantize, summary  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .linear import OSCLinear  # noqa: E402
+from .norms import fuse_norms  # noqa: E402
 from .siblings import fuse_siblings  # noqa: E402
 
-__all__ = ["accuracy", "ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "fuse_siblings", "load_quantized",
+__all__ = ["accuracy", "ChannelStats", "LayerScheme", "OSCConfig", "OSCLinear", "collect_stats", "fuse_norms", "fuse_siblings", "load_quantized",
            "perplexity", "quantize", "save_quantized", "summary"]

@@ -11,6 +11,7 @@ Triton's interpreter when TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -38,9 +39,24 @@ def _load_kernels() -> None:
         register()
 
 
+_forced: str | None = None
+
+
+@contextmanager
+def forced(name: str):
+    """Run every OSC layer on backend ``name`` inside the block, whatever OSCQUANT_BACKEND says (norms.py checks its
+    fusion on the reference path)."""
+    global _forced
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
+
+
 def _wanted(x: torch.Tensor) -> str:
     """OSCQUANT_BACKEND (default auto), the kernels loaded first where they may run on x."""
-    wanted = os.environ.get("OSCQUANT_BACKEND", "auto")
+    wanted = _forced or os.environ.get("OSCQUANT_BACKEND", "auto")
     if wanted != "reference" and (x.is_cuda or wanted == "triton"):
         _load_kernels()
     return wanted
@@ -81,5 +97,10 @@ def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top
 
 
 def linear_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
+    """x is the layer's input, or where it runs the RMSNorm before it (norms.py), that norm's input."""
     name = choose(layer, x)
-    return reference_forward(layer, x) if name == "reference" else _KERNELS[name][1](layer, x)
+    if name != "reference":
+        return _KERNELS[name][1](layer, x)
+    if layer.input_norm is not None:
+        x = layer.input_norm.norm(x)
+    return reference_forward(layer, x)

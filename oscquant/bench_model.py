@@ -1,5 +1,6 @@
 """`oscquant bench model`: a Qwen3-8B-shaped model end to end, BF16 against OSC W4A4 with its sibling projections
-run one by one and stacked (siblings.py), side by side in one process.
+run one by one and stacked (siblings.py), and stacked with the RMSNorms before them run in their split-quantize
+(norms.py), side by side in one process.
 
 The model is built from Qwen3's config class with random weights (speed does not depend on them): Qwen3-8B's layer
 shapes (hidden 4096, intermediate 12288, 32 query and 8 KV heads of 128), a few decoder layers, and a small
@@ -131,7 +132,8 @@ def measure_prefill_graph(model, ids: torch.Tensor, prefill: int, reps: int, com
 def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str = "cuda", dims: dict | None = None,
                 vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False, moe: bool = False,
                 group_size: int | None = None) -> tuple[list[ModelRow], dict]:
-    """Rows for BF16, OSC with its sibling projections apart and stacked, and the relative differences of their first
+    """Rows for BF16, OSC with its sibling projections apart and stacked (and stacked with the RMSNorms before them run
+    in their split-quantize, norms.py), and the relative differences of their first
     decode step's logits (with, as strings, why a step could not be captured). ``compile`` (GPU): also the decode step
     and the prefill compiled by torch.compile, each then replayed from a CUDA graph. ``moe``: Qwen3-30B-A3B's shapes
     (a Qwen3-MoE model); its OSC rows run the experts one by one through their own layers (eager only: that loop asks
@@ -140,6 +142,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     OSC layers' 4-bit format (down_proj falls back to FP8 as by default)."""
     from .config import OSCConfig
     from .convert import quantize
+    from .norms import fuse_norms
     from .siblings import fuse_siblings
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -151,6 +154,10 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     quantize(osc, OSCConfig.osc(fmt, outliers, group_size=group_size), calib, progress=False)
     stacked = copy.deepcopy(osc)
     fuse_siblings(stacked)
+    normed = None
+    if not moe:  # the RMSNorms before q/k/v and gate/up run in their split-quantize (norms.py)
+        normed = copy.deepcopy(stacked)
+        fuse_norms(normed)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (1, prefill + reps + 3), generator=g).to(device)
     rows, logits, notes = [], {}, {}
@@ -158,7 +165,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     if moe:
         variants += [(name, stacked) for name in (ONE_BY_ONE, PAIR_A_PROGRAM, TILED, EXPANDED)]
     else:
-        variants += [("OSC, siblings apart", osc), ("OSC, siblings stacked", stacked)]
+        variants += [("OSC, siblings apart", osc), ("OSC, siblings stacked", stacked), (NORMS_FUSED, normed)]
     for name, m in variants:
         one_by_one = name == ONE_BY_ONE
         with _attention_backends(device), _experts_as(name):
@@ -190,6 +197,8 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     # the graph's (none)
     errs = {f"{n} vs {names[0]}": err(n, names[0]) for n in names[1:]}
     errs.update({f"{n} vs {names[1]}": err(n, names[1]) for n in names[2:]})
+    if NORMS_FUSED in logits:  # only the sums of squares, added in another order, can move the logits
+        errs[f"{NORMS_FUSED} vs OSC, siblings stacked"] = err(NORMS_FUSED, "OSC, siblings stacked")
     for name in names if device == "cuda" else ():  # a static cache and its attention kernels against the eager ones
         if name + ", CUDA graph" not in logits:
             continue
@@ -197,6 +206,9 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
         if name + ", compiled" in logits:
             errs[f"{name}, compiled vs not"] = err(name + ", compiled", name + ", CUDA graph")
     return rows, {**errs, **notes}
+
+
+NORMS_FUSED = "OSC, stacked, norms fused"
 
 
 def _not_captured(e: RuntimeError) -> str:

@@ -71,10 +71,14 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 def save_quantized(model, tokenizer, out_dir: str | os.PathLike, source: dict | None = None, extra: dict | None = None) -> Path:
     if not hasattr(model, "osc_plan"):
         raise ValueError("this model was not quantized with oscquant.quantize; nothing OSC to save")
+    from .norms import has_fused_norms
     from .siblings import has_siblings
     if has_siblings(model):
         raise ValueError("this model's sibling projections run stacked (fuse_siblings), which a checkpoint does not "
                          "hold; save it before fuse_siblings, or load the checkpoint again and save that")
+    if has_fused_norms(model):
+        raise ValueError("this model's RMSNorms run inside its OSC layers (fuse_norms), which a checkpoint does not "
+                         "hold; save it before fuse_norms, or load the checkpoint again and save that")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

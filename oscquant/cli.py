@@ -77,6 +77,7 @@ def cmd_eval(a) -> int:
     from .data import read_text, split_text
     from .evaluate import perplexity
     from .models import load_model
+    from .norms import fuse_norms
     from .siblings import fuse_siblings
 
     if not a.text and not a.tasks:
@@ -84,6 +85,7 @@ def cmd_eval(a) -> int:
     device, dtype = _device(a)
     model, tok, src = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
+    fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
     calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
     if calib and a.text and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
         print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
@@ -122,11 +124,13 @@ def cmd_generate(a) -> int:
 
     from .generate import generate
     from .models import load_model
+    from .norms import fuse_norms
     from .siblings import fuse_siblings
 
     device, dtype = _device(a)
     model, tok, _ = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
+    fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer to generate with")
     if a.chat and getattr(tok, "chat_template", None):

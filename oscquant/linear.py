@@ -57,6 +57,7 @@ class OSCLinear(nn.Module):
         self.register_buffer("wscale_global", torch.ones(1, 1))
         self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype) if bias else None)
         self._cache: dict = {}
+        self.input_norm = None  # norms.NormInLayers: the RMSNorm before this layer, which it runs (fuse_norms)
 
     # ------------------------------------------------------------------ build
     @classmethod

@@ -107,6 +107,35 @@ def test_split_quantize_operands_equal_the_dequantized_values(fmt, mode, rows):
     assert torch.equal(got, deq), (got - deq).abs().max()
 
 
+@pytest.mark.parametrize("fmt,mode", [("mxfp4", MODE_PACKED), ("mxfp4", MODE_F16), ("mxfp4", MODE_F8),
+                                      ("nvfp4", MODE_F16), ("int4", MODE_F8), ("fp8", MODE_F8)])
+@pytest.mark.parametrize("kind", [1, 2])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_split_quantize_runs_the_rmsnorm_before_it(fmt, mode, kind, rows):
+    """With the RMSNorm of the layer's input fused (norms.py), split-quantize of x gives what it gives for the
+    norm's output as torch computes it (norms.rms_norm, both roundings): bit for bit in the interpreter, and on the
+    GPU up to rows whose sum of squares, added in another order, rounds another way."""
+    from oscquant.norms import rms_norm
+
+    m, k_in, n = SHAPES[1]
+    layer, idx = make_layer(k_in, n, fmt, 16)
+    kw = ops.layer_weights(layer)
+    x = activations(m, k_in, idx) * 3
+    w = (torch.rand(k_in, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEV)
+    norm = ops.KernelNorm(w, 1e-6, kind)
+    got = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows, norm=norm)
+    want = ops.split_quantize(rms_norm(x, w, 1e-6, kind), kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+    unfused = ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+    for g, t, u in zip(got, want, unfused):
+        g, t, u = (v[1] if isinstance(v, tuple) else v for v in (g, t, u))  # nvfp4 packed: the per-token scales
+        g, t, u = (v.view(torch.uint8) if v.element_size() == 1 else v for v in (g, t, u))
+        assert not torch.equal(t, u)  # the norm changes every output
+        differ = g.ne(t).float().mean().item()
+        assert differ == 0 if not CUDA else differ <= 1e-2
+    with pytest.raises(ValueError, match="one per input channel"):
+        ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, norm=ops.KernelNorm(w[:-1], 1e-6, kind))
+
+
 @pytest.mark.parametrize("fmt,k", [("mxfp4", 32), ("nvfp4", 32), ("int4", 16), ("fp8", 0)])
 @pytest.mark.parametrize("op_f8", [False, True])
 def test_weight_unpacking_is_bit_exact(fmt, k, op_f8):
@@ -679,7 +708,8 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 24
+    assert r.stdout.count("PDL order: ok") == 26
+    assert r.stdout.count("after the RMSNorm it runs") == 2  # norms.py: both roundings, 4 rows of 4096 a program
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -753,6 +783,30 @@ def test_overlapped_launches_read_what_the_kernel_before_wrote(m, late, monkeypa
             assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
             assert rel_err(on[0], reference_forward(a, activations(m, 4160, idx, seed=10 + i) * (0.5 + i))) <= 1e-2
             assert rel_err(on[1], reference_forward(b, on[0])) <= 1e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_a_model_whose_norms_run_in_split_quantize_computes_what_it_did(arch, monkeypatch):
+    """fuse_norms on a tiny model, on the kernels (the interpreter on the CPU): the logits are those of the model
+    before, whose norms ran as modules (bit for bit in the interpreter, whose sums run in one order), with Qwen3's
+    rounding (kind 1) and Gemma's (kind 2, factors 1 + weight)."""
+    from tiny import batches, tiny_model
+
+    from oscquant import OSCConfig, fuse_norms, fuse_siblings, quantize
+
+    model = tiny_model(arch).to(DEV, torch.bfloat16)
+    quantize(model, OSCConfig.osc("mxfp4", 16), [b.to(DEV) for b in batches()], progress=False)
+    fuse_siblings(model)
+    fused = copy.deepcopy(model)
+    assert len(fuse_norms(fused)) == 2 * model.config.num_hidden_layers
+    kinds = {m.input_norm.kind for m in fused.modules() if isinstance(m, OSCLinear) and m.input_norm is not None}
+    assert kinds == {1 if arch == "qwen3" else 2}
+    ids = batches(1, 12, seed=7)[0].to(DEV)
+    monkeypatch.setenv("OSCQUANT_BACKEND", "triton")  # the interpreter on the CPU
+    with torch.no_grad():
+        before, after = model(ids).logits.float(), fused(ids).logits.float()
+    assert torch.isfinite(after).all()
+    assert torch.equal(after, before) if not CUDA else rel_err(after, before) <= 1e-2
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

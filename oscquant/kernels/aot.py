@@ -115,9 +115,14 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
 
 
 def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False,
-          group: int = 0, fold: bool = False):
+          group: int = 0, fold: bool = False, norm: int = 0, rows: int = 8):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
-    const = dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=8, INTERPRET=False, PDL=pdl, RELEASE_LATE=late)
+    const = dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=rows, INTERPRET=False, PDL=pdl, RELEASE_LATE=late)
+    if norm:  # the RMSNorm before the layer run first (norms.py)
+        return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32"),
+                              ("nw_ptr", "*fp32"), ("norm_eps", "fp32")],
+                              dict(const, SHARED_BESIDE=pdl, GROUPED=False, GROUP=0, FOLD=False, NORM=norm), 8, 1,
+                              {"q_ptr": q})
     if group:  # INT4 with a scale per group columns, into s
         return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
                               dict(const, SHARED_BESIDE=False, GROUPED=False, GROUP=group, FOLD=fold), 8, 1,
@@ -252,6 +257,10 @@ def main() -> int:
                     ("split fp8 grouped MoE experts", split(K.FMT_FP8, K.MODE_F8, pdl=False, grouped=True)),
                     ("split mxfp4 f16, releasing the GEMM after its stores", split(K.FMT_MXFP4, K.MODE_F16, late=True)),
                     ("split nvfp4 f16", split(K.FMT_NVFP4, K.MODE_F16)),
+                    # (4 rows of 4096 channels a program: split_quantize's most from 1024 tokens on)
+                    ("split mxfp4 f16 after the RMSNorm it runs", split(K.FMT_MXFP4, K.MODE_F16, norm=1, rows=4)),
+                    ("split mxfp4 f8 after the RMSNorm it runs, Gemma's rounding",
+                     split(K.FMT_MXFP4, K.MODE_F8, norm=2, rows=4)),
                     ("split int4 groups of 128 f16", split(K.FMT_INT4, K.MODE_F16, group=128)),
                     ("split int4 groups of 128 f16 for the FP16 expansion path",
                      split(K.FMT_INT4, K.MODE_F16, group=128, fold=True)),

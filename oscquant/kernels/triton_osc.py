@@ -81,6 +81,26 @@ def _store_nibbles(q_ptr, r, rm, code, K_PAD, ROWS: tl.constexpr, BLOCK: tl.cons
 
 
 @triton.jit
+def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """FP32 v rounded to dtype (to nearest, ties to even), as an FP32 value."""
+    if INTERPRET and dtype == tl.bfloat16:  # the CPU interpreter's FP32 -> BF16 cast truncates
+        b = v.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+    return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_scaled(xf, rstd, w, dtype: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    """An RMSNorm's output from x (FP32), its rows' rsqrt and its factors, rounded as the model's norm rounds (FP32
+    values of dtype)."""
+    h = xf * rstd[:, None]
+    if NORM == 1:  # Llama: the normalized row in the input dtype, then times the weight
+        h = _round_to(h, dtype, INTERPRET)
+    return _round_to(h * w, dtype, INTERPRET)
+
+
+@triton.jit
 def split_quantize_kernel(
     x_ptr, stride_xm, keep_ptr, out_idx_ptr,
     xo_ptr, q_ptr, s_ptr, rs_ptr,
@@ -88,7 +108,7 @@ def split_quantize_kernel(
     FMT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr,
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
     SHARED_BESIDE: tl.constexpr = False, src_ptr=None, grp_ptr=None, GROUPED: tl.constexpr = False,
-    GROUP: tl.constexpr = 0, FOLD: tl.constexpr = False,
+    GROUP: tl.constexpr = 0, FOLD: tl.constexpr = False, nw_ptr=None, norm_eps=0.0, NORM: tl.constexpr = 0,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
@@ -100,7 +120,10 @@ def split_quantize_kernel(
     (keep [groups, K_PAD], out_idx [groups, K_OUT]): one launch for every (token, expert) pair of a layer.
     GROUP (INT4 only; a power of two dividing K_PAD): a scale per GROUP columns of a token, not one per token; with
     FOLD (MODE_F16) each value times its group's scale over the token's largest (of its nonzero groups), rounded once
-    to FP16, and that largest scale per token in rs (the prefill path's operands)."""
+    to FP16, and that largest scale per token in rs (the prefill path's operands).
+    NORM (norms.py): x is the input of the RMSNorm before the layer, which runs here on the whole row: x * rsqrt(mean
+    of x**2 + norm_eps) times the factors nw (FP32 [K_IN]), rounded to x's dtype after the product, and for NORM == 1
+    before it too (Llama's order; NORM == 2 is Gemma's), the outlier channels as well."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -126,6 +149,12 @@ def split_quantize_kernel(
         keep = (tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0)[None, :]
         oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)[None, :]
     xo = tl.load(x_ptr + src[:, None] * stride_xm + oi, mask=om, other=0.0)
+    if NORM:  # the sum over the row's own registers; the factors are K_IN FP32 words that every program reads
+        xdt: tl.constexpr = x.dtype
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=1) / K_IN + norm_eps)
+        x = _rms_scaled(xf, rstd, tl.load(nw_ptr + c, mask=c < K_IN, other=0.0)[None, :], xdt, NORM, INTERPRET)
+        xo = _rms_scaled(xo.to(tl.float32), rstd, tl.load(nw_ptr + oi, mask=om, other=0.0), xdt, NORM, INTERPRET)
     tl.store(xo_ptr + r[:, None] * K_OUT + o[None, :], xo.to(tl.bfloat16), mask=om)
     x = tl.where(keep, x.to(tl.float32), 0.0)  # outlier channels and padding are zero on the 4-bit path
     cm = rm[:, None] & (c < K_PAD)[None, :]
