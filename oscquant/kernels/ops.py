@@ -324,7 +324,8 @@ def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
     1.4-2.0x MXFP4's time at 1-16 tokens, docs/bench/h100_formats_2026-12-07.md). Above, the weights expanded to
     FP16 beside split-quantize and the plain GEMM on FP16 wgmma, on the tiles of the e4m3 expansion path with 64
     columns a step (FP16 doubles a step's bytes): the plain GEMM unpacking the codes in registers, which ran there
-    before, took 3-5x BF16's time at 256-4096 tokens (same file). The expansion path is not yet timed."""
+    before, took 3-5x BF16's time at 256-4096 tokens (same file); the expansion 2.1-2.7x less at 4096 tokens, still
+    0.37-0.77x BF16's speed from 256 on (docs/bench/h100_norms_formats_2026-12-07.md)."""
     if m <= SWAP_MAX_M:
         return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
     return _fp16_expansion_config(m, n, k_pad)
@@ -344,7 +345,8 @@ def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
     weights expanded to FP16 with their group scales folded in (over the row's largest, one rounding), activations
     likewise (split_quantize's fold_groups), then the plain GEMM on FP16 wgmma. The transposed GEMM that ran there
     before took 2-4x BF16's time at 256-4096 tokens (64 x 128 tiles on 8 warps, the largest that did not spill); the
-    prefill path is not yet timed."""
+    prefill path is 2.2-2.5x faster than it at 4096 tokens, even to 1.6x at 256, and 0.37-0.75x BF16's speed there
+    (docs/bench/h100_norms_formats_2026-12-07.md)."""
     if m <= DECODE_MAX_M:
         return gemm_config(m, n, k_pad, "int4")
     if m <= SWAP_MAX_M:

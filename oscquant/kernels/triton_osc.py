@@ -152,7 +152,7 @@ def split_quantize_kernel(
     if NORM:  # the sum over the row's own registers; the factors are K_IN FP32 words that every program reads
         xdt: tl.constexpr = x.dtype
         xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=1) / K_IN + norm_eps)
+        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / K_IN + norm_eps)  # as torch.rsqrt: rsqrtf on the GPU
         x = _rms_scaled(xf, rstd, tl.load(nw_ptr + c, mask=c < K_IN, other=0.0)[None, :], xdt, NORM, INTERPRET)
         xo = _rms_scaled(xo.to(tl.float32), rstd, tl.load(nw_ptr + oi, mask=om, other=0.0), xdt, NORM, INTERPRET)
     tl.store(xo_ptr + r[:, None] * K_OUT + o[None, :], xo.to(tl.bfloat16), mask=om)
