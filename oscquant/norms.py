@@ -110,24 +110,12 @@ def _logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def fuse_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list[str]:
-    """Run each RMSNorm whose readers are all OSC layers inside those layers, in place. ``probe``: token ids for the
-    two checking runs (default: 8 random tokens of ``model.config.vocab_size``). Returns what was fused, as
-    "norm -> reader, reader"; fuse siblings first (fuse_siblings) so that a stacked layer runs its norm once."""
+def _trace_readers(model: nn.Module, norms: list[str], probe: torch.Tensor):
+    """Run the model on ``probe`` on the reference path with hooks: (its logits, for each norm the leaf modules that
+    read one of its outputs in the order they first did, and the readers that read anything else too)."""
     from .backends import forced
 
-    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, NormInLayers))  # fused before
-    formulas = {name: f for name, m in model.named_modules() if not isinstance(m, NormInLayers)
-                and not name.startswith(inside or ("\0",)) and (f := norm_formula(m)) is not None}
-    if not formulas:
-        return []
     modules = dict(model.named_modules())
-    dev = next(model.parameters()).device
-    if probe is None:
-        g = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, model.config.vocab_size, (1, 8), generator=g)
-    probe = probe.to(dev)
     made, read, alive = {}, defaultdict(list), []  # id(norm output) -> norm; reader -> its inputs
 
     def on_norm(name):
@@ -143,27 +131,52 @@ def fuse_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list[str]
             alive.append(x)
         return hook
 
-    hooks = [modules[n].register_forward_hook(on_norm(n)) for n in formulas]
+    hooks = [modules[n].register_forward_hook(on_norm(n)) for n in norms]
     hooks += [m.register_forward_pre_hook(on_read(n), with_kwargs=True) for n, m in modules.items()
-              if n not in formulas and n and (not any(True for _ in m.children()) or isinstance(m, Sibling))]
+              if n not in norms and n and (not any(True for _ in m.children()) or isinstance(m, Sibling))]
     try:
         with forced("reference"):
-            before = _logits(model(probe, use_cache=False))
+            logits = _logits(model(probe, use_cache=False))
     finally:
         for h in hooks:
             h.remove()
-
-    readers = defaultdict(dict)  # norm -> its readers, in the order they first read
+    readers = defaultdict(dict)
     for reader, xs in read.items():
         for x in xs:
             if id(x) in made:
                 readers[made[id(x)]][reader] = None
+    mixed = {r for r, xs in read.items() if len({made.get(id(x)) for x in xs}) > 1}
+    return logits, {n: list(r) for n, r in readers.items()}, mixed
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list[str]:
+    """Run each RMSNorm whose readers are all OSC layers inside those layers, in place. ``probe``: token ids for the
+    two checking runs (default: 8 random tokens of ``model.config.vocab_size``). Returns what was fused, as
+    "norm -> reader, reader"; fuse siblings first (fuse_siblings) so that a stacked layer runs its norm once."""
+    from .backends import forced
+
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, NormInLayers))  # fused before
+    formulas = {name: f for name, m in model.named_modules() if not isinstance(m, NormInLayers)
+                and not name.startswith(inside or ("\0",)) and (f := norm_formula(m)) is not None}
+    if not formulas or not any(isinstance(m, OSCLinear) for m in model.modules()):
+        return []
+    if probe is None:
+        probe = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    probe = probe.to(next(model.parameters()).device)
+    try:
+        before, readers, mixed = _trace_readers(model, list(formulas), probe)
+    except Exception as e:  # a model that takes other inputs: it keeps its norms as modules
+        warnings.warn(f"oscquant.fuse_norms: the model did not run on {tuple(probe.shape)} token ids ({e}); its norms "
+                      "are left unfused (pass probe= with inputs it takes)", stacklevel=2)
+        return []
+
+    modules = dict(model.named_modules())
     undo, fused = [], []
     for name, (kind, add_one, eps) in formulas.items():
-        names = list(readers.get(name, ()))
+        names = readers.get(name, [])
         layers = [_reader_layer(modules[r]) for r in names]
-        only_this = all(made.get(id(x)) == name for r in names for x in read[r])
-        if not names or any(la is None or la.input_norm is not None for la in layers) or not only_this:
+        if not names or mixed & set(names) or any(la is None or la.input_norm is not None for la in layers):
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)

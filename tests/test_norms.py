@@ -2,6 +2,7 @@
 the model computes the same logits."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -64,18 +65,31 @@ def test_norm_formula_knows_llama_and_gemma_and_nothing_else():
 class Parallel(nn.Module):
     """A block whose norm output feeds two OSC layers and, outside any module, the residual stream as well."""
 
-    def __init__(self, leak: bool):
+    def __init__(self, leak: bool, b_reads_x: bool = False):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         self.config = type("C", (), {"vocab_size": 32})()
-        self.embed, self.norm, self.leak = nn.Embedding(32, 64), LlamaRMSNorm(64), leak
+        self.embed, self.norm, self.leak, self.b_reads_x = nn.Embedding(32, 64), LlamaRMSNorm(64), leak, b_reads_x
         self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
 
     def forward(self, ids, use_cache=False):
         x = self.embed(ids)
         h = self.norm(x)
-        return self.a(h) + self.b(h) + (h if self.leak else x)
+        extra = self.b(x) if self.b_reads_x else 0
+        return self.a(h) + self.b(h) + (h if self.leak else x) + extra
+
+
+def test_a_norm_whose_reader_reads_other_inputs_too_is_left_alone():
+    torch.manual_seed(0)
+    model = Parallel(leak=False, b_reads_x=True)
+    for name in ("a", "b"):
+        setattr(model, name, OSCLinear.from_linear(getattr(model, name), OSCConfig.osc("mxfp4", 16).default,
+                                                   torch.arange(16)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seen from the hooks, before any fusing to undo
+        assert fuse_norms(model) == []
+    assert model.b.input_norm is None and not isinstance(model.norm, NormInLayers)
 
 
 @pytest.mark.parametrize("leak", [False, True])
@@ -116,3 +130,11 @@ def test_fused_norms_move_with_the_model():
     ids = batches(1, 8, seed=3)[0]
     with torch.no_grad():
         assert torch.isfinite(moved(ids).logits).all()
+
+
+def test_a_model_that_does_not_run_on_the_probe_keeps_its_norms():
+    model = quantized("llama", siblings=False)
+    with pytest.warns(UserWarning, match="left unfused"):
+        assert fuse_norms(model, probe=torch.zeros(1, 4)) == []  # float ids: the embedding refuses them
+    assert not any(isinstance(m, NormInLayers) for m in model.modules())
+    assert fuse_norms(tiny_model("llama")) == []  # nothing quantized: no OSC layer to run a norm
