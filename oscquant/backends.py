@@ -97,10 +97,13 @@ def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top
 
 
 def linear_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
-    """x is the layer's input, or where it runs the RMSNorm before it (norms.py), that norm's input."""
+    """x is the layer's input; where it runs the RMSNorm before it (norms.py), that norm's input; where it computes a
+    gated MLP's act(gate) * up (gated.py), gate and up side by side."""
     name = choose(layer, x)
     if name != "reference":
         return _KERNELS[name][1](layer, x)
+    if layer.input_gate is not None:
+        x = layer.input_gate(x)
     if layer.input_norm is not None:
         x = layer.input_norm.norm(x)
     return reference_forward(layer, x)

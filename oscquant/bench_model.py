@@ -1,6 +1,6 @@
 """`oscquant bench model`: a Qwen3-8B-shaped model end to end, BF16 against OSC W4A4 with its sibling projections
 run one by one and stacked (siblings.py), and stacked with the RMSNorms before them run in their split-quantize
-(norms.py), side by side in one process.
+(norms.py) and then also the MLPs' act(gate) * up in down_proj's (gated.py), side by side in one process.
 
 The model is built from Qwen3's config class with random weights (speed does not depend on them): Qwen3-8B's layer
 shapes (hidden 4096, intermediate 12288, 32 query and 8 KV heads of 128), a few decoder layers, and a small
@@ -133,7 +133,8 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
                 vocab: int = 4096, fmt: str = "mxfp4", outliers: int = 128, compile: bool = False, moe: bool = False,
                 group_size: int | None = None) -> tuple[list[ModelRow], dict]:
     """Rows for BF16, OSC with its sibling projections apart and stacked (and stacked with the RMSNorms before them run
-    in their split-quantize, norms.py), and the relative differences of their first
+    in their split-quantize, norms.py, then also the MLPs' act(gate) * up in down_proj's, gated.py), and the relative
+    differences of their first
     decode step's logits (with, as strings, why a step could not be captured). ``compile`` (GPU): also the decode step
     and the prefill compiled by torch.compile, each then replayed from a CUDA graph. ``moe``: Qwen3-30B-A3B's shapes
     (a Qwen3-MoE model); its OSC rows run the experts one by one through their own layers (eager only: that loop asks
@@ -142,6 +143,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     OSC layers' 4-bit format (down_proj falls back to FP8 as by default)."""
     from .config import OSCConfig
     from .convert import quantize
+    from .gated import fuse_gated_mlps
     from .norms import fuse_norms
     from .siblings import fuse_siblings
 
@@ -154,10 +156,13 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     quantize(osc, OSCConfig.osc(fmt, outliers, group_size=group_size), calib, progress=False)
     stacked = copy.deepcopy(osc)
     fuse_siblings(stacked)
-    normed = None
-    if not moe:  # the RMSNorms before q/k/v and gate/up run in their split-quantize (norms.py)
+    normed = gated = None
+    if not moe:  # the RMSNorms before q/k/v and gate/up run in their split-quantize (norms.py), and then also the
+        # MLPs' act(gate) * up in down_proj's (gated.py)
         normed = copy.deepcopy(stacked)
         fuse_norms(normed)
+        gated = copy.deepcopy(normed)
+        fuse_gated_mlps(gated)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (1, prefill + reps + 3), generator=g).to(device)
     rows, logits, notes = [], {}, {}
@@ -165,7 +170,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     if moe:
         variants += [(name, stacked) for name in (ONE_BY_ONE, PAIR_A_PROGRAM, TILED, EXPANDED)]
     else:
-        variants += [("OSC, siblings apart", osc), ("OSC, siblings stacked", stacked), (NORMS_FUSED, normed)]
+        variants += [("OSC, siblings apart", osc), ("OSC, siblings stacked", stacked), (NORMS_FUSED, normed), (GATED_FUSED, gated)]
     for name, m in variants:
         one_by_one = name == ONE_BY_ONE
         with _attention_backends(device), _experts_as(name):
@@ -199,6 +204,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     errs.update({f"{n} vs {names[1]}": err(n, names[1]) for n in names[2:]})
     if NORMS_FUSED in logits:  # only the sums of squares, added in another order, can move the logits
         errs[f"{NORMS_FUSED} vs OSC, siblings stacked"] = err(NORMS_FUSED, "OSC, siblings stacked")
+        errs[f"{GATED_FUSED} vs {NORMS_FUSED}"] = err(GATED_FUSED, NORMS_FUSED)
     for name in names if device == "cuda" else ():  # a static cache and its attention kernels against the eager ones
         if name + ", CUDA graph" not in logits:
             continue
@@ -208,7 +214,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     return rows, {**errs, **notes}
 
 
-NORMS_FUSED = "OSC, stacked, norms fused"
+NORMS_FUSED, GATED_FUSED = "OSC, stacked, norms fused", "OSC, stacked, norms and MLP activations fused"
 
 
 def _not_captured(e: RuntimeError) -> str:

@@ -77,6 +77,7 @@ def cmd_eval(a) -> int:
     from .data import read_text, split_text
     from .evaluate import perplexity
     from .models import load_model
+    from .gated import fuse_gated_mlps
     from .norms import fuse_norms
     from .siblings import fuse_siblings
 
@@ -86,6 +87,7 @@ def cmd_eval(a) -> int:
     model, tok, src = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
+    fuse_gated_mlps(model)  # and the MLPs' act(gate) * up in down_proj's (gated.py)
     calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
     if calib and a.text and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
         print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
@@ -124,6 +126,7 @@ def cmd_generate(a) -> int:
 
     from .generate import generate
     from .models import load_model
+    from .gated import fuse_gated_mlps
     from .norms import fuse_norms
     from .siblings import fuse_siblings
 
@@ -131,6 +134,7 @@ def cmd_generate(a) -> int:
     model, tok, _ = load_model(a.model, dtype, device)
     fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
     fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
+    fuse_gated_mlps(model)  # and the MLPs' act(gate) * up in down_proj's (gated.py)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer to generate with")
     if a.chat and getattr(tok, "chat_template", None):

@@ -58,6 +58,7 @@ class OSCLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype) if bias else None)
         self._cache: dict = {}
         self.input_norm = None  # norms.NormInLayers: the RMSNorm before this layer, which it runs (fuse_norms)
+        self.input_gate = None  # gated.GateInLayer: its input is act(gate) * up of a gated MLP (fuse_gated_mlps)
 
     # ------------------------------------------------------------------ build
     @classmethod

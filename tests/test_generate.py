@@ -8,6 +8,7 @@ import torch
 from oscquant.bench_model import build
 from oscquant.config import OSCConfig
 from oscquant.convert import quantize
+from oscquant.gated import fuse_gated_mlps
 from oscquant.generate import generate
 from oscquant.norms import fuse_norms
 from oscquant.siblings import fuse_siblings
@@ -23,7 +24,8 @@ def tiny(device="cpu", dtype=torch.float32, osc=False):
         quantize(model, OSCConfig.osc("mxfp4", 16), [torch.randint(0, 128, (1, 32), generator=g).to(device)
                                                         for _ in range(2)], progress=False)
         fuse_siblings(model)
-        assert len(fuse_norms(model)) == 4  # as the CLI runs models: the norms in the kernels (norms.py)
+        # as the CLI runs models: the norms and the MLPs' activations in the kernels (norms.py, gated.py)
+        assert len(fuse_norms(model)) == 4 and len(fuse_gated_mlps(model)) == 2
     return model
 
 

@@ -136,6 +136,36 @@ def test_split_quantize_runs_the_rmsnorm_before_it(fmt, mode, kind, rows):
         ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, norm=ops.KernelNorm(w[:-1], 1e-6, kind))
 
 
+@pytest.mark.parametrize("fmt,mode", [("mxfp4", MODE_PACKED), ("mxfp4", MODE_F16), ("mxfp4", MODE_F8),
+                                      ("int4", MODE_F16), ("fp8", MODE_F8)])
+@pytest.mark.parametrize("act", [1, 2])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_split_quantize_computes_a_gated_mlps_input(fmt, mode, act, rows):
+    """From gate and up side by side (gated.py), split-quantize gives what it gives for act(gate) * up as torch
+    computes it in BF16 (SiLU; GELU's tanh form): up to values whose activation, from another exp or tanh, rounds to
+    the neighbouring BF16 number (GELU far below zero, where its value is tiny, differs most: torch's 1 + tanh loses
+    its digits there, the kernel's 1 / (1 + exp) does not)."""
+    m, k_in, n = SHAPES[1]
+    layer, idx = make_layer(k_in, n, fmt, 16)
+    kw = ops.layer_weights(layer)
+    gate_up = torch.cat([activations(m, k_in, idx, seed=2) * 0.2, activations(m, k_in, idx, seed=3)], 1)
+    gate, up = gate_up.chunk(2, 1)
+    h = (nn.functional.silu(gate) if act == 1 else nn.functional.gelu(gate, approximate="tanh")) * up
+    got = ops.split_quantize(gate_up, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows, act=act)
+    want = ops.split_quantize(h, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+    ungated = ops.split_quantize(gate, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, rows=rows)
+    assert torch.allclose(got[0].float(), want[0].float(), rtol=2**-7, atol=1e-3 * want[0].float().abs().max().item())
+    for i, (g, t, u) in enumerate(zip(got, want, ungated)):
+        g, t, u = (v.view(torch.uint8) if v.element_size() == 1 else v for v in (g, t, u))
+        assert not torch.equal(t, u)  # the activation and the product change every output
+        if i or act == 1:  # (GELU's x_o: the allclose above)
+            assert g.ne(t).float().mean().item() <= 2e-2
+    with pytest.raises(ValueError, match="gate and up side by side"):
+        ops.split_quantize(gate_up[:, 1:], kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, act=act)
+    with pytest.raises(ValueError, match="act 1"):
+        ops.split_quantize(gate_up, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, act=3)
+
+
 @pytest.mark.parametrize("fmt,k", [("mxfp4", 32), ("nvfp4", 32), ("int4", 16), ("fp8", 0)])
 @pytest.mark.parametrize("op_f8", [False, True])
 def test_weight_unpacking_is_bit_exact(fmt, k, op_f8):
@@ -708,8 +738,9 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 26
+    assert r.stdout.count("PDL order: ok") == 28
     assert r.stdout.count("after the RMSNorm it runs") == 2  # norms.py: both roundings, 4 rows of 4096 a program
+    assert r.stdout.count("of a gated MLP's") == 2  # gated.py: SiLU and GELU, 8B down's 12288 channels a row
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -786,21 +817,23 @@ def test_overlapped_launches_read_what_the_kernel_before_wrote(m, late, monkeypa
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
-def test_a_model_whose_norms_run_in_split_quantize_computes_what_it_did(arch, monkeypatch):
-    """fuse_norms on a tiny model, on the kernels (the interpreter on the CPU): the logits are those of the model
-    before, whose norms ran as modules (bit for bit in the interpreter, whose sums run in one order), with Qwen3's
-    rounding (kind 1) and Gemma's (kind 2, factors 1 + weight)."""
+def test_a_model_whose_norms_and_mlp_activations_run_in_split_quantize_computes_what_it_did(arch, monkeypatch):
+    """fuse_norms and fuse_gated_mlps on a tiny model, on the kernels (the interpreter on the CPU): the logits are
+    those of the model before, whose norms and activations ran as modules (bit for bit in the interpreter, whose sums
+    run in one order), with Qwen3's norm rounding (kind 1) and SiLU, Gemma's (kind 2, factors 1 + weight) and GELU."""
     from tiny import batches, tiny_model
 
-    from oscquant import OSCConfig, fuse_norms, fuse_siblings, quantize
+    from oscquant import OSCConfig, fuse_gated_mlps, fuse_norms, fuse_siblings, quantize
 
     model = tiny_model(arch).to(DEV, torch.bfloat16)
     quantize(model, OSCConfig.osc("mxfp4", 16), [b.to(DEV) for b in batches()], progress=False)
     fuse_siblings(model)
     fused = copy.deepcopy(model)
     assert len(fuse_norms(fused)) == 2 * model.config.num_hidden_layers
-    kinds = {m.input_norm.kind for m in fused.modules() if isinstance(m, OSCLinear) and m.input_norm is not None}
-    assert kinds == {1 if arch == "qwen3" else 2}
+    assert len(fuse_gated_mlps(fused)) == model.config.num_hidden_layers
+    layers = [m for m in fused.modules() if isinstance(m, OSCLinear)]
+    assert {m.input_norm.kind for m in layers if m.input_norm is not None} == {1 if arch == "qwen3" else 2}
+    assert {m.input_gate.kind for m in layers if m.input_gate is not None} == {1 if arch == "qwen3" else 2}
     ids = batches(1, 12, seed=7)[0].to(DEV)
     monkeypatch.setenv("OSCQUANT_BACKEND", "triton")  # the interpreter on the CPU
     with torch.no_grad():

@@ -122,14 +122,15 @@ def test_model_bench_runs_the_three_models_and_compares_their_logits(monkeypatch
     dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     rows, errs = bench_model(layers=2, prefill=16, reps=2, device="cpu", dims=dims, vocab=128, outliers=16)
     assert [r.variant for r in rows] == ["float", "OSC, siblings apart", "OSC, siblings stacked",
-                                         "OSC, stacked, norms fused"]
+                                         "OSC, stacked, norms fused", "OSC, stacked, norms and MLP activations fused"]
     assert all(r.prefill_ms > 0 and r.decode_ms > 0 for r in rows)
     apart = errs["OSC, siblings apart vs float"]
     assert 1e-4 < apart < 0.5 and abs(errs["OSC, siblings stacked vs float"] - apart) < 1e-5, errs
     assert errs["OSC, siblings stacked vs OSC, siblings apart"] < 1e-5, errs
     assert errs["OSC, stacked, norms fused vs OSC, siblings stacked"] == 0, errs
+    assert errs["OSC, stacked, norms and MLP activations fused vs OSC, stacked, norms fused"] == 0, errs
     md = markdown(rows, 16)
-    assert md.count("\n| OSC") == 3 and "prefill of 16 tokens, ms a layer" in md
+    assert md.count("\n| OSC") == 4 and "prefill of 16 tokens, ms a layer" in md
     # another 4-bit format: INT4 with a scale per 32 columns, its layers so quantized
     from oscquant import convert
 
@@ -140,7 +141,7 @@ def test_model_bench_runs_the_three_models_and_compares_their_logits(monkeypatch
     rows, errs = bench_model(layers=1, prefill=8, reps=1, device="cpu", dims=dims, vocab=128, outliers=16,
                              fmt="int4", group_size=32)
     assert [(s.format, s.group_size) for s in schemes] == [("int4", 32)]
-    assert len(rows) == 4 and 1e-4 < errs["OSC, siblings apart vs float"] < 0.5, errs
+    assert len(rows) == 5 and 1e-4 < errs["OSC, siblings apart vs float"] < 0.5, errs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")

@@ -115,14 +115,14 @@ def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages
 
 
 def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False,
-          group: int = 0, fold: bool = False, norm: int = 0, rows: int = 8):
+          group: int = 0, fold: bool = False, norm: int = 0, rows: int = 8, act: int = 0):
     q = {K.MODE_PACKED: "*u8", K.MODE_F16: "*fp16", K.MODE_F8: "*fp8e4nv"}[mode]
     const = dict(FMT=fmt, MODE=mode, BLOCK=block, BLOCK_O=128, ROWS=rows, INTERPRET=False, PDL=pdl, RELEASE_LATE=late)
-    if norm:  # the RMSNorm before the layer run first (norms.py)
+    if norm or act:  # the RMSNorm before the layer run first (norms.py), or a gated MLP's act(gate) * up (gated.py)
         return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32"),
                               ("nw_ptr", "*fp32"), ("norm_eps", "fp32")],
-                              dict(const, SHARED_BESIDE=pdl, GROUPED=False, GROUP=0, FOLD=False, NORM=norm), 8, 1,
-                              {"q_ptr": q})
+                              dict(const, SHARED_BESIDE=pdl, GROUPED=False, GROUP=0, FOLD=False, NORM=norm, ACT=act),
+                              8, 1, {"q_ptr": q})
     if group:  # INT4 with a scale per group columns, into s
         return compile_kernel(K.split_quantize_kernel, SPLIT_SIG + [("src_ptr", "*i32"), ("grp_ptr", "*i32")],
                               dict(const, SHARED_BESIDE=False, GROUPED=False, GROUP=group, FOLD=fold), 8, 1,
@@ -261,6 +261,11 @@ def main() -> int:
                     ("split mxfp4 f16 after the RMSNorm it runs", split(K.FMT_MXFP4, K.MODE_F16, norm=1, rows=4)),
                     ("split mxfp4 f8 after the RMSNorm it runs, Gemma's rounding",
                      split(K.FMT_MXFP4, K.MODE_F8, norm=2, rows=4)),
+                    # (a row of 12288 channels a program, 8B down's, from gate and up side by side)
+                    ("split fp8 f8 of a gated MLP's SiLU(gate) * up",
+                     split(K.FMT_FP8, K.MODE_F8, block=16384, rows=1, act=1, late=True)),
+                    ("split mxfp4 f16 of a gated MLP's GELU(gate) * up",
+                     split(K.FMT_MXFP4, K.MODE_F16, block=16384, rows=1, act=2, late=True)),
                     ("split int4 groups of 128 f16", split(K.FMT_INT4, K.MODE_F16, group=128)),
                     ("split int4 groups of 128 f16 for the FP16 expansion path",
                      split(K.FMT_INT4, K.MODE_F16, group=128, fold=True)),

@@ -123,7 +123,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
                    k_pad: int, out: tuple | None = None, rows: int | None = None, pdl: bool = False,
                    pdl_late: bool = False, shared_beside: bool = True, src: torch.Tensor | None = None,
                    grp: torch.Tensor | None = None, group: int = 0, fold_groups: bool = False,
-                   norm: KernelNorm | None = None):
+                   norm: KernelNorm | None = None, act: int = 0):
     """x [M, K] -> (x_o bf16 [M, k], q, scales). mode MODE_PACKED: q = canonical codes [M, k_pad/2]
     and scales = E8M0 [M, k_pad/32] (mxfp4), per-token FP32 (int4), or for nvfp4 the pair (e4m3 [M, k_pad/16],
     per-token FP32 global scales); else q = operand
@@ -138,9 +138,14 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
     split-quantize there took 2-15 µs longer at 256-4096 tokens (docs/bench/h200_carveout_expand_2026-11-30.md).
     ``src``, ``grp`` (int32 [P], MoE experts, moe.py): output row p is x row src[p] split by group grp[p]'s outlier
     channels, keep [groups, k_pad] and outlier_idx [groups, k]. ``norm``: x is the input of the RMSNorm before the
-    layer, which runs first, on each row in registers (norms.py)."""
+    layer, which runs first, on each row in registers (norms.py). ``act`` (1: SiLU, 2: GELU's tanh form; gated.py):
+    x [M, 2K] holds a gated MLP's gate and up projections side by side, and the layer's input act(gate) * up is
+    computed here; outputs as for an input [M, K]."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("split_quantize takes a 2-D input with contiguous rows")
+    if act and (act not in (1, 2) or norm is not None or src is not None or x.shape[1] % 2):
+        raise ValueError(f"a gated input takes act 1 (SiLU) or 2 (GELU, tanh), gate and up side by side (an even "
+                         f"width, got {x.shape[1]}), and no fused norm or grouped rows; got act={act}")
     if norm is not None and (src is not None or norm.factor.shape != (x.shape[1],) or norm.kind not in (1, 2)
                              or norm.factor.dtype != torch.float32):
         raise ValueError(f"a fused RMSNorm takes FP32 factors, one per input channel ({x.shape[1]}), kind 1 or 2 and "
@@ -159,6 +164,7 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         raise ValueError("grouped split_quantize takes src and grp of one shape [P], keep [groups, k_pad] and "
                          "outlier_idx [groups, k]")
     m = src.numel() if grouped else x.shape[0]
+    k_in = x.shape[1] // 2 if act else x.shape[1]
     k_out = outlier_idx.shape[-1]
     dev = x.device
     xo = torch.empty(m, k_out, dtype=torch.bfloat16, device=dev)
@@ -185,12 +191,13 @@ def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tenso
         launch = pdl_launch(dev, pdl)
         kernel = split_quantize_kernel[(triton.cdiv(m, rows),)](
             x, x.stride(0), keep, outlier_idx if k_out else keep, xo, q, sc, rs,
-            m, x.shape[1], k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
+            m, k_in, k_out, k_pad, FMT=FMT_IDS[fmt], MODE=mode, BLOCK=block, BLOCK_O=block_o, ROWS=rows,
             INTERPRET=interpreting(), num_warps=8 if block >= 4096 else 4, RELEASE_LATE=pdl_late,
             SHARED_BESIDE=launch["PDL"] and shared_beside, **launch,
             **(dict(src_ptr=src, grp_ptr=grp, GROUPED=True) if grouped else {}),
             **(dict(GROUP=group, FOLD=fold_groups) if group else {}),
             **(dict(nw_ptr=norm.factor, norm_eps=norm.eps, NORM=norm.kind) if norm is not None else {}),
+            **(dict(ACT=act) if act else {}),
         )
         if launch["PDL"] and shared_beside:  # a GEMM needing shared memory may start beside it (overlap.py)
             prefer_shared_carveout(kernel)
@@ -677,19 +684,20 @@ def layer_config(x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
                        frag=kw.frag is not None and not INTERPRETED, wgmma=hopper, cublas=hopper, group=kw.group)
 
 
-def split_for(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, norm: KernelNorm | None = None):
+def split_for(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, norm: KernelNorm | None = None, act: int = 0):
     """split_quantize of a 2-D input for the GEMM that ``cfg`` runs on a layer's kernel weights: (x_o, a, sa)."""
     return split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
                           pdl_late=cfg.pdl_late, shared_beside=not cfg.expand, group=kw.group,
-                          fold_groups=bool(kw.group) and cfg.expand, norm=norm)
+                          fold_groups=bool(kw.group) and cfg.expand, norm=norm, act=act)
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None,
-                  norm: KernelNorm | None = None) -> torch.Tensor:
+                  norm: KernelNorm | None = None, act: int = 0) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize (after the RMSNorm ``norm``, if the layer
-    took over the one before it), then the dual-path GEMM."""
+    took over the one before it, or of a gated MLP's act(gate) * up from x = [gate | up] for ``act``), then the
+    dual-path GEMM."""
     cfg = cfg or layer_config(x, kw)
-    xo, a, sa = split_for(x, kw, cfg, norm)
+    xo, a, sa = split_for(x, kw, cfg, norm, act)
     return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
 
 
@@ -715,33 +723,36 @@ def osc_linear_op(x: torch.Tensor, codes: torch.Tensor, rel_exp: torch.Tensor | 
                   w_outlier: torch.Tensor, outlier_idx: torch.Tensor, keep: torch.Tensor,
                   bias: torch.Tensor | None, fmt: str, k_main: int, frag_words: torch.Tensor | None = None,
                   frag_exps: torch.Tensor | None = None, frag_scale: torch.Tensor | None = None,
-                  norm_factor: torch.Tensor | None = None, norm_eps: float = 0.0, norm_kind: int = 0) -> torch.Tensor:
+                  norm_factor: torch.Tensor | None = None, norm_eps: float = 0.0, norm_kind: int = 0,
+                  act: int = 0) -> torch.Tensor:
     frag = None if frag_words is None else FragWeights(frag_words, frag_exps, frag_scale)
     kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias, frag)
-    return osc_linear_2d(x, kw, norm=None if norm_factor is None else KernelNorm(norm_factor, norm_eps, norm_kind))
+    return osc_linear_2d(x, kw, norm=None if norm_factor is None else KernelNorm(norm_factor, norm_eps, norm_kind),
+                         act=act)
 
 
 @osc_linear_op.register_fake
 def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main, frag_words=None, frag_exps=None,
-      frag_scale=None, norm_factor=None, norm_eps=0.0, norm_kind=0):
+      frag_scale=None, norm_factor=None, norm_eps=0.0, norm_kind=0, act=0):
     return x.new_empty(x.shape[0], row_scale.shape[0])
 
 
-def osc_linear_2d_op(x2: torch.Tensor, kw: KernelWeights, norm: KernelNorm | None = None) -> torch.Tensor:
+def osc_linear_2d_op(x2: torch.Tensor, kw: KernelWeights, norm: KernelNorm | None = None, act: int = 0) -> torch.Tensor:
     """osc_linear_2d through the ``oscquant::osc_linear`` custom op, its weights passed as tensors."""
     fw = kw.frag
     return osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias,
                          kw.fmt, kw.k_main, *((fw.words, fw.exps, fw.row_scale) if fw is not None else (None,) * 3),
-                         *((norm.factor, norm.eps, norm.kind) if norm is not None else ()))
+                         *((norm.factor, norm.eps, norm.kind) if norm is not None else (None, 0.0, 0)), act)
 
 
 def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
     kw = layer_weights(layer)
-    x2 = x.reshape(-1, layer.in_features)
+    act = layer.input_gate.kind if layer.input_gate is not None else 0  # x: gate and up side by side
+    x2 = x.reshape(-1, layer.in_features * (2 if act else 1))
     norm = layer.input_norm.kernel_norm(x.device) if layer.input_norm is not None else None
     if torch.compiler.is_compiling():  # torch.compile sees one opaque op with a fake implementation
-        y = osc_linear_2d_op(x2, kw, norm)
+        y = osc_linear_2d_op(x2, kw, norm, act)
     else:  # eager (and CUDA graph capture): the custom op's dispatch alone cost 22-118 µs of host
         # time a call on the H200's host (scripts/host_overhead.py)
-        y = osc_linear_2d(x2, kw, norm=norm)
+        y = osc_linear_2d(x2, kw, norm=norm, act=act)
     return y.reshape(*x.shape[:-1], layer.out_features)

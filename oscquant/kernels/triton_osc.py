@@ -101,6 +101,19 @@ def _rms_scaled(xf, rstd, w, dtype: tl.constexpr, NORM: tl.constexpr, INTERPRET:
 
 
 @triton.jit
+def _gated(g, u, dtype: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """A gated MLP's act(gate) * up from the gate and up values, rounded as Hugging Face's MLP rounds (the activation's
+    output in dtype, then the product): FP32 values of dtype. ACT 1 is SiLU, 2 GELU's tanh form."""
+    gf = g.to(tl.float32)
+    if ACT == 1:
+        a = gf / (1.0 + tl.exp(-gf))
+    else:  # 0.5 * (1 + tanh(y)) = 1 / (1 + exp(-2y)): no cancellation where tanh(y) is near -1
+        y = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        a = gf / (1.0 + tl.exp(-2.0 * y))
+    return _round_to(_round_to(a, dtype, INTERPRET) * u.to(tl.float32), dtype, INTERPRET)
+
+
+@triton.jit
 def split_quantize_kernel(
     x_ptr, stride_xm, keep_ptr, out_idx_ptr,
     xo_ptr, q_ptr, s_ptr, rs_ptr,
@@ -109,6 +122,7 @@ def split_quantize_kernel(
     INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False, RELEASE_LATE: tl.constexpr = False,
     SHARED_BESIDE: tl.constexpr = False, src_ptr=None, grp_ptr=None, GROUPED: tl.constexpr = False,
     GROUP: tl.constexpr = 0, FOLD: tl.constexpr = False, nw_ptr=None, norm_eps=0.0, NORM: tl.constexpr = 0,
+    ACT: tl.constexpr = 0,
 ):
     """ROWS token rows per program, loaded together as one [ROWS, BLOCK] tile (BLOCK >= K_PAD:
     rows stay whole in registers), so that each program keeps ROWS rows of loads in flight.
@@ -123,7 +137,9 @@ def split_quantize_kernel(
     to FP16, and that largest scale per token in rs (the prefill path's operands).
     NORM (norms.py): x is the input of the RMSNorm before the layer, which runs here on the whole row: x * rsqrt(mean
     of x**2 + norm_eps) times the factors nw (FP32 [K_IN]), rounded to x's dtype after the product, and for NORM == 1
-    before it too (Llama's order; NORM == 2 is Gemma's), the outlier channels as well."""
+    before it too (Llama's order; NORM == 2 is Gemma's), the outlier channels as well.
+    ACT (gated.py): each x row holds a gated MLP's gate and up projections side by side (up from column K_IN on), and
+    the layer's input is act(gate) * up, computed here (ACT 1: SiLU, 2: GELU's tanh form)."""
     release_dependents(PDL and not RELEASE_LATE)
     wait_inputs(PDL)
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -149,6 +165,14 @@ def split_quantize_kernel(
         keep = (tl.load(keep_ptr + c, mask=c < K_PAD, other=0) != 0)[None, :]
         oi = tl.load(out_idx_ptr + o, mask=o < K_OUT, other=0)[None, :]
     xo = tl.load(x_ptr + src[:, None] * stride_xm + oi, mask=om, other=0.0)
+    if ACT:  # the up half of the row, then act(gate) * up for the row and its outlier channels
+        tl.static_assert(NORM == 0 and not GROUPED, "a gated input takes no fused norm and no grouped rows")
+        xdt_a: tl.constexpr = x.dtype
+        up = tl.load(x_ptr + src[:, None] * stride_xm + K_IN + c[None, :], mask=rm[:, None] & (c < K_IN)[None, :],
+                     other=0.0)
+        up_o = tl.load(x_ptr + src[:, None] * stride_xm + K_IN + oi, mask=om, other=0.0)
+        x = _gated(x, up, xdt_a, ACT, INTERPRET)
+        xo = _gated(xo, up_o, xdt_a, ACT, INTERPRET)
     if NORM:  # the sum over the row's own registers; the factors are K_IN FP32 words that every program reads
         xdt: tl.constexpr = x.dtype
         xf = x.to(tl.float32)
