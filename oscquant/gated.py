@@ -81,7 +81,7 @@ def fuse_gated_mlps(model: nn.Module, probe: torch.Tensor | None = None) -> list
     (fuse_siblings). ``probe``: token ids for the two checking runs (default: 8 random tokens of
     ``model.config.vocab_size``). Returns the MLPs fused."""
     from .backends import forced
-    from .norms import _logits
+    from .norms import logits_of
 
     found = {name: f for name, m in model.named_modules() if not isinstance(m, GatedMLP) and (f := _fusable(m))}
     if not found:
@@ -91,7 +91,7 @@ def fuse_gated_mlps(model: nn.Module, probe: torch.Tensor | None = None) -> list
     probe = probe.to(next(model.parameters()).device)
     try:
         with forced("reference"):
-            before = _logits(model(probe, use_cache=False))
+            before = logits_of(model(probe, use_cache=False))
     except Exception as e:
         warnings.warn(f"oscquant.fuse_gated_mlps: the model did not run on {tuple(probe.shape)} token ids ({e}); its "
                       "MLPs are left unfused (pass probe= with inputs it takes)", stacklevel=2)
@@ -105,7 +105,7 @@ def fuse_gated_mlps(model: nn.Module, probe: torch.Tensor | None = None) -> list
         mlp.down_proj.input_gate = GateInLayer(mlp.act_fn, kind)
         undo.append((parent, leaf, mlp))
     with forced("reference"):
-        after = _logits(model(probe, use_cache=False))
+        after = logits_of(model(probe, use_cache=False))
     if not torch.equal(before, after):
         for parent, leaf, mlp in undo:
             setattr(parent, leaf, mlp)

@@ -106,7 +106,8 @@ def _reader_layer(m: nn.Module) -> OSCLinear | None:
     return None
 
 
-def _logits(out) -> torch.Tensor:
+def logits_of(out) -> torch.Tensor:
+    """A model call's logits (a Hugging Face output, a tuple, or a tensor), for the checks before and after fusing."""
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
 
 
@@ -136,7 +137,7 @@ def _trace_readers(model: nn.Module, norms: list[str], probe: torch.Tensor):
               if n not in norms and n and (not any(True for _ in m.children()) or isinstance(m, Sibling))]
     try:
         with forced("reference"):
-            logits = _logits(model(probe, use_cache=False))
+            logits = logits_of(model(probe, use_cache=False))
     finally:
         for h in hooks:
             h.remove()
@@ -191,7 +192,7 @@ def fuse_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list[str]
     if not undo:
         return []
     with forced("reference"):
-        after = _logits(model(probe, use_cache=False))
+        after = logits_of(model(probe, use_cache=False))
     if not torch.equal(before, after):
         for parent, leaf, norm, layers in undo:
             setattr(parent, leaf, norm)
