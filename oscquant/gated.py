@@ -80,18 +80,14 @@ def fuse_gated_mlps(model: nn.Module, probe: torch.Tensor | None = None) -> list
     """Run each gated MLP's act(gate) * up inside its down_proj, in place; needs gate and up stacked first
     (fuse_siblings). ``probe``: token ids for the two checking runs (default: 8 random tokens of
     ``model.config.vocab_size``). Returns the MLPs fused."""
-    from .backends import forced
-    from .norms import logits_of
+    from .norms import probe_ids, reference_logits
 
     found = {name: f for name, m in model.named_modules() if not isinstance(m, GatedMLP) and (f := _fusable(m))}
     if not found:
         return []
-    if probe is None:
-        probe = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    probe = probe.to(next(model.parameters()).device)
+    probe = probe_ids(model, probe)
     try:
-        with forced("reference"):
-            before = logits_of(model(probe, use_cache=False))
+        before = reference_logits(model, probe)
     except Exception as e:
         warnings.warn(f"oscquant.fuse_gated_mlps: the model did not run on {tuple(probe.shape)} token ids ({e}); its "
                       "MLPs are left unfused (pass probe= with inputs it takes)", stacklevel=2)
@@ -104,9 +100,7 @@ def fuse_gated_mlps(model: nn.Module, probe: torch.Tensor | None = None) -> list
         setattr(parent, leaf, GatedMLP(mlp, stacked))
         mlp.down_proj.input_gate = GateInLayer(mlp.act_fn, kind)
         undo.append((parent, leaf, mlp))
-    with forced("reference"):
-        after = logits_of(model(probe, use_cache=False))
-    if not torch.equal(before, after):
+    if not torch.equal(before, reference_logits(model, probe)):
         for parent, leaf, mlp in undo:
             setattr(parent, leaf, mlp)
             mlp.down_proj.input_gate = None

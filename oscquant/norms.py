@@ -75,22 +75,22 @@ class NormInLayers(nn.Module):
         super().__init__()
         self.norm = norm  # a submodule: model.to() moves its weight, and the reference path calls it
         self.kind, self.add_one, self.eps = kind, add_one, eps
-        self._factor: dict = {}
+        self._kernel: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def kernel_norm(self, device):
-        """The norm as split-quantize takes it (kernels.ops.KernelNorm), its factors built once per device."""
-        from .kernels.ops import KernelNorm
+        """The norm as split-quantize takes it (kernels.ops.KernelNorm), built once per device."""
+        if device not in self._kernel:
+            from .kernels.ops import KernelNorm
 
-        if device not in self._factor:
             w = self.norm.weight.detach().to(device).float()
-            self._factor[device] = (w + 1 if self.add_one else w).contiguous()
-        return KernelNorm(self._factor[device], self.eps, self.kind)
+            self._kernel[device] = KernelNorm((w + 1 if self.add_one else w).contiguous(), self.eps, self.kind)
+        return self._kernel[device]
 
     def _apply(self, fn, *args, **kwargs):
-        self._factor = {}
+        self._kernel = {}
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -106,16 +106,26 @@ def _reader_layer(m: nn.Module) -> OSCLinear | None:
     return None
 
 
-def logits_of(out) -> torch.Tensor:
-    """A model call's logits (a Hugging Face output, a tuple, or a tensor), for the checks before and after fusing."""
+def probe_ids(model: nn.Module, probe: torch.Tensor | None) -> torch.Tensor:
+    """The token ids a fusion checks the model on (default: 8 random tokens of its vocabulary), on its device."""
+    if probe is None:
+        probe = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    return probe.to(next(model.parameters()).device)
+
+
+def reference_logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    """The model's logits on ``probe`` with every OSC layer on the reference path, for the checks before and after
+    fusing (a Hugging Face output, a tuple or a tensor)."""
+    from .backends import forced
+
+    with forced("reference"):
+        out = model(probe, use_cache=False)
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
 
 
 def _trace_readers(model: nn.Module, norms: list[str], probe: torch.Tensor):
     """Run the model on ``probe`` on the reference path with hooks: (its logits, for each norm the leaf modules that
     read one of its outputs in the order they first did, and the readers that read anything else too)."""
-    from .backends import forced
-
     modules = dict(model.named_modules())
     made, read, alive = {}, defaultdict(list), []  # id(norm output) -> norm; reader -> its inputs
 
@@ -136,8 +146,7 @@ def _trace_readers(model: nn.Module, norms: list[str], probe: torch.Tensor):
     hooks += [m.register_forward_pre_hook(on_read(n), with_kwargs=True) for n, m in modules.items()
               if n not in norms and n and (not any(True for _ in m.children()) or isinstance(m, Sibling))]
     try:
-        with forced("reference"):
-            logits = logits_of(model(probe, use_cache=False))
+        logits = reference_logits(model, probe)
     finally:
         for h in hooks:
             h.remove()
@@ -155,16 +164,12 @@ def fuse_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list[str]
     """Run each RMSNorm whose readers are all OSC layers inside those layers, in place. ``probe``: token ids for the
     two checking runs (default: 8 random tokens of ``model.config.vocab_size``). Returns what was fused, as
     "norm -> reader, reader"; fuse siblings first (fuse_siblings) so that a stacked layer runs its norm once."""
-    from .backends import forced
-
     inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, NormInLayers))  # fused before
     formulas = {name: f for name, m in model.named_modules() if not isinstance(m, NormInLayers)
                 and not name.startswith(inside or ("\0",)) and (f := norm_formula(m)) is not None}
     if not formulas or not any(isinstance(m, OSCLinear) for m in model.modules()):
         return []
-    if probe is None:
-        probe = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    probe = probe.to(next(model.parameters()).device)
+    probe = probe_ids(model, probe)
     try:
         before, readers, mixed = _trace_readers(model, list(formulas), probe)
     except Exception as e:  # a model that takes other inputs: it keeps its norms as modules
@@ -191,9 +196,7 @@ def fuse_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list[str]
         fused.append(f"{name} -> {', '.join(r for r in names if id(modules[r]) not in by_siblings)}")
     if not undo:
         return []
-    with forced("reference"):
-        after = logits_of(model(probe, use_cache=False))
-    if not torch.equal(before, after):
+    if not torch.equal(before, reference_logits(model, probe)):
         for parent, leaf, norm, layers in undo:
             setattr(parent, leaf, norm)
             for la in layers:

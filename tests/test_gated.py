@@ -4,18 +4,10 @@ and that the model computes the same logits."""
 import pytest
 import torch
 from torch import nn
-from tiny import batches, tiny_model
+from tiny import batches, quantized
 
-from oscquant import OSCConfig, fuse_gated_mlps, fuse_norms, fuse_siblings, quantize, save_quantized
+from oscquant import fuse_gated_mlps, fuse_norms, save_quantized
 from oscquant.gated import GatedMLP, activation_kind
-
-
-def quantized(arch, siblings=True):
-    model = tiny_model(arch)
-    quantize(model, OSCConfig.osc("mxfp4", 16), batches(), progress=False)
-    if siblings:
-        fuse_siblings(model)
-    return model
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", 1), ("qwen3", 1), ("gemma3_text", 2)])

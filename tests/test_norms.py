@@ -7,18 +7,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from tiny import batches, tiny_model
+from tiny import batches, quantized, tiny_model
 
-from oscquant import OSCConfig, OSCLinear, fuse_norms, fuse_siblings, quantize, save_quantized
+from oscquant import OSCConfig, OSCLinear, fuse_norms, save_quantized
 from oscquant.norms import NormInLayers, norm_formula, rms_norm
-
-
-def quantized(arch, siblings=True):
-    model = tiny_model(arch)
-    quantize(model, OSCConfig.osc("mxfp4", 16), batches(), progress=False)
-    if siblings:
-        fuse_siblings(model)
-    return model
 
 
 @pytest.mark.parametrize("arch,mlp_norm", [("llama", "post_attention_layernorm"), ("qwen3", "post_attention_layernorm"),

@@ -39,3 +39,14 @@ def tiny_tokenizer(text: str):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
     tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def quantized(arch: str, siblings: bool = True):
+    """A tiny model quantized with OSC MXFP4 (16 outlier channels), its sibling projections stacked unless told."""
+    from oscquant import OSCConfig, fuse_siblings, quantize
+
+    model = tiny_model(arch)
+    quantize(model, OSCConfig.osc("mxfp4", 16), batches(), progress=False)
+    if siblings:
+        fuse_siblings(model)
+    return model
