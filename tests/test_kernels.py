@@ -398,6 +398,41 @@ def test_gemm_matches_reference(fmt, k, m, k_in, n, cfg):
         assert rel_err(again.cpu(), ref) <= 1e-2  # a workspace left dirty would add the first call's sums
 
 
+F16_CUBLAS_CASES = [("nvfp4", 32, None, True), ("nvfp4", 0, None, False), ("int4", 16, 32, True), ("int4", 16, 128, True)]
+
+
+@pytest.mark.parametrize("fmt,k,group,bias", F16_CUBLAS_CASES, ids=["nvfp4", "nvfp4-k0-nobias", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize("m,k_in,n", [(65, 4224, 1000), (300, 2048, 3000)] if CUDA else [(70, 384, 40), (7, 256, 72)])
+def test_fp16_cublas_path_matches_the_reference_and_our_fp16_gemm(fmt, k, group, bias, m, k_in, n):
+    """NVFP4 and INT4 with group scales on many tokens (Hopper): the weights expanded to FP16, cuBLAS's FP16 GEMM
+    into FP32 (on the CPU an FP32 matmul), then epilogue_kernel (scales, BF16 branch, bias) — against the reference
+    and against our plain GEMM on the same expanded weights (the same products, summed in another order)."""
+    layer, idx = make_layer(k_in, n, fmt, k, bias=bias, group=group)
+    kw = ops.layer_weights(layer)
+    x = activations(m, k_in, idx, seed=m)
+    cfg = ops.CUBLAS_F16_CONFIG
+    xo, a, sa = ops.split_for(x, kw, cfg)
+    assert a.dtype == torch.float16 and sa.shape == (m,)  # INT4: the group scales folded into the operands
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
+    y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg, out=out)
+    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2
+    ours = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True))
+    assert rel_err(y.cpu(), ours.cpu()) <= 4e-3
+    assert rel_err(ops.osc_linear_2d(x, kw, cfg).cpu(), ref) <= 1e-2  # split_for and the GEMM as the layer runs them
+    # each part of the epilogue shows: the branch, the row scales, the token scales
+    if k:
+        no_branch = ops.osc_gemm(a, sa, kw, xo[:, :0], torch.bfloat16, cfg)
+        assert rel_err(no_branch.cpu(), ref) > 1e-2
+    if not group:  # (INT4's expanded weights are over the row scales, so that scaling them cancels out)
+        kw2 = dataclasses.replace(kw, row_scale=kw.row_scale * torch.linspace(0.5, 2, n, device=DEV))
+        assert rel_err(ops.osc_gemm(a, sa, kw2, xo, torch.bfloat16, cfg).cpu(), ref) > 1e-2
+    sa2 = sa * torch.linspace(0.5, 2, m, device=DEV)
+    assert rel_err(ops.osc_gemm(a, sa2, kw, xo, torch.bfloat16, cfg).cpu(), ref) > 1e-2
+    with pytest.raises(ValueError, match="torch.float16 operands with one scale per token"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cfg)
+
+
 # INT4 with group scales: (group, (M, K, N)), K a multiple of the group, padded to 128 columns or to whole groups
 GROUP_CASES = [(g, shape) for g, shapes in {
     32: [(1, 4160, 1000), (16, 2080, 3000), (300, 4160, 1000)] if CUDA else [(1, 160, 40), (70, 416, 72)],
@@ -436,7 +471,7 @@ def test_int4_group_scales_split_and_gemm_match_the_reference(group, shape):
     ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
     cfgs = [ops.layer_config(x, kw), ops.GemmConfig(16, 32, 2, False, 2, 3, swap=True),
             ops.GemmConfig(8, 64, 1, True, 4, 3, swap=True), ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True)]
-    assert not cfgs[0].fold and (cfgs[0].swap if m <= 64 else cfgs[0].expand and not cfgs[0].op_f8)
+    assert not cfgs[0].fold and (cfgs[0].swap if m <= 64 else (cfgs[0].expand or cfgs[0].cublas) and not cfgs[0].op_f8)
     for cfg in cfgs:
         xo, a, sa = ops.split_for(x, kw, cfg)
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: unwritten fails
@@ -528,7 +563,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="got int4 \\(without fragment layout\\)"):
         ops.osc_gemm(a, sa, int4, xo, torch.bfloat16, frag)
     cub = ops.CUBLAS_CONFIG
-    with pytest.raises(ValueError, match="takes FP8 \\(e4m3\\) weights, got mxfp4"):
+    with pytest.raises(ValueError, match="takes FP8 \\(e4m3\\) weights, or NVFP4 .* got mxfp4 without group"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cub)
     fp8 = ops.layer_weights(make_layer(k_in, 40, "fp8", 0)[0])
     with pytest.raises(ValueError, match="float8_e4m3fn activation operands.*MODE_F8"):
@@ -590,7 +625,12 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert [(grouped[64, g].bm, grouped[64, g].bn, grouped[64, g].warps) for g in (32, 128)] \
         == [(64, 64, 8), (64, 64, 4)]
     # ... and above 64 tokens the prefill path: FP16 weights and activations with the group scales folded in
-    assert all(grouped[4096, g].expand and not grouped[4096, g].op_f8 and grouped[4096, g].bk == 64 for g in (32, 128))
+    # (on Hopper up to 256 tokens cuBLAS's FP16 GEMM, elsewhere ours, 64 columns a step)
+    assert all(ops.gemm_config(m, 4096, 4096, "int4", group=g) == ops.CUBLAS_F16_CONFIG for g in (32, 128)
+               for m in (65, ops.CUBLAS_F16_MAX_M))
+    plain = [ops.gemm_config(m, 4096, 4096, "int4", group=g, cublas=c) for g in (32, 128)
+             for m, c in ((4096, True), (65, False))]
+    assert all(c.expand and not c.op_f8 and c.bk == 64 for c in plain)
     # without the wgmma GEMM: 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the
     # block factors folded in
     mid = [ops.gemm_config(m, n, k, wgmma=False) for m, n, k in ((17, 4096, 4096), (64, 5120, 2048), (128, 4096, 4096),
@@ -649,9 +689,13 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
     # NVFP4: FP16 operands at every M (no e4m3 form): the transposed GEMM up to 64 tokens, then the weights expanded
     # to FP16 and the plain GEMM, 64 columns a step
-    nv = [ops.gemm_config(m, n, 4096, "nvfp4") for m in (1, 16, 64, 65, 4096) for n in (4096, 24576)]
-    assert not any(c.op_f8 or c.fold or c.frag or c.wgmma or c.cublas for c in nv)
-    assert [c.path for c in nv] == ["t"] * 6 + ["expand"] * 4 and all(c.bk == 64 for c in nv[6:])
+    # to FP16 and, on Hopper up to 256 tokens, cuBLAS's FP16 GEMM, else our plain GEMM, 64 columns a step
+    for cublas in (True, False):
+        nv = [ops.gemm_config(m, n, 4096, "nvfp4", cublas=cublas) for m in (1, 16, 64, 65, 256, 257, 4096)
+              for n in (4096, 24576)]
+        assert not any(c.op_f8 or c.fold or c.frag or c.wgmma for c in nv)
+        assert [c.path for c in nv] == ["t"] * 6 + ["cublas" if cublas else "expand"] * 4 + ["expand"] * 4
+        assert all(c.bk == 64 for c in nv if c.expand)
 
 
 def test_fp8_kernel_codes_are_the_canonical_bytes_where_no_padding_is_needed():

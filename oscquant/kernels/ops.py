@@ -21,13 +21,14 @@ Regimes, chosen in :func:`gemm_config` only:
                       unpacking inside the main loop would make it ALU-bound.
 FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
 NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M, the
-                      transposed GEMM up to 64 tokens, then the weights expanded to FP16 (exact) and the plain
-                      GEMM on FP16 wgmma (nvfp4_config).
+                      transposed GEMM up to 64 tokens, then the weights expanded to FP16 (exact) and, on Hopper,
+                      cuBLAS's FP16 GEMM into FP32 with epilogue_kernel after it, elsewhere our plain GEMM on FP16
+                      (nvfp4_config).
 INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds exactly into
                       an operand): up to 64 tokens the int4 values as operands on the transposed GEMM, each group's
                       partial product times its two scales in FP32; above, each value times its group's scale over
                       the row's largest, rounded once to FP16, for weights (expanded) and activations, and the
-                      plain GEMM on FP16 wgmma (int4_group_config).
+                      FP16 GEMM as for NVFP4 (int4_group_config).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import triton
 from .layout import FragWeights, KernelWeights, group_kernel, kernel_weights
 from .overlap import prefer_shared_carveout
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, FMT_NVFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
-                         osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
+                         epilogue_kernel, osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8, "nvfp4": FMT_NVFP4}
 DECODE_MAX_M = 16
@@ -230,7 +231,8 @@ class GemmConfig:
     reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
     pdl: bool = False  # launched while split-quantize before it still runs (overlap.py)
     pdl_late: bool = False  # ... from when split-quantize's programs have issued their stores, not from their start
-    cublas: bool = False  # FP8 weights: cuBLAS torch._scaled_mm (its own tiles), the BF16 branch added in place
+    cublas: bool = False  # cuBLAS: FP8 weights through torch._scaled_mm, the BF16 branch added in place; NVFP4 and
+    # INT4 with group scales (op_f8 off) expanded to FP16, cuBLAS's FP16 GEMM into FP32, then epilogue_kernel
 
     @property
     def mode(self) -> int:
@@ -247,6 +249,9 @@ class GemmConfig:
 
 
 CUBLAS_CONFIG = GemmConfig(0, 0, 1, True, 0, 0, cublas=True)  # tiles, warps and stages: cuBLAS's own choice
+# the expansion, which reads only the weights, runs beside split-quantize (overlap.py)
+CUBLAS_F16_CONFIG = GemmConfig(0, 0, 1, False, 0, 0, cublas=True, pdl=True)
+CUBLAS_F16_MAX_M = 256  # where it measured faster than our FP16 GEMM on every shape (_fp16_expansion_config)
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True,
@@ -279,9 +284,9 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if fmt == "fp8" and cublas and SWAP_MAX_M < m <= 512 and n >= 4096 and n % 16 == 0:
         return CUBLAS_CONFIG
     if fmt == "nvfp4":
-        return nvfp4_config(m, n, k_pad)
+        return nvfp4_config(m, n, k_pad, cublas)
     if fmt == "int4" and group:
-        return int4_group_config(m, n, k_pad, group)
+        return int4_group_config(m, n, k_pad, group, cublas)
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
@@ -325,26 +330,33 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True, pdl=True)
 
 
-def nvfp4_config(m: int, n: int, k_pad: int) -> GemmConfig:
+def nvfp4_config(m: int, n: int, k_pad: int, cublas: bool = False) -> GemmConfig:
     """NVFP4, FP16 operands throughout (its weights are e2m1 times an e4m3 scale per 16 columns: exact in FP16, not
     in e4m3). Up to 64 tokens the FP16 transposed GEMM with the tiles measured for MXFP4 and INT4 there (on the H100
     1.4-2.0x MXFP4's time at 1-16 tokens, docs/bench/h100_formats_2026-12-07.md). Above, the weights expanded to
     FP16 beside split-quantize and the plain GEMM on FP16 wgmma, on the tiles of the e4m3 expansion path with 64
     columns a step (FP16 doubles a step's bytes): the plain GEMM unpacking the codes in registers, which ran there
     before, took 3-5x BF16's time at 256-4096 tokens (same file); the expansion 2.1-2.7x less at 4096 tokens, still
-    0.37-0.77x BF16's speed from 256 on (docs/bench/h100_norms_formats_2026-12-07.md)."""
+    0.37-0.77x BF16's speed from 256 on (docs/bench/h100_norms_formats_2026-12-07.md). ``cublas`` (Hopper): cuBLAS's
+    FP16 GEMM on the expanded weights instead (_fp16_expansion_config)."""
     if m <= SWAP_MAX_M:
         return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
-    return _fp16_expansion_config(m, n, k_pad)
+    return _fp16_expansion_config(m, n, k_pad, cublas)
 
 
-def _fp16_expansion_config(m: int, n: int, k_pad: int) -> GemmConfig:
-    """The prefill path on weights expanded to FP16 (NVFP4, INT4 with group scales): the e4m3 expansion path's tiles
-    with FP16 operands and 64 columns a step (FP16 doubles a step's bytes)."""
+def _fp16_expansion_config(m: int, n: int, k_pad: int, cublas: bool) -> GemmConfig:
+    """The prefill path on weights expanded to FP16 (NVFP4, INT4 with group scales): our plain GEMM on the e4m3
+    expansion path's tiles with FP16 operands and 64 columns a step (FP16 doubles a step's bytes), or, with
+    ``cublas`` up to CUBLAS_F16_MAX_M tokens, cuBLAS's FP16 GEMM into FP32 sums and epilogue_kernel after it: 1.03-1.20x
+    faster than ours at 128 and 256 tokens on every Qwen3 shape on the H100, 0.95-1.15x at 1024 and 0.83-1.13x at
+    4096, where its FP32 sums' round trip counts (scripts/f16_route.py, docs/bench/h100_f16_route_2026-12-07.md).
+    Both read FP16 weights of 2 bytes, as BF16 does: 0.4-0.6x BF16's speed in that range."""
+    if cublas and m <= CUBLAS_F16_MAX_M:
+        return CUBLAS_F16_CONFIG
     return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
 
 
-def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
+def int4_group_config(m: int, n: int, k_pad: int, group: int, cublas: bool = False) -> GemmConfig:
     """INT4 with a scale per ``group`` columns. Up to 64 tokens the transposed GEMM, each group's partial products
     times its scales in FP32: the tiles of per-row INT4 up to 16 tokens (on the H100 1.1-1.6x MXFP4's time,
     docs/bench/h100_formats_2026-12-07.md), then 64 x 64 on 4 warps, or on 8 for groups of 32 (a partial product per
@@ -353,13 +365,14 @@ def int4_group_config(m: int, n: int, k_pad: int, group: int) -> GemmConfig:
     likewise (split_quantize's fold_groups), then the plain GEMM on FP16 wgmma. The transposed GEMM that ran there
     before took 2-4x BF16's time at 256-4096 tokens (64 x 128 tiles on 8 warps, the largest that did not spill); the
     prefill path is 2.2-2.5x faster than it at 4096 tokens, even to 1.6x at 256, and 0.37-0.75x BF16's speed there
-    (docs/bench/h100_norms_formats_2026-12-07.md)."""
+    (docs/bench/h100_norms_formats_2026-12-07.md). ``cublas`` (Hopper): cuBLAS's FP16 GEMM on the expanded weights
+    instead (_fp16_expansion_config)."""
     if m <= DECODE_MAX_M:
         return gemm_config(m, n, k_pad, "int4")
     if m <= SWAP_MAX_M:
         return GemmConfig(64, 64, 4 if k_pad >= n else 1, False, 8 if group == 32 else 4, 3, swap=True,
                           **overlapped(m, k_pad))
-    return _fp16_expansion_config(m, n, k_pad)
+    return _fp16_expansion_config(m, n, k_pad, cublas)
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
@@ -463,6 +476,8 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
         raise ValueError(f"groups must be moe.route's int32 tile table [tiles, 3], got {groups.dtype} "
                          f"{tuple(groups.shape)}")
     if cfg.cublas:
+        if kw.fmt == "nvfp4" or kw.group:
+            return _cublas_f16_gemm(a, sa, kw, xo, out_dtype, cfg, out)
         return _cublas_gemm(a, sa, kw, xo, out_dtype, out)
     if cfg.frag:
         return _frag_gemm(a, sa, kw, xo, out_dtype, cfg, out)
@@ -529,7 +544,8 @@ def _cublas_gemm(a, sa, kw: KernelWeights, xo, out_dtype, out=None) -> torch.Ten
     """FP8 weights through cuBLAS: y = (a · W^T) scaled by token and row (torch._scaled_mm), then + x_o · W_o^T in
     place (one more cuBLAS GEMM reading and writing y) and the bias."""
     if kw.fmt != "fp8":
-        raise ValueError(f"the cuBLAS path takes FP8 (e4m3) weights, got {kw.fmt}; 4-bit weights take the Triton GEMMs")
+        raise ValueError(f"the cuBLAS path takes FP8 (e4m3) weights, or NVFP4 and INT4 with group scales expanded to "
+                         f"FP16, got {kw.fmt}{'' if kw.group else ' without group scales'}; these take the Triton GEMMs")
     if a.dtype != torch.float8_e4m3fn:
         raise ValueError(f"the cuBLAS path multiplies torch.float8_e4m3fn activation operands, got {a.dtype}: "
                          "split_quantize with mode=MODE_F8")
@@ -546,6 +562,33 @@ def _cublas_gemm(a, sa, kw: KernelWeights, xo, out_dtype, out=None) -> torch.Ten
     if out is not None:
         return out.copy_(y)
     return y
+
+
+def _cublas_f16_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None) -> torch.Tensor:
+    """NVFP4 and INT4 with group scales on many tokens: the weights expanded to FP16 (decode_weights, exact for NVFP4;
+    INT4 with its group scales folded in, as split-quantize's fold_groups does for the activations), cuBLAS's FP16
+    GEMM into FP32 (FP16 sums overflow), then epilogue_kernel: token and row scales, the BF16 branch, the bias."""
+    m, n = a.shape[0], kw.row_scale.numel()
+    if a.dtype != torch.float16 or sa.shape != (m,):
+        raise ValueError(f"the FP16 cuBLAS path multiplies torch.float16 operands with one scale per token "
+                         f"(split_quantize with mode=MODE_F16{', fold_groups=True' if kw.group else ''}); got "
+                         f"{a.dtype} with scales {tuple(sa.shape)}")
+    acc = _mm_f32(a, decode_weights(kw, False, pdl=cfg.pdl))
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=a.device)
+    k_out = xo.shape[1]
+    bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    epilogue_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64))](
+        acc, sa, kw.row_scale, xo, kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y, m, n, k_out,
+        y.stride(0), HAS_BIAS=kw.bias is not None, BM=64, BN=64, BO=bo, INTERPRET=interpreting(), num_warps=4)
+    return y
+
+
+def _mm_f32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a · w^T with FP32 output: cuBLAS on the GPU (FP16 tensor cores, FP32 sums); on the CPU (interpreter tests) in
+    FP32, where FP16 products are exact too."""
+    if a.is_cuda:
+        return torch.mm(a, w.t(), out_dtype=torch.float32)
+    return a.float() @ w.float().t()
 
 
 def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -686,9 +729,10 @@ def layer_config(x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
 
 def split_for(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, norm: KernelNorm | None = None, act: int = 0):
     """split_quantize of a 2-D input for the GEMM that ``cfg`` runs on a layer's kernel weights: (x_o, a, sa)."""
+    expands = cfg.expand or cfg.cublas  # the weights expanded beside it (no shared memory), or FP8 ones in cuBLAS
     return split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
-                          pdl_late=cfg.pdl_late, shared_beside=not cfg.expand, group=kw.group,
-                          fold_groups=bool(kw.group) and cfg.expand, norm=norm, act=act)
+                          pdl_late=cfg.pdl_late, shared_beside=not expands, group=kw.group,
+                          fold_groups=bool(kw.group) and expands, norm=norm, act=act)
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None,

@@ -695,6 +695,31 @@ def osc_gemm_kernel(
 
 
 @triton.jit
+def epilogue_kernel(acc_ptr, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, M, N, K_OUT, stride_ym,
+                    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
+                    INTERPRET: tl.constexpr = False):
+    """y = acc * sa[:, None] * sb[None, :] + x_o · W_o^T (+ bias), the dual path's epilogue for a main-path GEMM
+    that ran elsewhere (cuBLAS, ops._cublas_f16_gemm): acc [M, N] holds its FP32 sums, read once; the BF16 branch
+    runs here on the tensor cores, as in osc_gemm_kernel's epilogue."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mm = rm < M
+    nm = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    mask = mm[:, None] & nm[None, :]
+    acc = tl.load(acc_ptr + rm64[:, None] * N + rn64[None, :], mask=mask, other=0.0)
+    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
+    acc = acc * sa[:, None] * sb[None, :]
+    if BO > 0:
+        acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO, False, INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
+    tl.store(y_ptr + rm64[:, None] * stride_ym + rn64[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _t_loads(wrow, erow, arow, nm, mm, ck, FMT: tl.constexpr):
     """Step ``ck`` of the transposed GEMM (chunks ck, ck + 1): code bytes [BN, 32] x 2, the four MXFP4
     block exponents of each row as one int32, and A's four [MP, 32] tiles."""
