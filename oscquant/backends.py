@@ -98,7 +98,8 @@ def experts_forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top
 
 def linear_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
     """x is the layer's input; where it runs the RMSNorm before it (norms.py), that norm's input; where it computes a
-    gated MLP's act(gate) * up (gated.py), gate and up side by side."""
+    gated MLP's act(gate) * up (gated.py), gate and up side by side. A stacked q/k/v layer may run the q and k heads'
+    norms on its output (head_norms.py)."""
     name = choose(layer, x)
     if name != "reference":
         return _KERNELS[name][1](layer, x)
@@ -106,4 +107,5 @@ def linear_forward(layer: OSCLinear, x: torch.Tensor) -> torch.Tensor:
         x = layer.input_gate(x)
     if layer.input_norm is not None:
         x = layer.input_norm.norm(x)
-    return reference_forward(layer, x)
+    y = reference_forward(layer, x)
+    return y if layer.output_norm is None else layer.output_norm(y)

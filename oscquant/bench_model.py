@@ -144,6 +144,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     from .config import OSCConfig
     from .convert import quantize
     from .gated import fuse_gated_mlps
+    from .head_norms import fuse_head_norms
     from .norms import fuse_norms
     from .siblings import fuse_siblings
 
@@ -163,6 +164,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
         fuse_norms(normed)
         gated = copy.deepcopy(normed)
         fuse_gated_mlps(gated)
+        fuse_head_norms(gated)  # and q_norm / k_norm on the stacked q/k/v output (head_norms.py)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (1, prefill + reps + 3), generator=g).to(device)
     rows, logits, notes = [], {}, {}
@@ -214,7 +216,7 @@ def bench_model(layers: int = 4, prefill: int = 512, reps: int = 20, device: str
     return rows, {**errs, **notes}
 
 
-NORMS_FUSED, GATED_FUSED = "OSC, stacked, norms fused", "OSC, stacked, norms and MLP activations fused"
+NORMS_FUSED, GATED_FUSED = "OSC, stacked, norms fused", "OSC, stacked, all fused (+ MLP activations, q/k norms)"
 
 
 def _not_captured(e: RuntimeError) -> str:

@@ -73,21 +73,29 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _fuse(model) -> None:
+    """The inference fusions, in order; each keeps the reference path's logits bit for bit."""
+    from .gated import fuse_gated_mlps
+    from .head_norms import fuse_head_norms
+    from .norms import fuse_norms
+    from .siblings import fuse_siblings
+
+    fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
+    fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
+    fuse_gated_mlps(model)  # and the MLPs' act(gate) * up in down_proj's (gated.py)
+    fuse_head_norms(model)  # and q_norm / k_norm on the stacked q/k/v output (head_norms.py)
+
+
 def cmd_eval(a) -> int:
     from .data import read_text, split_text
     from .evaluate import perplexity
     from .models import load_model
-    from .gated import fuse_gated_mlps
-    from .norms import fuse_norms
-    from .siblings import fuse_siblings
 
     if not a.text and not a.tasks:
         raise ValueError("nothing to evaluate: give --text (perplexity) and/or --tasks (lm-eval accuracy)")
     device, dtype = _device(a)
     model, tok, src = load_model(a.model, dtype, device)
-    fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
-    fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
-    fuse_gated_mlps(model)  # and the MLPs' act(gate) * up in down_proj's (gated.py)
+    _fuse(model)
     calib = getattr(model, "osc_source", None) and _calibration_of(a.model)
     if calib and a.text and calib.get("text") == a.text and a.part != "heldout" and calib.get("part") != "heldout":
         print("warning: this text overlaps the calibration text; use --part heldout", file=sys.stderr)
@@ -126,15 +134,10 @@ def cmd_generate(a) -> int:
 
     from .generate import generate
     from .models import load_model
-    from .gated import fuse_gated_mlps
-    from .norms import fuse_norms
-    from .siblings import fuse_siblings
 
     device, dtype = _device(a)
     model, tok, _ = load_model(a.model, dtype, device)
-    fuse_siblings(model)  # q/k/v and gate/up as one layer each: the same logits, fewer passes (siblings.py)
-    fuse_norms(model)  # and the RMSNorms before them in their split-quantize (norms.py)
-    fuse_gated_mlps(model)  # and the MLPs' act(gate) * up in down_proj's (gated.py)
+    _fuse(model)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer to generate with")
     if a.chat and getattr(tok, "chat_template", None):

@@ -59,6 +59,7 @@ class OSCLinear(nn.Module):
         self._cache: dict = {}
         self.input_norm = None  # norms.NormInLayers: the RMSNorm before this layer, which it runs (fuse_norms)
         self.input_gate = None  # gated.GateInLayer: its input is act(gate) * up of a gated MLP (fuse_gated_mlps)
+        self.output_norm = None  # head_norms.HeadNormsAfter: q/k head RMSNorms it runs on its output (fuse_head_norms)
 
     # ------------------------------------------------------------------ build
     @classmethod

@@ -9,6 +9,7 @@ from oscquant.bench_model import build
 from oscquant.config import OSCConfig
 from oscquant.convert import quantize
 from oscquant.gated import fuse_gated_mlps
+from oscquant.head_norms import fuse_head_norms
 from oscquant.generate import generate
 from oscquant.norms import fuse_norms
 from oscquant.siblings import fuse_siblings
@@ -24,8 +25,9 @@ def tiny(device="cpu", dtype=torch.float32, osc=False):
         quantize(model, OSCConfig.osc("mxfp4", 16), [torch.randint(0, 128, (1, 32), generator=g).to(device)
                                                         for _ in range(2)], progress=False)
         fuse_siblings(model)
-        # as the CLI runs models: the norms and the MLPs' activations in the kernels (norms.py, gated.py)
-        assert len(fuse_norms(model)) == 4 and len(fuse_gated_mlps(model)) == 2
+        # as the CLI runs models: the norms, the MLPs' activations and the q/k norms in the kernels (norms.py,
+        # gated.py, head_norms.py)
+        assert len(fuse_norms(model)) == 4 and len(fuse_gated_mlps(model)) == 2 and len(fuse_head_norms(model)) == 2
     return model
 
 

@@ -136,6 +136,38 @@ def test_split_quantize_runs_the_rmsnorm_before_it(fmt, mode, kind, rows):
         ops.split_quantize(x, kw.keep, kw.outlier_idx, fmt, mode, kw.k_main, norm=ops.KernelNorm(w[:-1], 1e-6, kind))
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_head_norm_kernel_is_the_models_q_and_k_norms(arch, m):
+    """head_norm_ on a stacked q/k/v output [M, (Hq + 2 Hkv) * D] gives q_norm and k_norm of the model's own modules
+    (Qwen3's rounding, kind 1; Gemma 3's factors 1 + weight, kind 2) on the q and k heads, and leaves v as it was: bit
+    for bit in the interpreter, and on the GPU up to heads whose sum of squares rounds another way."""
+    from tiny import tiny_model
+
+    from oscquant.norms import norm_formula
+
+    attn = tiny_model(arch).model.layers[0].self_attn.to(DEV, torch.bfloat16)
+    d, hq, hk = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
+    g = torch.Generator().manual_seed(m)
+    with torch.no_grad():  # factors away from 1 (and from 0 for Gemma's 1 + weight), so that a wrong one shows
+        attn.q_norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+        attn.k_norm.weight.copy_(torch.rand(d, generator=g) - 0.5)
+    kind, add_one, eps = norm_formula(attn.q_norm)
+    y = (torch.randn(m, (hq + 2 * hk) * d, generator=g) * 3).to(DEV, torch.bfloat16)
+    w = torch.stack([attn.q_norm.weight, attn.k_norm.weight]).float()
+    got = ops.head_norm_(y.clone(), ops.KernelHeadNorm((w + 1 if add_one else w).contiguous(), eps, kind, hq, hk))
+    with torch.no_grad():
+        q = attn.q_norm(y[:, :hq * d].unflatten(-1, (hq, d))).flatten(-2)
+        k = attn.k_norm(y[:, hq * d:(hq + hk) * d].unflatten(-1, (hk, d))).flatten(-2)
+    want = torch.cat([q, k, y[:, (hq + hk) * d:]], 1)
+    assert kind == (1 if arch == "qwen3" else 2) and not torch.equal(want, y)
+    differ = got.ne(want).float().mean().item()
+    assert differ == 0 if not CUDA else differ <= 1e-2
+    assert torch.equal(got[:, (hq + hk) * d:], y[:, (hq + hk) * d:])  # v untouched
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        ops.head_norm_(y.clone(), ops.KernelHeadNorm(w[:, :d - 2].contiguous(), eps, kind, hq, hk))
+
+
 @pytest.mark.parametrize("fmt,mode", [("mxfp4", MODE_PACKED), ("mxfp4", MODE_F16), ("mxfp4", MODE_F8),
                                       ("int4", MODE_F16), ("fp8", MODE_F8)])
 @pytest.mark.parametrize("act", [1, 2])
@@ -862,12 +894,13 @@ def test_overlapped_launches_read_what_the_kernel_before_wrote(m, late, monkeypa
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
 def test_a_model_whose_norms_and_mlp_activations_run_in_split_quantize_computes_what_it_did(arch, monkeypatch):
-    """fuse_norms and fuse_gated_mlps on a tiny model, on the kernels (the interpreter on the CPU): the logits are
-    those of the model before, whose norms and activations ran as modules (bit for bit in the interpreter, whose sums
-    run in one order), with Qwen3's norm rounding (kind 1) and SiLU, Gemma's (kind 2, factors 1 + weight) and GELU."""
+    """fuse_norms, fuse_gated_mlps and fuse_head_norms on a tiny model, on the kernels (the interpreter on the CPU):
+    the logits are those of the model before, whose norms and activations ran as modules (bit for bit in the
+    interpreter, whose sums run in one order), with Qwen3's norm rounding (kind 1) and SiLU, Gemma's (kind 2, factors
+    1 + weight) and GELU."""
     from tiny import batches, tiny_model
 
-    from oscquant import OSCConfig, fuse_gated_mlps, fuse_norms, fuse_siblings, quantize
+    from oscquant import OSCConfig, fuse_gated_mlps, fuse_head_norms, fuse_norms, fuse_siblings, quantize
 
     model = tiny_model(arch).to(DEV, torch.bfloat16)
     quantize(model, OSCConfig.osc("mxfp4", 16), [b.to(DEV) for b in batches()], progress=False)
@@ -875,7 +908,9 @@ def test_a_model_whose_norms_and_mlp_activations_run_in_split_quantize_computes_
     fused = copy.deepcopy(model)
     assert len(fuse_norms(fused)) == 2 * model.config.num_hidden_layers
     assert len(fuse_gated_mlps(fused)) == model.config.num_hidden_layers
+    assert len(fuse_head_norms(fused)) == model.config.num_hidden_layers
     layers = [m for m in fused.modules() if isinstance(m, OSCLinear)]
+    assert {m.output_norm.kind for m in layers if m.output_norm is not None} == {1 if arch == "qwen3" else 2}
     assert {m.input_norm.kind for m in layers if m.input_norm is not None} == {1 if arch == "qwen3" else 2}
     assert {m.input_gate.kind for m in layers if m.input_gate is not None} == {1 if arch == "qwen3" else 2}
     ids = batches(1, 12, seed=7)[0].to(DEV)

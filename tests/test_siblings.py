@@ -115,20 +115,20 @@ def test_fused_siblings_through_the_kernels(m, monkeypatch):
 
 def test_model_bench_runs_the_three_models_and_compares_their_logits(monkeypatch):
     """`oscquant bench model`'s harness, on a tiny Qwen3 on the CPU: BF16 (here float32), OSC with siblings apart and
-    stacked, and stacked with its norms fused; stacking and fusing the norms change no logit, quantizing changes
+    stacked, with its norms fused, and with everything fused; stacking and fusing change no logit, quantizing changes
     some."""
     from oscquant.bench_model import bench_model, markdown
 
     dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     rows, errs = bench_model(layers=2, prefill=16, reps=2, device="cpu", dims=dims, vocab=128, outliers=16)
     assert [r.variant for r in rows] == ["float", "OSC, siblings apart", "OSC, siblings stacked",
-                                         "OSC, stacked, norms fused", "OSC, stacked, norms and MLP activations fused"]
+                                         "OSC, stacked, norms fused", "OSC, stacked, all fused (+ MLP activations, q/k norms)"]
     assert all(r.prefill_ms > 0 and r.decode_ms > 0 for r in rows)
     apart = errs["OSC, siblings apart vs float"]
     assert 1e-4 < apart < 0.5 and abs(errs["OSC, siblings stacked vs float"] - apart) < 1e-5, errs
     assert errs["OSC, siblings stacked vs OSC, siblings apart"] < 1e-5, errs
     assert errs["OSC, stacked, norms fused vs OSC, siblings stacked"] == 0, errs
-    assert errs["OSC, stacked, norms and MLP activations fused vs OSC, stacked, norms fused"] == 0, errs
+    assert errs["OSC, stacked, all fused (+ MLP activations, q/k norms) vs OSC, stacked, norms fused"] == 0, errs
     md = markdown(rows, 16)
     assert md.count("\n| OSC") == 4 and "prefill of 16 tokens, ms a layer" in md
     # another 4-bit format: INT4 with a scale per 32 columns, its layers so quantized

@@ -43,7 +43,7 @@ import triton
 from .layout import FragWeights, KernelWeights, group_kernel, kernel_weights
 from .overlap import prefer_shared_carveout
 from .triton_osc import (FMT_FP8, FMT_INT4, FMT_MXFP4, FMT_NVFP4, MODE_F8, MODE_F16, MODE_PACKED, decode_weights_kernel,
-                         epilogue_kernel, osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
+                         epilogue_kernel, head_norm_kernel, osc_gemm_kernel, osc_gemm_t_kernel, split_quantize_kernel)
 
 FMT_IDS = {"mxfp4": FMT_MXFP4, "int4": FMT_INT4, "fp8": FMT_FP8, "nvfp4": FMT_NVFP4}
 DECODE_MAX_M = 16
@@ -118,6 +118,35 @@ class KernelNorm:
     factor: torch.Tensor  # fp32 [K]
     eps: float
     kind: int
+
+
+@dataclass(frozen=True)
+class KernelHeadNorm:
+    """The per-head RMSNorms of q and k (Qwen3's q_norm and k_norm), run on the stacked q/k/v layer's output
+    (head_norms.py): the first q_heads heads of head_dim columns with factor[0], the next k_heads with factor[1]."""
+    factor: torch.Tensor  # fp32 [2, head_dim]
+    eps: float
+    kind: int  # as KernelNorm's
+    q_heads: int
+    k_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.factor.shape[1]
+
+
+def head_norm_(y: torch.Tensor, hn: KernelHeadNorm) -> torch.Tensor:
+    """y [M, >= (q_heads + k_heads) * head_dim], its q and k heads normalized in place (head_norm_kernel)."""
+    d, heads = hn.head_dim, hn.q_heads + hn.k_heads
+    if y.dim() != 2 or y.stride(1) != 1 or y.shape[1] < heads * d or d & (d - 1) or hn.factor.dtype != torch.float32:
+        raise ValueError(f"head norms take rows of contiguous columns holding {hn.q_heads} + {hn.k_heads} heads of a "
+                         f"power-of-two head_dim and FP32 factors; got {tuple(y.shape)}, head_dim {d}, "
+                         f"{hn.factor.dtype}")
+    if y.shape[0]:
+        head_norm_kernel[(y.shape[0],)](y, y.stride(0), hn.factor, hn.q_heads, hn.k_heads, hn.eps, D=d,
+                                        BH=triton.next_power_of_2(heads), NORM=hn.kind, INTERPRET=interpreting(),
+                                        num_warps=4)
+    return y
 
 
 def split_quantize(x: torch.Tensor, keep: torch.Tensor, outlier_idx: torch.Tensor, fmt: str, mode: int,
@@ -736,13 +765,14 @@ def split_for(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, norm: KernelN
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None,
-                  norm: KernelNorm | None = None, act: int = 0) -> torch.Tensor:
+                  norm: KernelNorm | None = None, act: int = 0, heads: KernelHeadNorm | None = None) -> torch.Tensor:
     """The whole online path of one layer on a 2-D input: split-quantize (after the RMSNorm ``norm``, if the layer
     took over the one before it, or of a gated MLP's act(gate) * up from x = [gate | up] for ``act``), then the
-    dual-path GEMM."""
+    dual-path GEMM, then (``heads``, a stacked q/k/v layer) the q and k heads' RMSNorms on its output."""
     cfg = cfg or layer_config(x, kw)
     xo, a, sa = split_for(x, kw, cfg, norm, act)
-    return osc_gemm(a, sa, kw, xo, x.dtype, cfg)
+    y = osc_gemm(a, sa, kw, xo, x.dtype, cfg)
+    return y if heads is None else head_norm_(y, heads)
 
 
 # ------------------------------------------------------------------ the layer backend and custom op
@@ -768,25 +798,31 @@ def osc_linear_op(x: torch.Tensor, codes: torch.Tensor, rel_exp: torch.Tensor | 
                   bias: torch.Tensor | None, fmt: str, k_main: int, frag_words: torch.Tensor | None = None,
                   frag_exps: torch.Tensor | None = None, frag_scale: torch.Tensor | None = None,
                   norm_factor: torch.Tensor | None = None, norm_eps: float = 0.0, norm_kind: int = 0,
-                  act: int = 0) -> torch.Tensor:
+                  act: int = 0, head_factor: torch.Tensor | None = None, head_eps: float = 0.0, head_kind: int = 0,
+                  q_heads: int = 0, k_heads: int = 0) -> torch.Tensor:
     frag = None if frag_words is None else FragWeights(frag_words, frag_exps, frag_scale)
     kw = KernelWeights(fmt, codes, rel_exp, row_scale, k_main, w_outlier, outlier_idx, keep, bias, frag)
     return osc_linear_2d(x, kw, norm=None if norm_factor is None else KernelNorm(norm_factor, norm_eps, norm_kind),
-                         act=act)
+                         act=act, heads=None if head_factor is None else KernelHeadNorm(head_factor, head_eps,
+                                                                                        head_kind, q_heads, k_heads))
 
 
 @osc_linear_op.register_fake
 def _(x, codes, rel_exp, row_scale, w_outlier, outlier_idx, keep, bias, fmt, k_main, frag_words=None, frag_exps=None,
-      frag_scale=None, norm_factor=None, norm_eps=0.0, norm_kind=0, act=0):
+      frag_scale=None, norm_factor=None, norm_eps=0.0, norm_kind=0, act=0, head_factor=None, head_eps=0.0,
+      head_kind=0, q_heads=0, k_heads=0):
     return x.new_empty(x.shape[0], row_scale.shape[0])
 
 
-def osc_linear_2d_op(x2: torch.Tensor, kw: KernelWeights, norm: KernelNorm | None = None, act: int = 0) -> torch.Tensor:
+def osc_linear_2d_op(x2: torch.Tensor, kw: KernelWeights, norm: KernelNorm | None = None, act: int = 0,
+                     heads: KernelHeadNorm | None = None) -> torch.Tensor:
     """osc_linear_2d through the ``oscquant::osc_linear`` custom op, its weights passed as tensors."""
     fw = kw.frag
+    hn = (heads.factor, heads.eps, heads.kind, heads.q_heads, heads.k_heads) if heads is not None else (None, 0.0, 0,
+                                                                                                      0, 0)
     return osc_linear_op(x2, kw.codes, kw.rel_exp, kw.row_scale, kw.w_outlier, kw.outlier_idx, kw.keep, kw.bias,
                          kw.fmt, kw.k_main, *((fw.words, fw.exps, fw.row_scale) if fw is not None else (None,) * 3),
-                         *((norm.factor, norm.eps, norm.kind) if norm is not None else (None, 0.0, 0)), act)
+                         *((norm.factor, norm.eps, norm.kind) if norm is not None else (None, 0.0, 0)), act, *hn)
 
 
 def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
@@ -794,9 +830,10 @@ def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
     act = layer.input_gate.kind if layer.input_gate is not None else 0  # x: gate and up side by side
     x2 = x.reshape(-1, layer.in_features * (2 if act else 1))
     norm = layer.input_norm.kernel_norm(x.device) if layer.input_norm is not None else None
+    heads = layer.output_norm.kernel_norm(x.device) if layer.output_norm is not None else None
     if torch.compiler.is_compiling():  # torch.compile sees one opaque op with a fake implementation
-        y = osc_linear_2d_op(x2, kw, norm, act)
+        y = osc_linear_2d_op(x2, kw, norm, act, heads)
     else:  # eager (and CUDA graph capture): the custom op's dispatch alone cost 22-118 µs of host
         # time a call on the H200's host (scripts/host_overhead.py)
-        y = osc_linear_2d(x2, kw, norm=norm, act=act)
+        y = osc_linear_2d(x2, kw, norm=norm, act=act, heads=heads)
     return y.reshape(*x.shape[:-1], layer.out_features)

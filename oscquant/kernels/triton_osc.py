@@ -277,6 +277,25 @@ def split_quantize_kernel(
 
 
 @triton.jit
+def head_norm_kernel(y_ptr, stride_ym, f_ptr, HQ, HK, eps, D: tl.constexpr, BH: tl.constexpr, NORM: tl.constexpr,
+                     INTERPRET: tl.constexpr = False):
+    """In place on one row of a stacked q/k/v output (head_norms.py): each of its first HQ heads of D columns (q)
+    RMS-normalized with the factors f[0], the next HK (k) with f[1] (FP32 [2, D]), rounded as _rms_scaled rounds;
+    the v columns after them are not touched."""
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BH)
+    d = tl.arange(0, D)
+    hm = (h < HQ + HK)[:, None]
+    ptr = y_ptr + r * stride_ym + h[:, None] * D + d[None, :]
+    x = tl.load(ptr, mask=hm, other=0.0)
+    xdt: tl.constexpr = x.dtype
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    w = tl.load(f_ptr + (h >= HQ).to(tl.int32)[:, None] * D + d[None, :], mask=hm, other=0.0)
+    tl.store(ptr, _rms_scaled(xf, rstd, w, xdt, NORM, INTERPRET).to(xdt), mask=hm)
+
+
+@triton.jit
 def _round_e4m3(v):
     """Round to the nearest e4m3 value, ties to even, in float32 arithmetic (for the CPU
     interpreter; the GPU's cast does this itself)."""
