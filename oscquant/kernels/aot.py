@@ -211,6 +211,20 @@ def pdl_order(c, weight_tma: int = 0, at_end: bool = False) -> str | None:
     return None if tma == weight_tma else f"{tma} TMA copies before griddepcontrol.wait, expected {weight_tma}"
 
 
+def epilogue():
+    """The cuBLAS FP16 route's epilogue on its FP32 sums (NVFP4, INT4 with group scales, 65-256 tokens)."""
+    sig = [("acc_ptr", "*fp32"), ("sa_ptr", "*fp32"), ("sb_ptr", "*fp32"), ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"),
+           ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"), ("N", "i32"), ("K_OUT", "i32"), ("stride_ym", "i32")]
+    return compile_kernel(K.epilogue_kernel, sig, dict(HAS_BIAS=True, BM=64, BN=64, BO=64, INTERPRET=False), 4, 1)
+
+
+def head_norm(kind: int = 1, d: int = 128, heads: int = 40):
+    """q_norm and k_norm on a stacked q/k/v output row (Qwen3-8B: 32 + 8 heads of 128)."""
+    sig = [("y_ptr", "*bf16"), ("stride_ym", "i32"), ("f_ptr", "*fp32"), ("HQ", "i32"), ("HK", "i32"), ("eps", "fp32")]
+    return compile_kernel(K.head_norm_kernel, sig, dict(D=d, BH=triton.next_power_of_2(heads), NORM=kind,
+                                                        INTERPRET=False), 4, 1)
+
+
 def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack or touches
     memory before its PDL wait."""
@@ -271,7 +285,10 @@ def main() -> int:
                      split(K.FMT_INT4, K.MODE_F16, group=128, fold=True)),
                     ("decode mxfp4 f8", decode(K.FMT_MXFP4, True)),
                     ("decode nvfp4 f16", decode(K.FMT_NVFP4, False)),
-                    ("decode int4 groups of 128 f16", decode(K.FMT_INT4, False, group=128))]:
+                    ("decode int4 groups of 128 f16", decode(K.FMT_INT4, False, group=128)),
+                    ("epilogue of cuBLAS's FP16 GEMM", epilogue()),
+                    ("q/k head norms on the stacked q/k/v output", head_norm()),
+                    ("q/k head norms, Gemma's rounding", head_norm(2, 256, 12))]:
         usage = resources(c)
         print(f"{name}: {usage}")
         spills += "STACK:" in usage and "STACK:0 " not in usage
