@@ -378,7 +378,7 @@ def _fp16_expansion_config(m: int, n: int, k_pad: int, cublas: bool) -> GemmConf
     expansion path's tiles with FP16 operands and 64 columns a step (FP16 doubles a step's bytes), or, with
     ``cublas`` up to CUBLAS_F16_MAX_M tokens, cuBLAS's FP16 GEMM into FP32 sums and epilogue_kernel after it: 1.03-1.20x
     faster than ours at 128 and 256 tokens on every Qwen3 shape on the H100, 0.95-1.15x at 1024 and 0.83-1.13x at
-    4096, where its FP32 sums' round trip counts (scripts/f16_route.py, docs/bench/h100_f16_route_2026-12-07.md).
+    4096, where its FP32 sums' round trip counts (scripts/f16_route.py, docs/bench/h100_fusions_f16_2026-12-07.md).
     Both read FP16 weights of 2 bytes, as BF16 does: 0.4-0.6x BF16's speed in that range."""
     if cublas and m <= CUBLAS_F16_MAX_M:
         return CUBLAS_F16_CONFIG
