@@ -657,11 +657,11 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert [(grouped[64, g].bm, grouped[64, g].bn, grouped[64, g].warps) for g in (32, 128)] \
         == [(64, 64, 8), (64, 64, 4)]
     # ... and above 64 tokens the prefill path: FP16 weights and activations with the group scales folded in
-    # (on Hopper up to 256 tokens cuBLAS's FP16 GEMM, elsewhere ours, 64 columns a step)
-    assert all(ops.gemm_config(m, 4096, 4096, "int4", group=g) == ops.CUBLAS_F16_CONFIG for g in (32, 128)
-               for m in (65, ops.CUBLAS_F16_MAX_M))
-    plain = [ops.gemm_config(m, 4096, 4096, "int4", group=g, cublas=c) for g in (32, 128)
-             for m, c in ((4096, True), (65, False))]
+    # (on Hopper up to 512 tokens, 256 where N >= 16384, cuBLAS's FP16 GEMM, elsewhere ours, 64 columns a step)
+    assert all(ops.gemm_config(m, n, 4096, "int4", group=g) == ops.CUBLAS_F16_CONFIG for g in (32, 128)
+               for m, n in ((65, 4096), (512, 4096), (256, 24576)))
+    plain = [ops.gemm_config(m, n, 4096, "int4", group=g, cublas=c) for g in (32, 128)
+             for m, n, c in ((4096, 4096, True), (513, 4096, True), (257, 24576, True), (65, 4096, False))]
     assert all(c.expand and not c.op_f8 and c.bk == 64 for c in plain)
     # without the wgmma GEMM: 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the
     # block factors folded in
@@ -721,12 +721,13 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     assert ops.gemm_config(4096, 4096, 4096).expand and not ops.gemm_config(4096, 4096, 4096).swap
     # NVFP4: FP16 operands at every M (no e4m3 form): the transposed GEMM up to 64 tokens, then the weights expanded
     # to FP16 and the plain GEMM, 64 columns a step
-    # to FP16 and, on Hopper up to 256 tokens, cuBLAS's FP16 GEMM, else our plain GEMM, 64 columns a step
+    # to FP16 and, on Hopper up to 512 tokens (256 where N >= 16384), cuBLAS's FP16 GEMM, else our plain GEMM
     for cublas in (True, False):
         nv = [ops.gemm_config(m, n, 4096, "nvfp4", cublas=cublas) for m in (1, 16, 64, 65, 256, 257, 4096)
               for n in (4096, 24576)]
         assert not any(c.op_f8 or c.fold or c.frag or c.wgmma for c in nv)
-        assert [c.path for c in nv] == ["t"] * 6 + ["cublas" if cublas else "expand"] * 4 + ["expand"] * 4
+        f16 = "cublas" if cublas else "expand"
+        assert [c.path for c in nv] == ["t"] * 6 + [f16] * 5 + ["expand"] * 3
         assert all(c.bk == 64 for c in nv if c.expand)
 
 

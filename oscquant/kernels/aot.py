@@ -212,7 +212,7 @@ def pdl_order(c, weight_tma: int = 0, at_end: bool = False) -> str | None:
 
 
 def epilogue():
-    """The cuBLAS FP16 route's epilogue on its FP32 sums (NVFP4, INT4 with group scales, 65-256 tokens)."""
+    """The cuBLAS FP16 route's epilogue on its FP32 sums (NVFP4, INT4 with group scales, 65-512 tokens)."""
     sig = [("acc_ptr", "*fp32"), ("sa_ptr", "*fp32"), ("sb_ptr", "*fp32"), ("xo_ptr", "*bf16"), ("wo_ptr", "*bf16"),
            ("bias_ptr", "*fp32"), ("y_ptr", "*bf16"), ("M", "i32"), ("N", "i32"), ("K_OUT", "i32"), ("stride_ym", "i32")]
     return compile_kernel(K.epilogue_kernel, sig, dict(HAS_BIAS=True, BM=64, BN=64, BO=64, INTERPRET=False), 4, 1)

@@ -280,7 +280,7 @@ class GemmConfig:
 CUBLAS_CONFIG = GemmConfig(0, 0, 1, True, 0, 0, cublas=True)  # tiles, warps and stages: cuBLAS's own choice
 # the expansion, which reads only the weights, runs beside split-quantize (overlap.py)
 CUBLAS_F16_CONFIG = GemmConfig(0, 0, 1, False, 0, 0, cublas=True, pdl=True)
-CUBLAS_F16_MAX_M = 256  # where it measured faster than our FP16 GEMM on every shape (_fp16_expansion_config)
+CUBLAS_F16_MAX_M = 512  # where it measured faster than our FP16 GEMM (_fp16_expansion_config)
 
 
 def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = True, wgmma: bool = True,
@@ -376,11 +376,12 @@ def nvfp4_config(m: int, n: int, k_pad: int, cublas: bool = False) -> GemmConfig
 def _fp16_expansion_config(m: int, n: int, k_pad: int, cublas: bool) -> GemmConfig:
     """The prefill path on weights expanded to FP16 (NVFP4, INT4 with group scales): our plain GEMM on the e4m3
     expansion path's tiles with FP16 operands and 64 columns a step (FP16 doubles a step's bytes), or, with
-    ``cublas`` up to CUBLAS_F16_MAX_M tokens, cuBLAS's FP16 GEMM into FP32 sums and epilogue_kernel after it: 1.03-1.20x
-    faster than ours at 128 and 256 tokens on every Qwen3 shape on the H100, 0.95-1.15x at 1024 and 0.83-1.13x at
-    4096, where its FP32 sums' round trip counts (scripts/f16_route.py, docs/bench/h100_fusions_f16_2026-12-07.md).
-    Both read FP16 weights of 2 bytes, as BF16 does: 0.4-0.6x BF16's speed in that range."""
-    if cublas and m <= CUBLAS_F16_MAX_M:
+    ``cublas`` up to CUBLAS_F16_MAX_M tokens (256 where N >= 16384), cuBLAS's FP16 GEMM into FP32 sums and
+    epilogue_kernel after it. On the H100 that measured 1.03-1.20x faster than ours at 128 and 256 tokens on every
+    Qwen3 shape, 1.03-1.26x at 512 but 0.95x on 8B gate+up, 0.95-1.15x at 1024 and 0.83-1.13x at 4096, where its FP32
+    sums' round trip counts (scripts/f16_route.py, docs/bench/h100_fusions_f16_2026-12-07.md). Both read FP16 weights
+    of 2 bytes, as BF16 does: 0.4-0.6x BF16's speed in that range."""
+    if cublas and (m <= CUBLAS_F16_MAX_M // 2 or (m <= CUBLAS_F16_MAX_M and n < 16384)):
         return CUBLAS_F16_CONFIG
     return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
 
