@@ -14,8 +14,6 @@ Fused models are for inference: save checkpoints before fusing.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -80,32 +78,27 @@ def fuse_gated_mlps(model: nn.Module, probe: torch.Tensor | None = None) -> list
     """Run each gated MLP's act(gate) * up inside its down_proj, in place; needs gate and up stacked first
     (fuse_siblings). ``probe``: token ids for the two checking runs (default: 8 random tokens of
     ``model.config.vocab_size``). Returns the MLPs fused."""
-    from .norms import probe_ids, reference_logits
+    from .norms import keep_if_unchanged
 
     found = {name: f for name, m in model.named_modules() if not isinstance(m, GatedMLP) and (f := _fusable(m))}
-    if not found:
-        return []
-    probe = probe_ids(model, probe)
-    try:
-        before = reference_logits(model, probe)
-    except Exception as e:
-        warnings.warn(f"oscquant.fuse_gated_mlps: the model did not run on {tuple(probe.shape)} token ids ({e}); its "
-                      "MLPs are left unfused (pass probe= with inputs it takes)", stacklevel=2)
-        return []
-    undo = []
-    for name, (stacked, kind) in found.items():
-        mlp = model.get_submodule(name)
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, GatedMLP(mlp, stacked))
-        mlp.down_proj.input_gate = GateInLayer(mlp.act_fn, kind)
-        undo.append((parent, leaf, mlp))
-    if not torch.equal(before, reference_logits(model, probe)):
-        for parent, leaf, mlp in undo:
+    done = []  # (parent, leaf, mlp)
+
+    def apply():
+        for name, (stacked, kind) in found.items():
+            mlp = model.get_submodule(name)
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, GatedMLP(mlp, stacked))
+            mlp.down_proj.input_gate = GateInLayer(mlp.act_fn, kind)
+            done.append((parent, leaf, mlp))
+
+    def undo():
+        for parent, leaf, mlp in done:
             setattr(parent, leaf, mlp)
             mlp.down_proj.input_gate = None
-        warnings.warn("oscquant.fuse_gated_mlps: the model's output changed with act(gate) * up computed in down_proj "
-                      "(an MLP whose forward is not down_proj(act_fn(gate_proj(x)) * up_proj(x))); left unfused",
-                      stacklevel=2)
-        return []
-    return list(found)
+
+    if found and keep_if_unchanged(model, probe, "fuse_gated_mlps", "MLPs", apply, undo,
+                                   "act(gate) * up computed in down_proj (an MLP whose forward is not "
+                                   "down_proj(act_fn(gate_proj(x)) * up_proj(x)))"):
+        return list(found)
+    return []

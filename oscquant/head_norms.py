@@ -14,13 +14,11 @@ Fused models are for inference: save checkpoints before fusing.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from .linear import OSCLinear
-from .norms import norm_formula
+from .norms import keep_if_unchanged, norm_formula
 from .siblings import Sibling
 
 Q, K = 0, 1  # the slots of q_proj and k_proj in their stacked layer (siblings.GROUPS)
@@ -96,30 +94,22 @@ def fuse_head_norms(model: nn.Module, probe: torch.Tensor | None = None) -> list
     """Run each attention's q_norm and k_norm on its stacked q/k/v layer's output, in place; needs q/k/v stacked first
     (fuse_siblings). ``probe``: token ids for the two checking runs (default: 8 random tokens of
     ``model.config.vocab_size``). Returns the attention modules fused."""
-    from .norms import probe_ids, reference_logits
-
     found = {name: f for name, m in model.named_modules() if (f := _fusable(m))}
-    if not found:
-        return []
-    probe = probe_ids(model, probe)
-    try:
-        before = reference_logits(model, probe)
-    except Exception as e:
-        warnings.warn(f"oscquant.fuse_head_norms: the model did not run on {tuple(probe.shape)} token ids ({e}); its "
-                      "q/k norms are left unfused (pass probe= with inputs it takes)", stacklevel=2)
-        return []
-    undo = []
-    for name, (layer, heads) in found.items():
-        attn = model.get_submodule(name)
-        attn.q_norm, attn.k_norm = NormRunBefore(heads.q_norm, heads), NormRunBefore(heads.k_norm, heads)
-        object.__setattr__(layer, "output_norm", heads)  # not a submodule: the attention holds the norms
-        undo.append((attn, layer, heads))
-    if not torch.equal(before, reference_logits(model, probe)):
-        for attn, layer, heads in undo:
+
+    def apply():
+        for name, (layer, heads) in found.items():
+            attn = model.get_submodule(name)
+            attn.q_norm, attn.k_norm = NormRunBefore(heads.q_norm, heads), NormRunBefore(heads.k_norm, heads)
+            object.__setattr__(layer, "output_norm", heads)  # not a submodule: the attention holds the norms
+
+    def undo():
+        for name, (layer, heads) in found.items():
+            attn = model.get_submodule(name)
             attn.q_norm, attn.k_norm = heads.q_norm, heads.k_norm
             object.__setattr__(layer, "output_norm", None)
-        warnings.warn("oscquant.fuse_head_norms: the model's output changed with its q/k norms run on the stacked "
-                      "q/k/v output (a norm that reads something else than q_proj's or k_proj's output); left unfused",
-                      stacklevel=2)
-        return []
-    return list(found)
+
+    if found and keep_if_unchanged(model, probe, "fuse_head_norms", "q/k norms", apply, undo,
+                                   "its q/k norms run on the stacked q/k/v output (a norm that reads something else "
+                                   "than q_proj's or k_proj's output)"):
+        return list(found)
+    return []

@@ -123,6 +123,26 @@ def reference_logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
 
 
+def keep_if_unchanged(model: nn.Module, probe: torch.Tensor | None, fusion: str, what: str, apply, undo,
+                      change: str) -> bool:
+    """Apply a fusion (``apply()``, in place) and keep it only if the model's logits on ``probe`` (probe_ids) on the
+    reference path stay the same bit for bit; else ``undo()`` it. Warns, naming ``fusion``, and returns False when the
+    model does not run on the probe (``what`` is left unfused) or its output changed (with ``change``)."""
+    probe = probe_ids(model, probe)
+    try:
+        before = reference_logits(model, probe)
+    except Exception as e:
+        warnings.warn(f"oscquant.{fusion}: the model did not run on {tuple(probe.shape)} token ids ({e}); its {what} "
+                      "are left unfused (pass probe= with inputs it takes)", stacklevel=3)
+        return False
+    apply()
+    if not torch.equal(before, reference_logits(model, probe)):
+        undo()
+        warnings.warn(f"oscquant.{fusion}: the model's output changed with {change}; left unfused", stacklevel=3)
+        return False
+    return True
+
+
 def _trace_readers(model: nn.Module, norms: list[str], probe: torch.Tensor):
     """Run the model on ``probe`` on the reference path with hooks: (its logits, for each norm the leaf modules that
     read one of its outputs in the order they first did, and the readers that read anything else too)."""
