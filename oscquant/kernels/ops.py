@@ -488,6 +488,11 @@ def _split_buffers(y: torch.Tensor, split_k: int, tiles: int):
         torch.zeros(y.numel(), dtype=torch.float32, device=y.device), torch.zeros(tiles, dtype=torch.int32, device=y.device))
 
 
+def _branch_block(k_out: int) -> int:
+    """Columns of the BF16 branch a step (the Triton GEMMs' BO): 0 without outlier channels, else 16 to 64."""
+    return 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+
+
 def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torch.Tensor | None = None,
              groups: torch.Tensor | None = None) -> torch.Tensor:
     """y = the layer's dual-path GEMM on split-quantize's outputs, by ``cfg``. ``groups`` (MoE experts, moe.py): kw
@@ -539,7 +544,7 @@ def osc_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out: torc
     grid = (triton.cdiv(n, cfg.bn) * tiles, cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
-    bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    bo = _branch_block(k_out)
     weights = (codes, rel if rel is not None else codes, kw.row_scale, xo, kw.w_outlier,
                kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt)
     common = dict(FMT=FMT_IDS[fmt], HAS_BIAS=kw.bias is not None, BN=cfg.bn, BO=bo, SPLIT_K=cfg.split_k,
@@ -606,7 +611,7 @@ def _cublas_f16_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, o
     acc = _mm_f32(a, decode_weights(kw, False, pdl=cfg.pdl))
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=a.device)
     k_out = xo.shape[1]
-    bo = 0 if k_out == 0 else min(64, max(16, triton.next_power_of_2(k_out)))
+    bo = _branch_block(k_out)
     epilogue_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64))](
         acc, sa, kw.row_scale, xo, kw.w_outlier, kw.bias if kw.bias is not None else kw.row_scale, y, m, n, k_out,
         y.stride(0), HAS_BIAS=kw.bias is not None, BM=64, BN=64, BO=bo, INTERPRET=interpreting(), num_warps=4)

@@ -542,6 +542,24 @@ def _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO: tl.constexp
 
 
 @triton.jit
+def _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, rm, rn, rm64, rn64, mm, nm, K_OUT, first,
+              SB_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BO: tl.constexpr, INTERPRET: tl.constexpr):
+    """A tile's main-path sums acc [rows rm, columns rn] times the token and row scales (and SB_SCALE); where
+    ``first`` (split-K's program 0), plus x_o · W_o^T and the bias."""
+    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
+    if SB_SCALE != 1.0:
+        sb = sb * SB_SCALE
+    acc = acc * sa[:, None] * sb[None, :]
+    if first:
+        if BO > 0:
+            acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO, False, INTERPRET)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
 def _store_tile(acc, y, ws, mask, cnt, SPLIT_K: tl.constexpr):
     """Write a program's tile. With SPLIT_K > 1 its partial sum goes into the FP32 workspace ``ws``
     (same indexing as y, all zero between calls), and the last of the tile's SPLIT_K programs, told
@@ -699,16 +717,8 @@ def osc_gemm_kernel(
             p0, e00, e01, p1, e10, e11 = q0, f00, f01, q1, f10, f11
             p2, e20, e21, p3, e30, e31 = q2, f20, f21, q3, f30, f31
 
-    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
-    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
-    if SB_SCALE != 1.0:
-        sb = sb * SB_SCALE
-    acc = acc * sa[:, None] * sb[None, :]
-    if split == 0:
-        if BO > 0:
-            acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO, False, INTERPRET)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
+    acc = _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, rm, rn, rm64, rn64, mm, nm, K_OUT, split == 0,
+                    SB_SCALE, HAS_BIAS, BO, INTERPRET)
     _store_tile(acc, y_ptr + rm64[:, None] * stride_ym + rn64[None, :], ws_ptr + rm64[:, None] * N + rn64[None, :],
                 mm[:, None] & nm[None, :], cnt_ptr + pid, SPLIT_K)
 
@@ -719,7 +729,7 @@ def epilogue_kernel(acc_ptr, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, M,
                     INTERPRET: tl.constexpr = False):
     """y = acc * sa[:, None] * sb[None, :] + x_o · W_o^T (+ bias), the dual path's epilogue for a main-path GEMM
     that ran elsewhere (cuBLAS, ops._cublas_f16_gemm): acc [M, N] holds its FP32 sums, read once; the BF16 branch
-    runs here on the tensor cores, as in osc_gemm_kernel's epilogue."""
+    runs here on the tensor cores, by osc_gemm_kernel's _epilogue."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mm = rm < M
@@ -728,13 +738,8 @@ def epilogue_kernel(acc_ptr, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, M,
     rn64 = rn.to(tl.int64)
     mask = mm[:, None] & nm[None, :]
     acc = tl.load(acc_ptr + rm64[:, None] * N + rn64[None, :], mask=mask, other=0.0)
-    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
-    sb = tl.load(sb_ptr + rn, mask=nm, other=0.0)
-    acc = acc * sa[:, None] * sb[None, :]
-    if BO > 0:
-        acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm64, mm, rn64, nm, K_OUT, BO, False, INTERPRET)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[None, :]
+    acc = _epilogue(acc, sa_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, rm, rn, rm64, rn64, mm, nm, K_OUT, True, 1.0,
+                    HAS_BIAS, BO, INTERPRET)
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn64[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
