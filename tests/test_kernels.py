@@ -381,6 +381,63 @@ def test_wgmma_gemm_matches_reference(m, k_in, n, k, bn, warps, bt, split_k, sta
         assert not ws.any() and not cnt.any()
 
 
+# INT4 with group scales: (group, (M, K, N)), K a multiple of the group, padded to 128 columns or to whole groups
+GROUP_CASES = [(g, shape) for g, shapes in {
+    32: [(1, 4160, 1000), (16, 2080, 3000), (300, 4160, 1000)] if CUDA else [(1, 160, 40), (70, 416, 72)],
+    64: [(7, 4160, 1000), (64, 4096, 2000)] if CUDA else [(7, 384, 40)],
+    128: [(1, 4096, 1000), (33, 2048, 3000), (1000, 4096, 1000)] if CUDA else [(1, 384, 40), (70, 768, 72)],
+    256: [(16, 4352, 1000), (257, 2304, 1000)] if CUDA else [(33, 768, 40)]}.items() for shape in shapes]
+
+# the wgmma GEMM on FP16 operands: NVFP4 at the kernel shapes, INT4 with group scales at K a multiple of the group
+WGMMA_F16_CASES = [("nvfp4", None, shape) for shape in SHAPES + [(300, 2080, 520), (257, 4160, 1000)]] + [
+    ("int4", g, shape) for g, shape in GROUP_CASES if g in (32, 128)]
+
+
+@pytest.mark.skipif(not CUDA, reason="the wgmma GEMM is Gluon for sm_90 (no interpreter)")
+@pytest.mark.parametrize("fmt,group,shape", WGMMA_F16_CASES,
+                         ids=[f"{f}{g or ''}-{m}x{k}x{n}" for f, g, (m, k, n) in WGMMA_F16_CASES])
+@pytest.mark.parametrize("k", [32, 0])
+@pytest.mark.parametrize("bn,warps,bt,split_k,stages", [
+    (64, 4, 128, 1, 4), (64, 4, 16, 3, 2), (128, 8, 64, 2, 3), (128, 8, 128, 2, 3), (128, 8, 32, 1, 4)])
+def test_wgmma_gemm_f16_matches_reference_and_the_fp16_expansion(fmt, group, shape, k, bn, warps, bt, split_k, stages):
+    """NVFP4, and INT4 with group scales, on FP16 wgmma (codes unpacked to FP16 times their block or group factors in
+    registers): the reference path, and the same FP16 products as the expansion path's GEMM on the weights decoded to
+    FP16 (INT4: up to a last-bit difference of the factors' rounding)."""
+    m, k_in, n = shape
+    layer, idx = make_layer(k_in, n, fmt, k, seed=k, group=group)
+    x = activations(m, k_in, idx, seed=m)
+    kw = ops.layer_weights(layer)
+    cfg = ops.wgmma_config(m, n, kw.k_main, bn=bn, bt=bt, warps=warps, split_k=split_k, stages=stages, f16=True)
+    xo, a, sa = ops.split_for(x, kw, cfg)
+    assert a.dtype == torch.float16 and cfg.reg_a and sa.shape == (m,)  # INT4: the group scales folded in
+    y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg,
+                     out=torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV))
+    ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
+    assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-2
+    expanded = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True))
+    assert rel_err(y.float().cpu(), expanded.float().cpu()) <= 2e-3
+    if split_k > 1:
+        ws, cnt = ops._SPLIT_WORKSPACE[y.device]
+        assert not ws.any() and not cnt.any()
+
+
+@pytest.mark.skipif(not CUDA, reason="the wgmma GEMM is Gluon for sm_90 (no interpreter)")
+def test_wgmma_gemm_rejects_what_it_cannot_take():
+    layer, idx = make_layer(256, 128, "nvfp4", 16)
+    kw = ops.layer_weights(layer)
+    x = activations(64, 256, idx)
+    cfg = ops.wgmma_config(64, 128, kw.k_main, bn=64, f16=True)
+    xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "nvfp4", cfg.mode, kw.k_main)
+    for bad in (dict(reg_a=False), dict(bm=256)):
+        with pytest.raises(ValueError, match="register operand only"):
+            ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(cfg, **bad))
+    with pytest.raises(ValueError, match="MODE_F16"):
+        ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cfg)
+    int4, _ = make_layer(256, 128, "int4", 16)
+    with pytest.raises(ValueError, match="takes MXFP4 weights"):
+        ops.osc_gemm(a, sa, ops.layer_weights(int4), xo, torch.bfloat16, cfg)
+
+
 CONFIGS = [ops.GemmConfig(16, 64, 1, False, 4, 2), ops.GemmConfig(16, 32, 2, False, 4, 2, bk=256),
            ops.GemmConfig(64, 64, 1, True, 4, 2), ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True),
            ops.GemmConfig(64, 64, 1, False, 4, 2, bk=64, expand=True),
@@ -463,14 +520,6 @@ def test_fp16_cublas_path_matches_the_reference_and_our_fp16_gemm(fmt, k, group,
     assert rel_err(ops.osc_gemm(a, sa2, kw, xo, torch.bfloat16, cfg).cpu(), ref) > 1e-2
     with pytest.raises(ValueError, match="torch.float16 operands with one scale per token"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cfg)
-
-
-# INT4 with group scales: (group, (M, K, N)), K a multiple of the group, padded to 128 columns or to whole groups
-GROUP_CASES = [(g, shape) for g, shapes in {
-    32: [(1, 4160, 1000), (16, 2080, 3000), (300, 4160, 1000)] if CUDA else [(1, 160, 40), (70, 416, 72)],
-    64: [(7, 4160, 1000), (64, 4096, 2000)] if CUDA else [(7, 384, 40)],
-    128: [(1, 4096, 1000), (33, 2048, 3000), (1000, 4096, 1000)] if CUDA else [(1, 384, 40), (70, 768, 72)],
-    256: [(16, 4352, 1000), (257, 2304, 1000)] if CUDA else [(33, 768, 40)]}.items() for shape in shapes]
 
 
 @pytest.mark.parametrize("group,shape", GROUP_CASES, ids=[f"g{g}-{m}x{k}x{n}" for g, (m, k, n) in GROUP_CASES])
@@ -618,7 +667,7 @@ def test_bad_inputs_raise():
     xo, a, sa = ops.split_quantize(torch.ones(1, k_in, device=DEV), g32.keep, g32.outlier_idx, "int4", MODE_F16,
                                    g32.k_main)  # per-token scales, not the layer's groups
     with pytest.raises(ValueError, match="token scales of each group"):
-        ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, ops.gemm_config(1, n, g32.k_main, "int4", group=32))
+        ops.osc_gemm(a, sa, g32, xo, torch.bfloat16, ops.gemm_config(1, n, g32.k_main, "int4", group=32, wgmma=False))
     for cfg in (ops.GemmConfig(64, 64, 1, True, 4, 2, expand=True), ops.GemmConfig(16, 64, 1, False, 4, 2),
                 ops.fold_config(32, n, g32.k_main)):  # every path but the transposed GEMM and the FP16 expansion
         with pytest.raises(ValueError, match="group scales .* take the transposed GEMM"):
@@ -648,9 +697,11 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
         assert ops.gemm_config(1, 4096, 4096, fmt, frag=False).swap and ops.gemm_config(64, 4096, 4096, fmt).swap
         assert not ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).swap
         assert ops.gemm_config(65, 6144, 4096, fmt, wgmma=False).op_f8
-    # INT4 with group scales up to 64 tokens: the transposed GEMM (its partial products take the scales), the per-row
-    # INT4 tiles up to 16 tokens, 64 x 64 tiles on 8 warps for groups of 32 (four partial products live at once)
-    grouped = {(m, g): ops.gemm_config(m, 4096, 4096, "int4", group=g) for m in (1, 16, 64, 4096) for g in (32, 128)}
+    # INT4 with group scales up to 64 tokens (without the wgmma GEMM, which takes some of these on Hopper: below): the
+    # transposed GEMM (its partial products take the scales), the per-row INT4 tiles up to 16 tokens, 64 x 64 tiles on
+    # 8 warps for groups of 32 (four partial products live at once)
+    grouped = {(m, g): ops.gemm_config(m, 4096, 4096, "int4", group=g, wgmma=False) for m in (1, 16, 64, 4096)
+               for g in (32, 128)}
     assert all(c.swap and not (c.expand or c.fold or c.frag or c.wgmma or c.cublas)
                for (m, g), c in grouped.items() if m <= 64)
     assert grouped[1, 128] == ops.gemm_config(1, 4096, 4096, "int4") == grouped[1, 32]
@@ -658,9 +709,9 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
         == [(64, 64, 8), (64, 64, 4)]
     # ... and above 64 tokens the prefill path: FP16 weights and activations with the group scales folded in
     # (on Hopper up to 512 tokens, 256 where N >= 16384, cuBLAS's FP16 GEMM, elsewhere ours, 64 columns a step)
-    assert all(ops.gemm_config(m, n, 4096, "int4", group=g) == ops.CUBLAS_F16_CONFIG for g in (32, 128)
+    assert all(ops.gemm_config(m, n, 4096, "int4", group=g, wgmma=False) == ops.CUBLAS_F16_CONFIG for g in (32, 128)
                for m, n in ((65, 4096), (512, 4096), (256, 24576)))
-    plain = [ops.gemm_config(m, n, 4096, "int4", group=g, cublas=c) for g in (32, 128)
+    plain = [ops.gemm_config(m, n, 4096, "int4", group=g, cublas=c, wgmma=False) for g in (32, 128)
              for m, n, c in ((4096, 4096, True), (513, 4096, True), (257, 24576, True), (65, 4096, False))]
     assert all(c.expand and not c.op_f8 and c.bk == 64 for c in plain)
     # without the wgmma GEMM: 17-64 tokens, and up to 128 (K >= N) or 256 (N >= 16384 or K >= 3N): e4m3 with the
@@ -723,12 +774,28 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     # to FP16 and the plain GEMM, 64 columns a step
     # to FP16 and, on Hopper up to 512 tokens (256 where N >= 16384), cuBLAS's FP16 GEMM, else our plain GEMM
     for cublas in (True, False):
-        nv = [ops.gemm_config(m, n, 4096, "nvfp4", cublas=cublas) for m in (1, 16, 64, 65, 256, 257, 4096)
+        nv = [ops.gemm_config(m, n, 4096, "nvfp4", cublas=cublas, wgmma=False) for m in (1, 16, 64, 65, 256, 257, 4096)
               for n in (4096, 24576)]
         assert not any(c.op_f8 or c.fold or c.frag or c.wgmma for c in nv)
         f16 = "cublas" if cublas else "expand"
         assert [c.path for c in nv] == ["t"] * 6 + [f16] * 5 + ["expand"] * 3
         assert all(c.bk == 64 for c in nv if c.expand)
+    # ... and on Hopper the wgmma GEMM on FP16 operands where it measured faster: up to 64 tokens (INT4 with group
+    # scales up to 16 only on the long layers, N >= 16384 or K >= 3N), 65-128 where N and K are both >= 4096,
+    # 129-256 on the long layers; 128 weight rows a tile up to 16 tokens but on the widest layers, and above 128
+    cases = [(1, 4096, 4096), (16, 24576, 4096), (16, 5120, 2048), (17, 5120, 2048), (64, 2048, 4096),
+             (65, 4096, 4096), (128, 5120, 2048), (129, 4096, 4096), (256, 24576, 4096), (256, 4096, 12288),
+             (257, 24576, 4096)]
+    for fmt, group, wins in (("nvfp4", None, [True] * 6 + [False, False, True, True, False]),
+                             ("int4", 128, [False, True, False] + [True] * 3 + [False, False, True, True, False])):
+        cfgs = [ops.gemm_config(m, n, k, fmt, cublas=True, wgmma=True, group=group or 0) for m, n, k in cases]
+        assert [c.wgmma for c in cfgs] == wins
+        assert all(c.reg_a and not c.op_f8 and c.mode == MODE_F16 and c.bm <= 128
+                   for c in cfgs if c.wgmma)
+        assert [c.bn for c in cfgs if c.wgmma] == [128 if (m <= 16 and n < 16384) or m > 128 else 64
+                                                   for c, (m, n, _) in zip(cfgs, cases) if c.wgmma]
+        assert [c.path for c in cfgs[6:8] + cfgs[10:]] == ["cublas", "cublas", "expand"]
+    assert ops.gemm_config(1, 4096, 4096, "int4", wgmma=True, group=128).path == "t"
 
 
 def test_fp8_kernel_codes_are_the_canonical_bytes_where_no_padding_is_needed():
@@ -806,16 +873,18 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 28 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 31 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
     # INT4 with group scales: the transposed GEMM's tiles, split-quantize for it and for the FP16 expansion, the latter
-    assert r.stdout.count("int4 groups of") == 8
+    assert r.stdout.count("int4 groups of") == 10
     # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs (INT4 with
     # group scales too), and the plain FP8 GEMM on e4m3 experts in tiles of 64 and 128 pairs
     assert r.stdout.count("grouped MoE experts") == 9 and r.stdout.count("-pair tiles") == 6
-    assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 2  # the Gluon TMA + wgmma GEMM
+    # the Gluon TMA + wgmma GEMM: MXFP4 on e4m3 (through shared memory, or from registers), NVFP4 and INT4 with
+    # group scales on FP16
+    assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 5
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 28
+    assert r.stdout.count("PDL order: ok") == 31
     assert r.stdout.count("after the RMSNorm it runs") == 2  # norms.py: both roundings, 4 rows of 4096 a program
     assert r.stdout.count("of a gated MLP's") == 2  # gated.py: SiLU and GELU, 8B down's 12288 channels a row
 

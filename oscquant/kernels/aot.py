@@ -100,18 +100,21 @@ def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, prefetch: 
 
 
 def wgmma(bn: int = 128, bt: int = 128, split_k: int = 1, warps: int = 8, stages: int = 4, reg_a: bool = False,
-          pdl: bool = True):
-    """The mid-size GEMM (Gluon: TMA ring, async wgmma on weights unpacked into shared memory or registers)."""
+          pdl: bool = True, f16: bool = False, group: int = 0):
+    """The mid-size GEMM (Gluon: TMA ring, async wgmma on weights unpacked into shared memory or registers);
+    ``f16``: NVFP4 on FP16 wgmma, or with ``group`` INT4 with a scale per ``group`` columns."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
-    a_l, c_l = descriptor_layouts(bn, bt)
-    sig = [("a_desc", f"tensordesc<fp8e4nv[{bt}, 128],{a_l!r}>"), ("sa_ptr", "*fp32"),
+    from .wgmma_gemm import act_boxes, descriptor_layouts, osc_wgmma_gemm_kernel
+    a_l, c_l = descriptor_layouts(bn, bt, f16)
+    act = f"{'fp16' if f16 else 'fp8e4nv'}[{bt}, {128 // act_boxes(f16)}]"
+    sig = [("a_desc", f"tensordesc<{act},{a_l!r}>"), ("sa_ptr", "*fp32"),
            ("c_desc", f"tensordesc<u8[{bn}, 64],{c_l!r}>")] + GEMM_T_SIG[3:11] + [
         ("M", "i32"), ("N", "i32"), ("K_PAD", "i32"), ("K_OUT", "i32"), ("stride_be", "i32"), ("stride_ym", "i32")]
     const = dict(BN=bn, BT=bt, BO=64, SPLIT_K=split_k, HAS_BIAS=True, STAGES=stages, num_warps=warps, PROBE=0,
-                 REG_A=reg_a, PDL=pdl)
-    return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource)
+                 REG_A=reg_a, PDL=pdl, F16=f16, GROUP=group)
+    return compile_kernel(osc_wgmma_gemm_kernel, sig, const, warps, 1, source=GluonASTSource,
+                          types={"be_ptr": _block_scales(K.FMT_INT4 if group else K.FMT_NVFP4, group)} if f16 else None)
 
 
 def split(fmt: int, mode: int, block: int = 4096, pdl: bool = True, late: bool = False, grouped: bool = False,
@@ -258,6 +261,11 @@ def main() -> int:
                      gemm_t(K.FMT_FP8, 64, 64, warps=4, op_f8=True, pdl=False, grouped=True)),
                     ("wgmma gemm mxfp4 16-256 tokens (register operand)", wgmma(64, 64, split_k=2, warps=4, stages=4, reg_a=True), 3),
                     ("wgmma gemm mxfp4 128x256 (widest layers)", wgmma(128, 256, warps=8, stages=3), 2),
+                    ("wgmma gemm nvfp4 FP16, 64 x 128", wgmma(64, 128, warps=4, stages=4, reg_a=True, f16=True), 3),
+                    ("wgmma gemm int4 groups of 128 FP16, 128 x 64",
+                     wgmma(128, 64, warps=8, stages=4, reg_a=True, f16=True, group=128), 3),
+                    ("wgmma gemm int4 groups of 32 FP16, 64 x 128",
+                     wgmma(64, 128, warps=4, stages=4, reg_a=True, f16=True, group=32), 3),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm nvfp4 prefill (weights expanded to FP16)",

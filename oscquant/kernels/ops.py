@@ -20,10 +20,11 @@ Regimes, chosen in :func:`gemm_config` only:
                       row's largest), then a plain FP8 GEMM with the BF16 branch fused runs:
                       unpacking inside the main loop would make it ALU-bound.
 FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
-NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M, the
-                      transposed GEMM up to 64 tokens, then the weights expanded to FP16 (exact) and, on Hopper,
-                      cuBLAS's FP16 GEMM into FP32 with epilogue_kernel after it, elsewhere our plain GEMM on FP16
-                      (nvfp4_config).
+NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M. On Hopper
+                      up to 64-256 tokens by shape, the wgmma GEMM on FP16 operands (the codes unpacked in
+                      registers times their block factors; INT4 with group scales too). Otherwise the transposed GEMM up to 64 tokens, then the
+                      weights expanded to FP16 (exact) and, on Hopper, cuBLAS's FP16 GEMM into FP32 with
+                      epilogue_kernel after it, elsewhere our plain GEMM on FP16 (nvfp4_config).
 INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds exactly into
                       an operand): up to 64 tokens the int4 values as operands on the transposed GEMM, each group's
                       partial product times its two scales in FP32; above, each value times its group's scale over
@@ -313,9 +314,9 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     if fmt == "fp8" and cublas and SWAP_MAX_M < m <= 512 and n >= 4096 and n % 16 == 0:
         return CUBLAS_CONFIG
     if fmt == "nvfp4":
-        return nvfp4_config(m, n, k_pad, cublas)
+        return nvfp4_config(m, n, k_pad, cublas, wgmma)
     if fmt == "int4" and group:
-        return int4_group_config(m, n, k_pad, group, cublas)
+        return int4_group_config(m, n, k_pad, group, cublas, wgmma)
     # one exception measured: the 2048-wide layer (30B-A3B qkv) at 2-8 tokens, 16 steps of K, runs
     # the transposed GEMM faster (7.9 against 8.4 µs back to back)
     if fmt == "mxfp4" and m <= FRAG_MAX_M and frag and (m == 1 or k_pad > 2048):
@@ -359,7 +360,7 @@ def gemm_config(m: int, n: int, k_pad: int, fmt: str = "mxfp4", frag: bool = Tru
     return GemmConfig(128, 256, 1, True, 8, 3, expand=True, pdl=True)
 
 
-def nvfp4_config(m: int, n: int, k_pad: int, cublas: bool = False) -> GemmConfig:
+def nvfp4_config(m: int, n: int, k_pad: int, cublas: bool = False, wgmma: bool = False) -> GemmConfig:
     """NVFP4, FP16 operands throughout (its weights are e2m1 times an e4m3 scale per 16 columns: exact in FP16, not
     in e4m3). Up to 64 tokens the FP16 transposed GEMM with the tiles measured for MXFP4 and INT4 there (on the H100
     1.4-2.0x MXFP4's time at 1-16 tokens, docs/bench/h100_formats_2026-12-07.md). Above, the weights expanded to
@@ -367,7 +368,11 @@ def nvfp4_config(m: int, n: int, k_pad: int, cublas: bool = False) -> GemmConfig
     columns a step (FP16 doubles a step's bytes): the plain GEMM unpacking the codes in registers, which ran there
     before, took 3-5x BF16's time at 256-4096 tokens (same file); the expansion 2.1-2.7x less at 4096 tokens, still
     0.37-0.77x BF16's speed from 256 on (docs/bench/h100_norms_formats_2026-12-07.md). ``cublas`` (Hopper): cuBLAS's
-    FP16 GEMM on the expanded weights instead (_fp16_expansion_config)."""
+    FP16 GEMM on the expanded weights instead (_fp16_expansion_config). ``wgmma`` (Hopper): the wgmma GEMM on FP16
+    operands, the codes unpacked in registers (0.5 bytes a weight read, not 2), where it measured faster than the
+    above (_f16_wgmma_wins, _f16_wgmma_rows)."""
+    if wgmma and _f16_wgmma_wins(m, n, k_pad):
+        return wgmma_config(m, n, k_pad, bn=_f16_wgmma_rows(m, n), f16=True)
     if m <= SWAP_MAX_M:
         return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False)
     return _fp16_expansion_config(m, n, k_pad, cublas)
@@ -386,7 +391,7 @@ def _fp16_expansion_config(m: int, n: int, k_pad: int, cublas: bool) -> GemmConf
     return dataclasses.replace(gemm_config(m, n, k_pad, "int4"), op_f8=False, bk=64)
 
 
-def int4_group_config(m: int, n: int, k_pad: int, group: int, cublas: bool = False) -> GemmConfig:
+def int4_group_config(m: int, n: int, k_pad: int, group: int, cublas: bool = False, wgmma: bool = False) -> GemmConfig:
     """INT4 with a scale per ``group`` columns. Up to 64 tokens the transposed GEMM, each group's partial products
     times its scales in FP32: the tiles of per-row INT4 up to 16 tokens (on the H100 1.1-1.6x MXFP4's time,
     docs/bench/h100_formats_2026-12-07.md), then 64 x 64 on 4 warps, or on 8 for groups of 32 (a partial product per
@@ -396,13 +401,38 @@ def int4_group_config(m: int, n: int, k_pad: int, group: int, cublas: bool = Fal
     before took 2-4x BF16's time at 256-4096 tokens (64 x 128 tiles on 8 warps, the largest that did not spill); the
     prefill path is 2.2-2.5x faster than it at 4096 tokens, even to 1.6x at 256, and 0.37-0.75x BF16's speed there
     (docs/bench/h100_norms_formats_2026-12-07.md). ``cublas`` (Hopper): cuBLAS's FP16 GEMM on the expanded weights
-    instead (_fp16_expansion_config)."""
+    instead (_fp16_expansion_config). ``wgmma`` (Hopper): where it measured faster, the wgmma GEMM on FP16 operands
+    with the group scales folded in as on the prefill path, the codes unpacked in registers (_f16_wgmma_wins)."""
+    if wgmma and _f16_wgmma_wins(m, n, k_pad, group):
+        return wgmma_config(m, n, k_pad, bn=_f16_wgmma_rows(m, n), f16=True)
     if m <= DECODE_MAX_M:
         return gemm_config(m, n, k_pad, "int4")
     if m <= SWAP_MAX_M:
         return GemmConfig(64, 64, 4 if k_pad >= n else 1, False, 8 if group == 32 else 4, 3, swap=True,
                           **overlapped(m, k_pad))
     return _fp16_expansion_config(m, n, k_pad, cublas)
+
+
+def _f16_wgmma_wins(m: int, n: int, k_pad: int, group: int = 0) -> bool:
+    """Where the wgmma GEMM on FP16 operands measured faster than the transposed GEMM and the FP16 expansion routes
+    (H100, scripts/nvfp4_wgmma.py, docs/bench/h100_nvfp4_wgmma_2026-12-07.md). NVFP4: up to 64 tokens on every Qwen3
+    shape (1.01-1.99x; 1.03x on the weakest, 30B-A3B qkv at one token); INT4 with group scales (``group``, measured
+    for groups of 128), whose transposed GEMM is faster at few tokens: up to 16 only on the long layers (N >= 16384
+    or K >= 3N: 0.99-1.13x), 17-64 on every shape (1.13-1.50x). Both: 65-128 tokens where N and K are both >= 4096
+    (1.08-2.21x), 129-256 on the long layers (1.26-1.57x)."""
+    if m <= DECODE_MAX_M and group:
+        return _long_layer(n, k_pad)
+    if m <= SWAP_MAX_M:
+        return True
+    if m <= 128:
+        return n >= 4096 and k_pad >= 4096
+    return m <= 256 and _long_layer(n, k_pad)
+
+
+def _f16_wgmma_rows(m: int, n: int) -> int:
+    """The FP16 wgmma GEMM's weight rows a tile: 128 up to 16 tokens but on the widest layers (N >= 16384) and above
+    128 tokens, else 64 (scripts/nvfp4_wgmma.py: the other within 7 % where it won)."""
+    return 128 if (m <= DECODE_MAX_M and n < 16384) or m > 128 else 64
 
 
 def _wgmma_wins(m: int, n: int, k_pad: int) -> bool:
@@ -663,22 +693,23 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
 
 
 def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = None, warps: int | None = None,
-                 split_k: int | None = None, stages: int | None = None, reg_a: bool = False) -> GemmConfig:
+                 split_k: int | None = None, stages: int | None = None, reg_a: bool = False,
+                 f16: bool = False) -> GemmConfig:
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
     split-K (a power of two up to 8, at least 4 steps each) until the tiles fill the 132 SMs. ``reg_a``: the
     unpacked weights go to wgmma as its register operand instead of through a shared tile. It is launched
     overlapped with split-quantize (``pdl``): above 64 tokens from split-quantize's start, back to back 2-6 %
     faster at 256 tokens and 0-1 % at 512-1024 (docs/bench/h200_wgmma_pdl_2026-11-29.md); up to 64 tokens as
-    ``overlapped`` says."""
+    ``overlapped`` says. ``f16``: NVFP4's weights on FP16 operands (from registers: reg_a)."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
         split_k = 1
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
-    return GemmConfig(bt, bn, split_k, True, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True, wgmma=True,
-                      reg_a=reg_a, **overlapped(m, k_pad, wgmma=True))
+    return GemmConfig(bt, bn, split_k, not f16, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True,
+                      wgmma=True, reg_a=reg_a or f16, **overlapped(m, k_pad, wgmma=True))
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -686,14 +717,23 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     the MMAs and the exponent loads of the main loop; they give wrong values, for timing."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .wgmma_gemm import descriptor_layouts, osc_wgmma_gemm_kernel
+    from .wgmma_gemm import act_boxes, descriptor_layouts, osc_wgmma_gemm_kernel
 
     m, n = a.shape[0], kw.row_scale.numel()
-    if kw.fmt != "mxfp4" or kw.rel_exp is None:
-        raise ValueError(f"the wgmma GEMM takes MXFP4 weights (byte-table unpack), got {kw.fmt}")
-    if a.dtype != torch.float8_e4m3fn or a.stride(1) != 1:
-        raise ValueError(f"the wgmma GEMM multiplies contiguous torch.float8_e4m3fn activation operands, got {a.dtype}: "
-                         "split_quantize with mode=MODE_F8")
+    if kw.fmt not in ("mxfp4", "nvfp4", "int4") or kw.rel_exp is None:
+        raise ValueError(f"the wgmma GEMM takes MXFP4 weights (byte-table unpack to e4m3), or NVFP4 and INT4 with group "
+                         f"scales (FP16), got {kw.fmt}{' without group scales' if kw.fmt == 'int4' else ''}")
+    f16 = kw.fmt != "mxfp4"
+    if kw.group and sa.shape != (m,):
+        raise ValueError(f"the wgmma GEMM takes INT4 activations with their group scales folded in and one scale per "
+                         f"token (split_quantize with group={kw.group}, fold_groups=True); got scales {tuple(sa.shape)}")
+    want, mode = (torch.float16, "MODE_F16") if f16 else (torch.float8_e4m3fn, "MODE_F8")
+    if a.dtype != want or a.stride(1) != 1:
+        raise ValueError(f"the wgmma GEMM multiplies contiguous {want} activation operands on {kw.fmt} weights, got "
+                         f"{a.dtype}: split_quantize with mode={mode}")
+    if f16 and (not cfg.reg_a or cfg.bm > 128):
+        raise ValueError(f"the wgmma GEMM takes NVFP4 weights as its register operand only, on up to 128 tokens a tile "
+                         f"(more spill registers): wgmma_config(f16=True), got reg_a={cfg.reg_a}, bm={cfg.bm}")
     if cfg.bn != 64 * (cfg.warps // 4) or cfg.bm not in (16, 32, 64, 128, 256) or cfg.stages < 2:
         raise ValueError(f"the wgmma GEMM takes 64 weight rows a warpgroup, 16-256 tokens a tile (a power of two) and "
                          f"at least 2 stages; got bn={cfg.bn}, warps={cfg.warps}, bm={cfg.bm}, stages={cfg.stages}")
@@ -703,15 +743,15 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k)
     ws, cnt = _split_buffers(y, cfg.split_k, grid[0])
     k_out = xo.shape[1]
-    a_layout, c_layout = descriptor_layouts(cfg.bn, cfg.bm)
-    a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, 128], a_layout)
+    a_layout, c_layout = descriptor_layouts(cfg.bn, cfg.bm, f16)
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.bm, 128 // act_boxes(f16)], a_layout)
     c_desc = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, 64], c_layout)
     osc_wgmma_gemm_kernel[grid](
         a_desc, sa, c_desc, kw.rel_exp, kw.row_scale, xo, kw.w_outlier,
-        kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out, kw.rel_exp.stride(0),
-        y.stride(0), BN=cfg.bn, BT=cfg.bm, BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k,
-        HAS_BIAS=kw.bias is not None, STAGES=cfg.stages, num_warps=cfg.warps, PROBE=probe, REG_A=cfg.reg_a,
-        **pdl_launch(a.device, cfg.pdl))
+        kw.bias if kw.bias is not None else kw.row_scale, y, ws, cnt, m, n, kw.k_main, k_out,
+        kw.rel_exp.stride(0) * kw.rel_exp.element_size() // 4, y.stride(0), BN=cfg.bn, BT=cfg.bm,
+        BO=0 if k_out == 0 else 64, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, STAGES=cfg.stages,
+        num_warps=cfg.warps, PROBE=probe, REG_A=cfg.reg_a, F16=f16, GROUP=kw.group, **pdl_launch(a.device, cfg.pdl))
     return y
 
 
@@ -767,7 +807,7 @@ def split_for(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, norm: KernelN
     expands = cfg.expand or cfg.cublas  # the weights expanded beside it (no shared memory), or FP8 ones in cuBLAS
     return split_quantize(x.contiguous(), kw.keep, kw.outlier_idx, kw.fmt, cfg.mode, kw.k_main, pdl=cfg.pdl,
                           pdl_late=cfg.pdl_late, shared_beside=not expands, group=kw.group,
-                          fold_groups=bool(kw.group) and expands, norm=norm, act=act)
+                          fold_groups=bool(kw.group) and (expands or cfg.wgmma), norm=norm, act=act)
 
 
 def osc_linear_2d(x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig | None = None,
