@@ -22,9 +22,10 @@ Regimes, chosen in :func:`gemm_config` only:
 FP8-fallback layers (e4m3 weights) use the plain GEMM at every M.
 NVFP4 (no e4m3 holds an e2m1 value times its e4m3 block scale; FP16 does): FP16 operands at every M. On Hopper
                       up to 64-256 tokens by shape, the wgmma GEMM on FP16 operands (the codes unpacked in
-                      registers times their block factors; INT4 with group scales too). Otherwise the transposed GEMM up to 64 tokens, then the
-                      weights expanded to FP16 (exact) and, on Hopper, cuBLAS's FP16 GEMM into FP32 with
-                      epilogue_kernel after it, elsewhere our plain GEMM on FP16 (nvfp4_config).
+                      registers times their block factors; INT4 with group scales too, _f16_wgmma_wins).
+                      Otherwise the transposed GEMM up to 64 tokens, then the weights expanded to FP16 (exact)
+                      and, on Hopper, cuBLAS's FP16 GEMM into FP32 with epilogue_kernel after it, elsewhere our
+                      plain GEMM on FP16 (nvfp4_config).
 INT4 with group scales (a token's scale and a weight's differ from group to group, so neither folds exactly into
                       an operand): up to 64 tokens the int4 values as operands on the transposed GEMM, each group's
                       partial product times its two scales in FP32; above, each value times its group's scale over
@@ -417,9 +418,9 @@ def _f16_wgmma_wins(m: int, n: int, k_pad: int, group: int = 0) -> bool:
     """Where the wgmma GEMM on FP16 operands measured faster than the transposed GEMM and the FP16 expansion routes
     (H100, scripts/nvfp4_wgmma.py, docs/bench/h100_nvfp4_wgmma_2026-12-07.md). NVFP4: up to 64 tokens on every Qwen3
     shape (1.01-1.99x; 1.03x on the weakest, 30B-A3B qkv at one token); INT4 with group scales (``group``, measured
-    for groups of 128), whose transposed GEMM is faster at few tokens: up to 16 only on the long layers (N >= 16384
-    or K >= 3N: 0.99-1.13x), 17-64 on every shape (1.13-1.50x). Both: 65-128 tokens where N and K are both >= 4096
-    (1.08-2.21x), 129-256 on the long layers (1.26-1.57x)."""
+    for groups of 32 and 128), whose transposed GEMM is faster at few tokens: up to 16 only on the long layers
+    (N >= 16384 or K >= 3N: 0.99-1.48x), 17-64 on every shape (1.13-2.47x). Both: 65-128 tokens where N and K are
+    both >= 4096 (1.08-2.21x), 129-256 on the long layers (1.26-1.59x)."""
     if m <= DECODE_MAX_M and group:
         return _long_layer(n, k_pad)
     if m <= SWAP_MAX_M:
@@ -701,7 +702,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     unpacked weights go to wgmma as its register operand instead of through a shared tile. It is launched
     overlapped with split-quantize (``pdl``): above 64 tokens from split-quantize's start, back to back 2-6 %
     faster at 256 tokens and 0-1 % at 512-1024 (docs/bench/h200_wgmma_pdl_2026-11-29.md); up to 64 tokens as
-    ``overlapped`` says. ``f16``: NVFP4's weights on FP16 operands (from registers: reg_a)."""
+    ``overlapped`` says. ``f16``: NVFP4's or INT4-with-groups' weights on FP16 operands (from registers: reg_a)."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
@@ -732,8 +733,9 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
         raise ValueError(f"the wgmma GEMM multiplies contiguous {want} activation operands on {kw.fmt} weights, got "
                          f"{a.dtype}: split_quantize with mode={mode}")
     if f16 and (not cfg.reg_a or cfg.bm > 128):
-        raise ValueError(f"the wgmma GEMM takes NVFP4 weights as its register operand only, on up to 128 tokens a tile "
-                         f"(more spill registers): wgmma_config(f16=True), got reg_a={cfg.reg_a}, bm={cfg.bm}")
+        raise ValueError(f"the wgmma GEMM takes {kw.fmt} weights (FP16) as its register operand only, on up to 128 "
+                         f"tokens a tile (more spill registers): wgmma_config(f16=True), got reg_a={cfg.reg_a}, "
+                         f"bm={cfg.bm}")
     if cfg.bn != 64 * (cfg.warps // 4) or cfg.bm not in (16, 32, 64, 128, 256) or cfg.stages < 2:
         raise ValueError(f"the wgmma GEMM takes 64 weight rows a warpgroup, 16-256 tokens a tile (a power of two) and "
                          f"at least 2 stages; got bn={cfg.bn}, warps={cfg.warps}, bm={cfg.bm}, stages={cfg.stages}")
