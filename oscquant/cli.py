@@ -161,7 +161,7 @@ def cmd_demo(a) -> int:
     from .compare import markdown_table, run_demo
 
     rows = run_demo(a.calib_samples, a.windows, a.seq_len, a.format, a.outlier_ratio, progress=not a.json,
-                    policies=a.policies, tasks=a.tasks.split(",") if a.tasks else ())
+                    policies=a.policies, tasks=a.tasks.split(",") if a.tasks else (), group_size=a.group_size)
     if a.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--windows", type=int, default=32)
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--format", default="mxfp4", choices=FP4_FORMATS)
+    d.add_argument("--group-size", type=int, default=None, help="int4 only: columns per scale (default per row)")
     d.add_argument("--outlier-ratio", type=float, default=0.06)
     d.add_argument("--policies", action="store_true",
                    help="compare the fixed policy with policy=auto at the same budget (BF16 4%%, FP8 1/7)")

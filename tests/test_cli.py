@@ -138,6 +138,20 @@ def test_bad_options_give_clear_errors(local_model, capsys, args, message):
     assert not (local_model / "bad").exists()
 
 
+def test_demo_takes_int4_group_sizes_and_refuses_them_elsewhere(capsys):
+    """demo --format int4 --group-size G quantizes every 4-bit row with groups of G (checked before the model loads);
+    a group size with another format is a clear error."""
+    from oscquant.compare import demo_configs
+
+    cfgs = demo_configs("int4", 0.06, 128)
+    names = list(cfgs)
+    assert names[1] == "RTN W4A4 int4 g128, no outliers" and names[3] == "OSC W4A4 int4 g128 + FP8 down_proj"
+    assert all(c.default.group_size == 128 for c in cfgs.values() if c is not None)
+    assert all(c.default.group_size is None for c in demo_configs("int4").values() if c is not None)
+    code, _, err = run(capsys, "demo", "--format", "mxfp4", "--group-size", "128")
+    assert code == 2 and "group_size applies to int4 only" in err
+
+
 def test_missing_text_and_model(local_model, capsys):
     code, _, err = run(capsys, "eval", local_model / "model", "--text", local_model / "nope.txt")
     assert code == 2 and "not found" in err
