@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .calibration import collect_stats
 from .config import OSCConfig
-from .convert import quantize, summary
+from .convert import plan_layers, quantize, summary
 from .data import read_text, split_text, windows
 from .evaluate import perplexity
 
@@ -56,6 +56,9 @@ def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: fl
 
 def compare(model, tokenizer, configs: dict[str, OSCConfig | None], text: str, calib_samples: int = 32,
             eval_windows: int = 32, seq_len: int = 512, progress: bool = True, tasks: list[str] = ()) -> list[Row]:
+    for cfg in configs.values():  # a format or group size that does not fit fails before the calibration run
+        if cfg is not None:
+            plan_layers(model, cfg)
     calib = windows(tokenizer, split_text(text, "calib"), seq_len, calib_samples)
     held_text = split_text(text, "heldout")  # the perplexity's windows and, with tasks, sotu_next's items
     heldout = windows(tokenizer, held_text, seq_len, eval_windows)

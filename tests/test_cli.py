@@ -152,6 +152,21 @@ def test_demo_takes_int4_group_sizes_and_refuses_them_elsewhere(capsys):
     assert code == 2 and "group_size applies to int4 only" in err
 
 
+def test_compare_refuses_a_group_size_the_model_cannot_take_before_calibrating(monkeypatch):
+    """A group wider than a layer's input (the tiny model's 64 channels; SmolLM2's 576 with groups of 128) is named
+    before the calibration run that every row shares, not after it."""
+    from oscquant import compare
+    from oscquant.compare import demo_configs
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before checking the configs")
+
+    monkeypatch.setattr(compare, "collect_stats", no_calibration)
+    text = "The state of the union is strong. " * 200
+    with pytest.raises(ValueError, match="not a multiple of int4's block of 128 columns"):
+        compare.compare(tiny_model("llama"), tiny_tokenizer(text), demo_configs("int4", 0.06, 128), text)
+
+
 def test_missing_text_and_model(local_model, capsys):
     code, _, err = run(capsys, "eval", local_model / "model", "--text", local_model / "nope.txt")
     assert code == 2 and "not found" in err
