@@ -176,15 +176,23 @@ def _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, 
     w0, w1, w2, w3 = _unpack_blocks(c_s.index(st), ec, LA)
     e3 = gl.load(erow + gl.minimum(s + 3, s1 - 1), mask=nm, other=0)
     b = a_s.index(st)
-    acc = warpgroup_mma(w0, b.slice(0, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w1, b.slice(32, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w2, b.slice(64, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w3, b.slice(96, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    # all four waited for here: a wgmma in flight reads its register operand, and the compiler does not know that
-    # the next step's unpack must not reuse those registers (warpgroup_mma_wait cannot take 8-bit deps)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    acc = _register_mmas(acc, w0, w1, w2, w3, b.slice(0, 32, dim=1), b.slice(32, 32, dim=1), b.slice(64, 32, dim=1),
+                         b.slice(96, 32, dim=1))
     _refill(c_desc, a_desc, c_s, a_s, bars, s, s0, s1, n0, t0, STAGES)
     return acc, e1, e2, e3
+
+
+@gluon.jit
+def _register_mmas(acc, w0, w1, w2, w3, b0, b1, b2, b3):
+    """acc += w_i · b_i^T for a step's four weight blocks w_i in registers and their [BT, 32] activation slices b_i
+    (shared), as async wgmmas, all waited for here: a wgmma in flight reads its register operand, and the compiler
+    does not know that the next step's unpack must not reuse those registers (warpgroup_mma_wait cannot take 8-bit
+    deps, Triton 3.6)."""
+    acc = warpgroup_mma(w0, b0.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w1, b1.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w2, b2.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w3, b3.permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
 
 @gluon.jit
@@ -236,21 +244,18 @@ def _factor_words(frow, s, nm, GROUP: gl.constexpr):
 def _step_f16(c_desc, a_desc, c_s, a_s, bars, frow, nm, inv_top, acc, f0, f1, f2, f3, g0, g1, g2, g3, s, s0, s1, n0,
               t0, STAGES: gl.constexpr, LA: gl.constexpr, GROUP: gl.constexpr):
     """Step s of the FP16 GEMM: its two chunks unpacked (f: this step's four factor words, g: the next step's), then
-    four k = 32 wgmmas with the weights from registers, waited for within the step as in _step_reg; the factor
-    words of step s + 2 loaded meanwhile."""
+    four k = 32 wgmmas with the weights from registers (_register_mmas); the factor words of step s + 2 loaded
+    meanwhile."""
     st = _wait_stage(bars, s, s0, STAGES)
     first = (gl.arange(0, 32, layout=gl.SliceLayout(0, LA)) < 16)[None, :]
     c = c_s.index(st)
     w0, w1 = _unpack_chunk_f16(c.slice(0, 32, dim=1), f0, f1, first, inv_top, LA, GROUP)
     w2, w3 = _unpack_chunk_f16(c.slice(32, 32, dim=1), f2, f3, first, inv_top, LA, GROUP)
     h0, h1, h2, h3 = _factor_words(frow, gl.minimum(s + 2, s1 - 1), nm, GROUP)
-    b0 = a_s.index(2 * st)
+    b0 = a_s.index(2 * st)  # the step's two 64-column activation boxes
     b1 = a_s.index(2 * st + 1)
-    acc = warpgroup_mma(w0, b0.slice(0, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w1, b0.slice(32, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w2, b1.slice(0, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w3, b1.slice(32, 32, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    acc = _register_mmas(acc, w0, w1, w2, w3, b0.slice(0, 32, dim=1), b0.slice(32, 32, dim=1), b1.slice(0, 32, dim=1),
+                         b1.slice(32, 32, dim=1))
     _refill(c_desc, a_desc, c_s, a_s, bars, s, s0, s1, n0, t0, STAGES)
     return acc, g0, g1, g2, g3, h0, h1, h2, h3
 
