@@ -44,6 +44,23 @@ def qwen3_shapes() -> list[tuple[str, int, int]]:
     return out
 
 
+def format_layers(spec: str, k: int = 128, device: str = "cuda"):
+    """For the scripts that time one 4-bit format (``spec``: "nvfp4", "int4", or "int4_g128" for INT4 with a scale per
+    128 columns): yields (name, N, K, the random BF16 nn.Linear, its OSC layer's kernel weights with the first k
+    channels separated) for each of qwen3_shapes."""
+    from .config import LayerScheme
+    from .kernels.ops import layer_weights
+    from .linear import OSCLinear
+
+    fmt, _, group = spec.partition("_g")
+    for name, n, k_in in qwen3_shapes():
+        lin = torch.nn.Linear(k_in, n, bias=False, device=device, dtype=torch.bfloat16)
+        scheme = LayerScheme(fmt, k, group_size=int(group) if group else None)
+        yield name, n, k_in, lin, layer_weights(OSCLinear.from_linear(lin, scheme, torch.arange(k)))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 @dataclass
 class Row:
     shape: str

@@ -8,20 +8,15 @@ import sys
 import torch
 
 from oscquant import bench
-from oscquant.config import LayerScheme
 from oscquant.kernels import ops
-from oscquant.linear import OSCLinear
 
 ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "128,256,1024,4096").split(",")]
 fmts = (sys.argv[2] if len(sys.argv) > 2 else "nvfp4,int4_g128").split(",")
 print("| format | shape | M | BF16 µs | FP8 µs | ours (expand) µs | cuBLAS FP16 µs | cuBLAS × ours | cuBLAS × BF16 | err |\n"
       + "|---" * 10 + "|")
 for spec in fmts:
-    fmt, _, g = spec.partition("_g")
-    for name, n, k_in in bench.qwen3_shapes():
-        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        kw = ops.layer_weights(OSCLinear.from_linear(lin, LayerScheme(fmt, 128, group_size=int(g) if g else None),
-                                                     torch.arange(128)))
+    for name, n, k_in, lin, kw in bench.format_layers(spec):
+        fmt = kw.fmt
         w_f8 = lin.weight.to(torch.float8_e4m3fn)
         for m in ms:
             x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
@@ -37,4 +32,3 @@ for spec in fmts:
             print(f"| {spec} | {name} | {m} | {t_bf16:.1f} | {t_fp8:.1f} | {t_ours:.1f} | {t_cub:.1f} | "
                   f"{t_ours / t_cub:.2f} | {t_bf16 / t_cub:.2f} | {((ya - yb).norm() / yb.norm()).item():.1e} |",
                   flush=True)
-        torch.cuda.empty_cache()

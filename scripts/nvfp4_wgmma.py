@@ -10,20 +10,15 @@ import sys
 import torch
 
 from oscquant import bench
-from oscquant.config import LayerScheme
 from oscquant.kernels import ops
-from oscquant.linear import OSCLinear
 
 ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,8,16,32,64,96,128,192,256,512").split(",")]
 fmts = (sys.argv[2] if len(sys.argv) > 2 else "nvfp4,int4_g128").split(",")
 print("| format | shape | M | BF16 µs | other route | µs | wgmma 64 µs | wgmma 128 µs | best wgmma × other | "
       "best × BF16 | now | err |\n" + "|---" * 12 + "|")
 for spec in fmts:
-    fmt, _, g = spec.partition("_g")
-    for name, n, k_in in bench.qwen3_shapes():
-        lin = torch.nn.Linear(k_in, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        kw = ops.layer_weights(OSCLinear.from_linear(lin, LayerScheme(fmt, 128, group_size=int(g) if g else None),
-                                                     torch.arange(128)))
+    for name, n, k_in, lin, kw in bench.format_layers(spec):
+        fmt = kw.fmt
         for m in ms:
             x = torch.randn(m, k_in, device="cuda").to(torch.bfloat16)
             other = ops.gemm_config(m, n, kw.k_main, fmt, wgmma=False, group=kw.group)
@@ -38,4 +33,3 @@ for spec in fmts:
             print(f"| {spec} | {name} | {m} | {t_bf16:.1f} | {other.path} | {t_other:.1f} | {t_wg[0]:.1f} | "
                   f"{t_wg[1]:.1f} | {t_other / t_wg[best]:.2f} | {t_bf16 / t_wg[best]:.2f} | {picked} | "
                   f"{((ya - yb).norm() / yb.norm()).item():.1e} |", flush=True)
-        torch.cuda.empty_cache()
