@@ -182,6 +182,26 @@ def sass(c) -> str:
         os.unlink(f.name)
 
 
+def wgmma_serialized(c) -> str | None:
+    """What ptxas says when it serializes a kernel's wgmmas (its C75xx "Potential Performance Loss" advisory, which
+    Triton's build does not show), or None. It does that, for one, when instructions other than wgmmas write the
+    register operands of a wgmma while wgmmas are in flight (wgmma_gemm._register_mmas)."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(c.asm["ptx"])
+        r = subprocess.run([tool, "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")], capture_output=True,
+                           text=True)
+    said = [line.split("serialized", 1)[1].split(" in the function")[0].strip()
+            for line in (r.stdout + r.stderr).splitlines() if "serialized" in line]
+    return "serialized " + "; ".join(said) if said else None
+
+
 def _opcode(line: str) -> str:
     """A PTX line's instruction, without its predicate ("" for labels, directives and braces)."""
     words = line.split("//")[0].split()
@@ -229,8 +249,8 @@ def head_norm(kind: int = 1, d: int = 128, heads: int = 40):
 
 
 def main() -> int:
-    """Prints each kernel's resources; exits 1 if one spills registers to the stack or touches
-    memory before its PDL wait."""
+    """Prints each kernel's resources; exits 1 if one spills registers to the stack, if ptxas serializes the wgmma
+    GEMM's wgmmas, or if one touches memory before its PDL wait."""
     spills = 0
     # (name, kernel[, TMA copies before the PDL wait: the wgmma GEMM's first stages - 1 code tiles])
     for name, c, *tma in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
@@ -266,6 +286,8 @@ def main() -> int:
                      wgmma(128, 64, warps=8, stages=4, reg_a=True, f16=True, group=128), 3),
                     ("wgmma gemm int4 groups of 32 FP16, 64 x 128",
                      wgmma(64, 128, warps=4, stages=4, reg_a=True, f16=True, group=32), 3),
+                    ("wgmma gemm nvfp4 FP16 through shared memory, 128 x 128",
+                     wgmma(128, 128, warps=8, stages=4, f16=True), 3),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm nvfp4 prefill (weights expanded to FP16)",
@@ -304,6 +326,12 @@ def main() -> int:
             bad = pdl_order(c, weight_tma=tma[0] if tma else 0, at_end=name.startswith("decode"))
             print(f"  PDL order: {bad or 'ok'}")
             spills += bad is not None
+        if "wgmma.mma_async" in c.asm["ptx"]:
+            # the Gluon GEMM's steps are built to keep wgmmas in flight; Triton's own dots (the INT4 group partial
+            # products of the transposed GEMM, each waited for before its flush anyway) are only reported
+            said = wgmma_serialized(c)
+            print(f"  wgmma: {said or 'not serialized'}")
+            spills += said is not None and name.startswith("wgmma gemm")
         if "--sass" in sys.argv:
             print(sass(c))
     return 1 if spills else 0
