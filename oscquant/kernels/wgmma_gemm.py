@@ -16,11 +16,12 @@ weight tile is wgmma's M side (64 rows a warpgroup) and the tokens its N side (8
 REG_A (what gemm_config takes for 64-row tiles): the codes go from the ring straight into wgmma's A-operand
 register layout, are unpacked there, and each 32-column block is one k = 32 wgmma with A from registers; no
 weight buffer, fence or barrier for it (2-13 % faster; docs/bench/h200_wgmma_rega_2026-11-29.md). Those wgmmas
-are waited for within their step: a wgmma reads its register operand after issue, the compiler does not know
-it, and warpgroup_mma_wait cannot keep 8-bit operands alive (Triton 3.6).
+are waited for within their step: ptxas serializes wgmmas whose register operands other instructions write while
+wgmmas are in flight (_register_mmas).
 
-F16 (NVFP4, register operand only): the same ring and loop on FP16 wgmma. The activations are split_quantize's
-FP16 operands (MODE_F16), two [BT, 64] TMA boxes a step (a TMA box row holds at most 128 bytes under the 128-byte
+F16 (NVFP4): the same ring and loop on FP16 wgmma, the weights as the register operand (REG_A) or, without it,
+stored as two [BN, 64] FP16 tiles a step into one of two weight buffers, that step's wgmmas left in flight. The
+activations are split_quantize's FP16 operands (MODE_F16), two [BT, 64] TMA boxes a step (a TMA box row holds at most 128 bytes under the 128-byte
 swizzle); the codes unpack to FP16 e2m1 * 2**-14 (triton_osc._E2M1_ASM) times the rows' FP16 block factors, one per
 16 columns (layout.kernel_weights: e4m3 scale * 2**6, so exact), loaded two steps ahead. The weights stay 0.5 bytes
 a weight where the FP16 expansion paths read 2 (ops._fp16_expansion_config). INT4 with group scales (GROUP) the
@@ -185,9 +186,10 @@ def _step_reg(c_desc, a_desc, c_s, a_s, bars, erow, nm, acc, ec, e1, e2, s, s0, 
 @gluon.jit
 def _register_mmas(acc, w0, w1, w2, w3, b0, b1, b2, b3):
     """acc += w_i · b_i^T for a step's four weight blocks w_i in registers and their [BT, 32] activation slices b_i
-    (shared), as async wgmmas, all waited for here: a wgmma in flight reads its register operand, and the compiler
-    does not know that the next step's unpack must not reuse those registers (warpgroup_mma_wait cannot take 8-bit
-    deps, Triton 3.6)."""
+    (shared), as async wgmmas, all waited for here. Left in flight over the next step's unpack (the loop unrolled by
+    two, each step's operands its own registers), ptxas serializes every wgmma instead (C7513: other instructions
+    write wgmma operand registers while wgmmas are in flight; aot.wgmma_serialized); without the unroll the unpack
+    would overwrite the registers of the wgmmas in flight."""
     acc = warpgroup_mma(w0, b0.permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma(w1, b1.permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma(w2, b2.permute((1, 0)), acc, is_async=True)
