@@ -397,23 +397,19 @@ WGMMA_F16_CASES = [("nvfp4", None, shape) for shape in SHAPES + [(300, 2080, 520
 @pytest.mark.parametrize("fmt,group,shape", WGMMA_F16_CASES,
                          ids=[f"{f}{g or ''}-{m}x{k}x{n}" for f, g, (m, k, n) in WGMMA_F16_CASES])
 @pytest.mark.parametrize("k", [32, 0])
-@pytest.mark.parametrize("bn,warps,bt,split_k,stages,reg_a", [
-    (64, 4, 128, 1, 4, True), (64, 4, 16, 3, 2, True), (128, 8, 64, 2, 3, True), (128, 8, 128, 2, 3, True),
-    (128, 8, 32, 1, 4, True), (64, 4, 128, 1, 4, False), (128, 8, 16, 3, 2, False), (128, 8, 128, 2, 3, False)])
-def test_wgmma_gemm_f16_matches_reference_and_the_fp16_expansion(fmt, group, shape, k, bn, warps, bt, split_k, stages,
-                                                                  reg_a):
-    """NVFP4, and INT4 with group scales, on FP16 wgmma (codes unpacked to FP16 times their block or group factors, as
-    wgmma's register operand or through shared memory): the reference path, and the same FP16 products as the
-    expansion path's GEMM on the weights decoded to FP16 (INT4: up to a last-bit difference of the factors'
-    rounding)."""
+@pytest.mark.parametrize("bn,warps,bt,split_k,stages", [
+    (64, 4, 128, 1, 4), (64, 4, 16, 3, 2), (128, 8, 64, 2, 3), (128, 8, 128, 2, 3), (128, 8, 32, 1, 4)])
+def test_wgmma_gemm_f16_matches_reference_and_the_fp16_expansion(fmt, group, shape, k, bn, warps, bt, split_k, stages):
+    """NVFP4, and INT4 with group scales, on FP16 wgmma (codes unpacked to FP16 times their block or group factors in
+    registers): the reference path, and the same FP16 products as the expansion path's GEMM on the weights decoded to
+    FP16 (INT4: up to a last-bit difference of the factors' rounding)."""
     m, k_in, n = shape
     layer, idx = make_layer(k_in, n, fmt, k, seed=k, group=group)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.wgmma_config(m, n, kw.k_main, bn=bn, bt=bt, warps=warps, split_k=split_k, stages=stages, f16=True,
-                           reg_a=reg_a)
+    cfg = ops.wgmma_config(m, n, kw.k_main, bn=bn, bt=bt, warps=warps, split_k=split_k, stages=stages, f16=True)
     xo, a, sa = ops.split_for(x, kw, cfg)
-    assert a.dtype == torch.float16 and cfg.reg_a == reg_a and sa.shape == (m,)  # INT4: the group scales folded in
+    assert a.dtype == torch.float16 and cfg.reg_a and sa.shape == (m,)  # INT4: the group scales folded in
     y = ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, cfg,
                      out=torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV))
     ref = reference_forward(copy.deepcopy(layer).cpu(), x.cpu().double().float())
@@ -432,9 +428,9 @@ def test_wgmma_gemm_rejects_what_it_cannot_take():
     x = activations(64, 256, idx)
     cfg = ops.wgmma_config(64, 128, kw.k_main, bn=64, f16=True)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "nvfp4", cfg.mode, kw.k_main)
-    for reg_a in (True, False):
-        with pytest.raises(ValueError, match="up to 128 tokens a tile"):
-            ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(cfg, bm=256, reg_a=reg_a))
+    for bad in (dict(reg_a=False), dict(bm=256)):
+        with pytest.raises(ValueError, match="register operand only"):
+            ops.osc_gemm(a, sa, kw, xo, torch.bfloat16, dataclasses.replace(cfg, **bad))
     with pytest.raises(ValueError, match="MODE_F16"):
         ops.osc_gemm(a.to(torch.float8_e4m3fn), sa, kw, xo, torch.bfloat16, cfg)
     int4, _ = make_layer(256, 128, "int4", 16)
@@ -877,7 +873,7 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 32 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 31 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
     # INT4 with group scales: the transposed GEMM's tiles, split-quantize for it and for the FP16 expansion, the latter
     assert r.stdout.count("int4 groups of") == 10
     # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs (INT4 with
@@ -885,14 +881,14 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("grouped MoE experts") == 9 and r.stdout.count("-pair tiles") == 6
     # the Gluon TMA + wgmma GEMM: MXFP4 on e4m3 (through shared memory, or from registers), NVFP4 and INT4 with
     # group scales on FP16
-    assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 6
+    assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 5
     # ptxas keeps the wgmma GEMM's wgmmas in flight (it serializes them where other instructions write a wgmma's
     # register operands meanwhile: aot.wgmma_serialized)
     blocks = r.stdout.split("\n" + "wgmma gemm")[1:]
-    assert len(blocks) == 6 and all("\n  wgmma: not serialized" in b.split("\n" + "gemm")[0] for b in blocks)
+    assert len(blocks) == 5 and all("\n  wgmma: not serialized" in b.split("\n" + "gemm")[0] for b in blocks)
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 32
+    assert r.stdout.count("PDL order: ok") == 31
     assert r.stdout.count("after the RMSNorm it runs") == 2  # norms.py: both roundings, 4 rows of 4096 a program
     assert r.stdout.count("of a gated MLP's") == 2  # gated.py: SiLU and GELU, 8B down's 12288 channels a row
 

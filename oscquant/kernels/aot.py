@@ -286,8 +286,6 @@ def main() -> int:
                      wgmma(128, 64, warps=8, stages=4, reg_a=True, f16=True, group=128), 3),
                     ("wgmma gemm int4 groups of 32 FP16, 64 x 128",
                      wgmma(64, 128, warps=4, stages=4, reg_a=True, f16=True, group=32), 3),
-                    ("wgmma gemm nvfp4 FP16 through shared memory, 128 x 128",
-                     wgmma(128, 128, warps=8, stages=4, f16=True), 3),
                     ("gemm mxfp4 decode", gemm(K.FMT_MXFP4, False, 16, 64, warps=4, stages=4)),
                     ("gemm int4 decode", gemm(K.FMT_INT4, False, 16, 64, split_k=2)),
                     ("gemm nvfp4 prefill (weights expanded to FP16)",

@@ -694,7 +694,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
 
 
 def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = None, warps: int | None = None,
-                 split_k: int | None = None, stages: int | None = None, reg_a: bool | None = None,
+                 split_k: int | None = None, stages: int | None = None, reg_a: bool = False,
                  f16: bool = False) -> GemmConfig:
     """The Gluon wgmma GEMM's config: bn weight rows (64 a warpgroup) by bt tokens a program (by default M's
     power of two, 16 to 128), a TMA ring of ``stages`` steps (3 with 256-token tiles: shared memory);
@@ -702,8 +702,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
     unpacked weights go to wgmma as its register operand instead of through a shared tile. It is launched
     overlapped with split-quantize (``pdl``): above 64 tokens from split-quantize's start, back to back 2-6 %
     faster at 256 tokens and 0-1 % at 512-1024 (docs/bench/h200_wgmma_pdl_2026-11-29.md); up to 64 tokens as
-    ``overlapped`` says. ``f16``: NVFP4's or INT4-with-groups' weights on FP16 operands (by default from registers;
-    reg_a=False: through shared memory, with a step's wgmmas in flight during the next step's unpack)."""
+    ``overlapped`` says. ``f16``: NVFP4's or INT4-with-groups' weights on FP16 operands (from registers: reg_a)."""
     bt = bt or min(128, max(16, triton.next_power_of_2(m)))
     if split_k is None:
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
@@ -711,7 +710,7 @@ def wgmma_config(m: int, n: int, k_pad: int, bn: int = 128, bt: int | None = Non
         while split_k < 8 and tiles * split_k < 132 and k_pad // (128 * split_k * 2) >= 4:
             split_k *= 2
     return GemmConfig(bt, bn, split_k, not f16, warps or bn // 16, stages or (3 if bt > 128 else 4), swap=True,
-                      wgmma=True, reg_a=f16 if reg_a is None else reg_a, **overlapped(m, k_pad, wgmma=True))
+                      wgmma=True, reg_a=reg_a or f16, **overlapped(m, k_pad, wgmma=True))
 
 
 def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=None, probe: int = 0) -> torch.Tensor:
@@ -733,9 +732,10 @@ def _wgmma_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=No
     if a.dtype != want or a.stride(1) != 1:
         raise ValueError(f"the wgmma GEMM multiplies contiguous {want} activation operands on {kw.fmt} weights, got "
                          f"{a.dtype}: split_quantize with mode={mode}")
-    if f16 and cfg.bm > 128:
-        raise ValueError(f"the wgmma GEMM takes {kw.fmt} weights (FP16) on up to 128 tokens a tile (more spill "
-                         f"registers): wgmma_config(f16=True) picks that, got bm={cfg.bm}")
+    if f16 and (not cfg.reg_a or cfg.bm > 128):
+        raise ValueError(f"the wgmma GEMM takes {kw.fmt} weights (FP16) as its register operand only, on up to 128 "
+                         f"tokens a tile (more spill registers): wgmma_config(f16=True), got reg_a={cfg.reg_a}, "
+                         f"bm={cfg.bm}")
     if cfg.bn != 64 * (cfg.warps // 4) or cfg.bm not in (16, 32, 64, 128, 256) or cfg.stages < 2:
         raise ValueError(f"the wgmma GEMM takes 64 weight rows a warpgroup, 16-256 tokens a tile (a power of two) and "
                          f"at least 2 stages; got bn={cfg.bn}, warps={cfg.warps}, bm={cfg.bm}, stages={cfg.stages}")

@@ -19,9 +19,9 @@ weight buffer, fence or barrier for it (2-13 % faster; docs/bench/h200_wgmma_reg
 are waited for within their step: ptxas serializes wgmmas whose register operands other instructions write while
 wgmmas are in flight (_register_mmas).
 
-F16 (NVFP4): the same ring and loop on FP16 wgmma, the weights as the register operand (REG_A) or, without it,
-stored as two [BN, 64] FP16 tiles a step into one of two weight buffers, that step's wgmmas left in flight. The
-activations are split_quantize's FP16 operands (MODE_F16), two [BT, 64] TMA boxes a step (a TMA box row holds at most 128 bytes under the 128-byte
+F16 (NVFP4, register operand only: through shared memory it measured 0.77-0.99x as fast,
+docs/bench/h100_f16_shared_2026-12-07.md): the same ring and loop on FP16 wgmma. The activations are split_quantize's
+FP16 operands (MODE_F16), two [BT, 64] TMA boxes a step (a TMA box row holds at most 128 bytes under the 128-byte
 swizzle); the codes unpack to FP16 e2m1 * 2**-14 (triton_osc._E2M1_ASM) times the rows' FP16 block factors, one per
 16 columns (layout.kernel_weights: e4m3 scale * 2**6, so exact), loaded two steps ahead. The weights stay 0.5 bytes
 a weight where the FP16 expansion paths read 2 (ops._fp16_expansion_config). INT4 with group scales (GROUP) the
@@ -263,31 +263,6 @@ def _step_f16(c_desc, a_desc, c_s, a_s, bars, frow, nm, inv_top, acc, f0, f1, f2
 
 
 @gluon.jit
-def _step_f16_shared(c_desc, a_desc, c_s, a_s, w, bars, frow, nm, inv_top, acc, f0, f1, f2, f3, g0, g1, g2, g3, s, s0,
-                     s1, n0, t0, STAGES: gl.constexpr, LW: gl.constexpr, GROUP: gl.constexpr):
-    """Step s of the FP16 GEMM through shared memory: the two chunks unpacked as in _step_f16, stored as two [BN, 64]
-    FP16 tiles into the weight buffer w (its two slots), then two k = 64 wgmmas from it left in flight; the wait is
-    for the step before's, whose weight buffer (the other one) and ring stage are then free. Unlike register operands
-    (which ptxas serializes: _register_mmas), the MMAs of step s run during the unpack of step s + 1."""
-    st = _wait_stage(bars, s, s0, STAGES)
-    first = (gl.arange(0, 32, layout=gl.SliceLayout(0, LW)) < 16)[None, :]
-    c = c_s.index(st)
-    for h in gl.static_range(2):
-        lo, hi = _unpack_chunk_f16(c.slice(32 * h, 32, dim=1), f0 if h == 0 else f2, f1 if h == 0 else f3, first,
-                                   inv_top, LW, GROUP)
-        # column j < 32 of the chunk is lo[:, j], column 32 + j is hi[:, j]
-        w.index(h).store(gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), [lo.shape[0], 64]))
-    h0, h1, h2, h3 = _factor_words(frow, gl.minimum(s + 2, s1 - 1), nm, GROUP)
-    fence_async_shared()
-    gl.thread_barrier()
-    acc = warpgroup_mma(w.index(0), a_s.index(2 * st).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w.index(1), a_s.index(2 * st + 1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
-    _refill(c_desc, a_desc, c_s, a_s, bars, s, s0, s1, n0, t0, STAGES)
-    return acc, g0, g1, g2, g3, h0, h1, h2, h3
-
-
-@gluon.jit
 def osc_wgmma_gemm_kernel(
     a_desc, sa_ptr, c_desc, be_ptr, sb_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K_PAD, K_OUT, stride_be, stride_ym,
@@ -324,6 +299,7 @@ def osc_wgmma_gemm_kernel(
     t0 = pt * BT
 
     gl.static_assert(PROBE == 0 or not REG_A, "the probe bits cut parts of the shared-memory path")
+    gl.static_assert(REG_A or not F16, "the FP16 GEMM takes its weights from registers")
     gl.static_assert(F16 or GROUP == 0, "INT4 group scales take the FP16 GEMM")
     LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2 if F16 else 4)
     if REG_A:
@@ -338,10 +314,6 @@ def osc_wgmma_gemm_kernel(
     # the weight buffers of the shared-memory path (with REG_A unused, and not allocated: 98 -> 82 KB at 64 x 128)
     w_a = gl.allocate_shared_memory(gl.float8e4nv, [BN, 128], WS)
     w_b = gl.allocate_shared_memory(gl.float8e4nv, [BN, 128], WS)
-    # the FP16 path's (two [BN, 64] tiles a step: a row of 64 FP16 fills the 128-byte swizzle)
-    WS16: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, 64], gl.float16)
-    wh_a = gl.allocate_shared_memory(gl.float16, [2, BN, 64], WS16)
-    wh_b = gl.allocate_shared_memory(gl.float16, [2, BN, 64], WS16)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(STAGES):
         mbarrier.init(bars.index(b), count=1)
@@ -361,21 +333,10 @@ def osc_wgmma_gemm_kernel(
             inv_top = 1.0 / gl.load(sb_ptr + rn, mask=nm, other=1.0) if GROUP else 1.0
             f0, f1, f2, f3 = _factor_words(erow, s0, nm, GROUP)
             g0, g1, g2, g3 = _factor_words(erow, gl.minimum(s0 + 1, s1 - 1), nm, GROUP)
-            if REG_A:
-                for s in range(s0, s1):
-                    acc, f0, f1, f2, f3, g0, g1, g2, g3 = _step_f16(c_desc, a_desc, c_s, a_s, bars, erow, nm, inv_top,
-                                                                    acc, f0, f1, f2, f3, g0, g1, g2, g3, s, s0, s1, n0,
-                                                                    t0, STAGES, LA, GROUP)
-            else:
-                # two steps an iteration, so that each step's weight buffer is its own allocation (wh_a, wh_b)
-                for s in range(s0, s1, 2):
-                    acc, f0, f1, f2, f3, g0, g1, g2, g3 = _step_f16_shared(
-                        c_desc, a_desc, c_s, a_s, wh_a, bars, erow, nm, inv_top, acc, f0, f1, f2, f3, g0, g1, g2, g3,
-                        s, s0, s1, n0, t0, STAGES, LW, GROUP)
-                    if s + 1 < s1:
-                        acc, f0, f1, f2, f3, g0, g1, g2, g3 = _step_f16_shared(
-                            c_desc, a_desc, c_s, a_s, wh_b, bars, erow, nm, inv_top, acc, f0, f1, f2, f3, g0, g1, g2,
-                            g3, s + 1, s0, s1, n0, t0, STAGES, LW, GROUP)
+            for s in range(s0, s1):
+                acc, f0, f1, f2, f3, g0, g1, g2, g3 = _step_f16(c_desc, a_desc, c_s, a_s, bars, erow, nm, inv_top, acc,
+                                                                f0, f1, f2, f3, g0, g1, g2, g3, s, s0, s1, n0, t0,
+                                                                STAGES, LA, GROUP)
         else:
             acc = _main_loop_f8(c_desc, a_desc, c_s, a_s, w_a, w_b, bars, erow, nm, acc, s0, s1, n0, t0, STAGES, LW, LA,
                                 PROBE, REG_A)
