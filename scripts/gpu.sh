@@ -18,7 +18,9 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 if [[ $PARTS == *" tests "* ]]; then
     # a fresh Inductor cache: a call stopped by its time limit can leave a truncated .so in the shared one
     # ("invalid ELF header" in the next compiled test)
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m pytest -q -x tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
+    # 8 workers where pytest-xdist is installed (the lent device has it): the tests are mostly compiling kernels
+    XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m pytest -q -x ${XDIST:-} tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
         tests/test_cli.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/pytest.log" | tail -15
 fi
