@@ -884,8 +884,8 @@ def test_kernels_compile_for_hopper_without_spills():
     assert r.stdout.count("folded") == 4 and r.stdout.count("wgmma gemm") == 5
     # ptxas keeps the wgmma GEMM's wgmmas in flight (it serializes them where other instructions write a wgmma's
     # register operands meanwhile: aot.wgmma_serialized)
-    blocks = r.stdout.split("\n" + "wgmma gemm")[1:]
-    assert len(blocks) == 5 and all("\n  wgmma: not serialized" in b.split("\n" + "gemm")[0] for b in blocks)
+    blocks = r.stdout.split("\nwgmma gemm")[1:]
+    assert len(blocks) == 5 and all("\n  wgmma: not serialized" in b.split("\ngemm")[0] for b in blocks)
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
     assert r.stdout.count("PDL order: ok") == 31

@@ -147,6 +147,13 @@ def decode(fmt: int, op_f8: bool, pdl: bool = True, group: int = 0):
     return compile_kernel(K.decode_weights_kernel, DECODE_SIG, const, 4, 1, types)
 
 
+def _triton_tool(name: str) -> str:
+    """The path of one of the CUDA tools that Triton ships (ptxas, cuobjdump, nvdisasm)."""
+    import os
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin", name)
+
+
 def resources(c) -> str:
     """Registers, spills and shared memory of a compiled kernel, read by cuobjdump when it is installed."""
     import os
@@ -154,7 +161,7 @@ def resources(c) -> str:
     import subprocess
     import tempfile
 
-    tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    tool = shutil.which("cuobjdump") or _triton_tool("cuobjdump")
     if not os.path.exists(tool):
         tool = None
     if tool is None:
@@ -173,7 +180,7 @@ def sass(c) -> str:
     import subprocess
     import tempfile
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    tool = _triton_tool("nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(c.asm["cubin"])
     try:
@@ -190,7 +197,7 @@ def wgmma_serialized(c) -> str | None:
     import subprocess
     import tempfile
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    tool = _triton_tool("ptxas")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
@@ -251,7 +258,7 @@ def head_norm(kind: int = 1, d: int = 128, heads: int = 40):
 def main() -> int:
     """Prints each kernel's resources; exits 1 if one spills registers to the stack, if ptxas serializes the wgmma
     GEMM's wgmmas, or if one touches memory before its PDL wait."""
-    spills = 0
+    failures = 0
     # (name, kernel[, TMA copies before the PDL wait: the wgmma GEMM's first stages - 1 code tiles])
     for name, c, *tma in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
                     ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
@@ -319,20 +326,20 @@ def main() -> int:
                     ("q/k head norms, Gemma's rounding", head_norm(2, 256, 12))]:
         usage = resources(c)
         print(f"{name}: {usage}")
-        spills += "STACK:" in usage and "STACK:0 " not in usage
+        failures += "STACK:" in usage and "STACK:0 " not in usage
         if "griddepcontrol" in c.asm["ptx"]:
             bad = pdl_order(c, weight_tma=tma[0] if tma else 0, at_end=name.startswith("decode"))
             print(f"  PDL order: {bad or 'ok'}")
-            spills += bad is not None
+            failures += bad is not None
         if "wgmma.mma_async" in c.asm["ptx"]:
             # the Gluon GEMM's steps are built to keep wgmmas in flight; Triton's own dots (the INT4 group partial
             # products of the transposed GEMM, each waited for before its flush anyway) are only reported
             said = wgmma_serialized(c)
             print(f"  wgmma: {said or 'not serialized'}")
-            spills += said is not None and name.startswith("wgmma gemm")
+            failures += said is not None and name.startswith("wgmma gemm")
         if "--sass" in sys.argv:
             print(sass(c))
-    return 1 if spills else 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
