@@ -256,8 +256,8 @@ def head_norm(kind: int = 1, d: int = 128, heads: int = 40):
 
 
 def main() -> int:
-    """Prints each kernel's resources; exits 1 if one spills registers to the stack, if ptxas serializes its wgmmas,
-    or if one touches memory before its PDL wait."""
+    """Prints each kernel's resources; exits 1 if one spills registers to the stack, if ptxas serializes the wgmma
+    GEMM's wgmmas, or if one touches memory before its PDL wait."""
     failures = 0
     # (name, kernel[, TMA copies before the PDL wait: the wgmma GEMM's first stages - 1 code tiles])
     for name, c, *tma in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
@@ -332,9 +332,11 @@ def main() -> int:
             print(f"  PDL order: {bad or 'ok'}")
             failures += bad is not None
         if "wgmma.mma_async" in c.asm["ptx"]:
+            # the Gluon GEMM's steps are built to keep wgmmas in flight; Triton's own dots (the INT4 group partial
+            # products of the transposed GEMM, each waited for before its flush anyway) are only reported
             said = wgmma_serialized(c)
             print(f"  wgmma: {said or 'not serialized'}")
-            failures += said is not None
+            failures += said is not None and name.startswith("wgmma gemm")
         if "--sass" in sys.argv:
             print(sass(c))
     return 1 if failures else 0

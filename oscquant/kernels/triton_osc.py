@@ -923,14 +923,7 @@ def osc_gemm_t_kernel(
             sb = sb * 0.015625
         acc = acc * sa[None, :] * sb[:, None]
     if BO > 0 and split == 0:
-        if GROUP:
-            # its own accumulator: the group flushes' FMAs write acc in the main loop, and ptxas serializes every
-            # wgmma of the kernel (C7515) if acc is also a wgmma's accumulator (aot.wgmma_serialized)
-            br = _bf16_branch(tl.zeros((BN, MP), dtype=tl.float32), xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm,
-                              K_OUT, BO, True, INTERPRET)
-            acc += br
-        else:
-            acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
+        acc = _bf16_branch(acc, xo_ptr, wo_ptr, rm.to(tl.int64), mm, rn64, nm, K_OUT, BO, True, INTERPRET)
     if HAS_BIAS and split == 0:
         acc += tl.load(bias_ptr + rn, mask=nm, other=0.0)[:, None]
     _store_tile(acc, y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn64[:, None],
