@@ -25,8 +25,11 @@ if [[ $PARTS == *" tests "* ]]; then
         | tee "$OUT/pytest.log" | tail -15
 fi
 if [[ $PARTS == *" bench "* ]]; then
-    # compared, row by row, with the newest full run kept in the docs (BENCH_BASE= to name another, or none)
-    BASE=${BENCH_BASE-$(ls docs/bench/h200_full_*.json 2>/dev/null | sort | tail -1)}
+    # compared, row by row, with the newest full run kept in the docs on the same kind of GPU, H100 or H200
+    # (BENCH_BASE= to name another, or none)
+    KIND=h200
+    [[ $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) == *H100* ]] && KIND=h100
+    BASE=${BENCH_BASE-$(ls docs/bench/${KIND}_full_*.json 2>/dev/null | sort | tail -1)}
     python3 -m oscquant.cli bench gemm --m "${BENCH_M:-1,8,16,64,256,1024,4096,16384}" --k "${BENCH_K:-64,128}" \
         --json "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" ${BASE:+--base "$BASE"} 2>&1 \
         | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80}

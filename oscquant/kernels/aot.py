@@ -332,8 +332,10 @@ def main() -> int:
             print(f"  PDL order: {bad or 'ok'}")
             failures += bad is not None
         if "wgmma.mma_async" in c.asm["ptx"]:
-            # the Gluon GEMM's steps are built to keep wgmmas in flight; Triton's own dots (the INT4 group partial
-            # products of the transposed GEMM, each waited for before its flush anyway) are only reported
+            # the Gluon GEMM's steps are built to keep wgmmas in flight; Triton's own dots are only reported: ptxas
+            # serializes the INT4-group transposed GEMM's (its BF16 branch's wgmmas accumulate onto what the group
+            # flushes' FMAs wrote), and the branch on its own accumulator, which ptxas does not serialize, measured
+            # 3-9 % slower (docs/kernels.md, INT4 with group scales)
             said = wgmma_serialized(c)
             print(f"  wgmma: {said or 'not serialized'}")
             failures += said is not None and name.startswith("wgmma gemm")
