@@ -313,12 +313,12 @@ def test_fragment_layout_unpacks_bit_exact():
 @pytest.mark.parametrize("m,k_in,n", [s for s in SHAPES if s[0] <= 16])
 @pytest.mark.parametrize("k", [32, 16, 0])
 @pytest.mark.parametrize("warps,split_k", [(4, 1), (2, 3), (8, 8), (1, 2)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k, prefetch):
+@pytest.mark.parametrize("prefetch,pre_steps", [(False, 0), (True, 0), (False, 3)])
+def test_fragment_gemm_matches_reference(m, k_in, n, k, warps, split_k, prefetch, pre_steps):
     layer, idx = make_layer(k_in, n, "mxfp4", k, seed=k)
     x = activations(m, k_in, idx, seed=m)
     kw = ops.layer_weights(layer)
-    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k, prefetch=prefetch)
+    cfg = ops.frag_config(m, n, kw.k_main, warps=warps, split_k=split_k, prefetch=prefetch, pre_steps=pre_steps)
     assert cfg.frag and cfg.bm == (8 if m <= 8 else 16)
     xo, a, sa = ops.split_quantize(x, kw.keep, kw.outlier_idx, "mxfp4", cfg.mode, kw.k_main)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -756,6 +756,9 @@ def test_decode_and_prefill_regimes_are_chosen_in_one_place():
     # the path's name in the benchmark tables
     assert [ops.gemm_config(m, 4096, 4096, wgmma=w).path for m, w in ((1, True), (64, True), (64, False), (4096, True))] \
         == ["frag", "wgmma", "fold", "expand"] and ops.gemm_config(16, 4096, 4096, "int4").path == "t"
+    # ... with its tile (weight rows × tokens) and split-K
+    assert ops.frag_config(1, 4096, 4096, warps=2, split_k=4).label == "frag 32×8 /4"
+    assert ops.wgmma_config(256, 4096, 4096, bn=64, split_k=1).label == "wgmma 64×128" and ops.CUBLAS_CONFIG.label == "cublas"
     assert not ops.gemm_config(64, 4096, 4096, "int4").wgmma and not ops.gemm_config(64, 4096, 4096, wgmma=False).wgmma
     assert not ops.gemm_config(64, 4096, 4096, "int4").fold  # MXFP4 only: int4 keeps the FP16 transposed GEMM
     assert ops.gemm_config(1, 4096, 4096, frag=False).split_k > 1  # 128 weight tiles alone cannot fill 132 SMs
@@ -873,7 +876,7 @@ def test_kernels_compile_for_hopper_without_spills():
     r = subprocess.run([sys.executable, "-m", "oscquant.kernels.aot"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("gemm") == 31 and r.stdout.count("frag gemm") == 2 and "split" in r.stdout
+    assert r.stdout.count("gemm") == 32 and r.stdout.count("frag gemm") == 3 and "split" in r.stdout
     # INT4 with group scales: the transposed GEMM's tiles, split-quantize for it and for the FP16 expansion, the latter
     assert r.stdout.count("int4 groups of") == 10
     # kernels/moe.py: split-quantize, 4-bit and FP8 weights one pair a program, both in tiles of pairs (INT4 with
@@ -888,7 +891,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert len(blocks) == 5 and all("\n  wgmma: not serialized" in b.split("\ngemm")[0] for b in blocks)
     # split-quantize, the fragment GEMM and the wgmma GEMM launch overlapped (overlap.py): no memory access
     # before their wait but the wgmma GEMM's first code tiles (TMA)
-    assert r.stdout.count("PDL order: ok") == 31
+    assert r.stdout.count("PDL order: ok") == 32
     assert r.stdout.count("after the RMSNorm it runs") == 2  # norms.py: both roundings, 4 rows of 4096 a program
     assert r.stdout.count("of a gated MLP's") == 2  # gated.py: SiLU and GELU, 8B down's 12288 channels a row
 
