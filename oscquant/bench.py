@@ -87,6 +87,7 @@ class Row:
     b2b_gemm_roofline_pct: float | None = None
     copy_us: float | None = None  # a device copy moving the GEMM's own bytes, timed as the columns (flushed)
     copy_roofline_pct: float | None = None
+    path: str | None = None  # the OSC GEMM's config (GemmConfig.label): which kernel made these numbers
 
 
 def _need_cuda(what: str) -> None:
@@ -198,7 +199,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
             rows.append(Row(name, n, k_in, m, k, bf16, int8, fp8, gemm, full, fb,
                             full_bytes / (full * 1e-6) / 1e12, ops / (full * 1e-6) / 1e12,
                             100 * floor_s / (full * 1e-6), 100 * gemm_floor_s / (gemm * 1e-6),
-                            best_w8a8 / full, bf16 / full, **b2b))
+                            best_w8a8 / full, bf16 / full, **b2b, path=cfg.label))
     return rows
 
 
@@ -214,13 +215,13 @@ def bench_gemm(ms=(1, 8, 16, 64, 256, 1024, 4096, 16384), k_outs=(64, 128), shap
 
 
 def markdown(rows: list[Row]) -> str:
-    head = ("| shape N×K | M | k | BF16 µs | INT8 µs | FP8 µs | OSC GEMM µs | OSC+split µs | FP8 fallback µs | "
-            "OSC TB/s | OSC TFLOP/s | % roofline (all) | % roofline (GEMM) | × best W8A8 | × BF16 |")
-    out = [head, "|" + "---|" * 15]
+    head = ("| shape N×K | M | k | OSC GEMM path | BF16 µs | INT8 µs | FP8 µs | OSC GEMM µs | OSC+split µs | "
+            "FP8 fallback µs | OSC TB/s | OSC TFLOP/s | % roofline (all) | % roofline (GEMM) | × best W8A8 | × BF16 |")
+    out = [head, "|" + "---|" * 16]
     for r in rows:
         i8 = f"{r.int8_us:.1f}" if r.int8_us is not None else "n/a"
-        out.append(f"| {r.shape} {r.n}×{r.k_in} | {r.m} | {r.k_out} | {r.bf16_us:.1f} | {i8} | {r.fp8_us:.1f} | "
-                   f"{r.osc_gemm_us:.1f} | {r.osc_us:.1f} | {r.fallback_us:.1f} | {r.osc_tbps:.2f} | "
+        out.append(f"| {r.shape} {r.n}×{r.k_in} | {r.m} | {r.k_out} | {r.path or 'n/a'} | {r.bf16_us:.1f} | {i8} | "
+                   f"{r.fp8_us:.1f} | {r.osc_gemm_us:.1f} | {r.osc_us:.1f} | {r.fallback_us:.1f} | {r.osc_tbps:.2f} | "
                    f"{r.osc_tflops:.0f} | {r.roofline_pct:.0f} | {r.gemm_roofline_pct:.0f} | "
                    f"{r.vs_best_w8a8:.2f} | {r.vs_bf16:.2f} |")
     b2b = [r for r in rows if r.b2b_osc_us is not None]
@@ -322,12 +323,13 @@ def diff(base: list[Row], rows: list[Row], slower: float = 0.97) -> str:
     lines += ["", f"Rows whose OSC + split took longer than 1/{slower:.2f} of the earlier run: {len(worse)} of {len(pairs)}"]
     if worse:
         lines += ["", "| shape | M | k | OSC + split µs | old / new | OSC GEMM µs | old / new | rest µs (split-quantize's "
-                  "share) |", "|---|---|---|---|---|---|---|---|"]
+                  "share) | GEMM path |", "|---|---|---|---|---|---|---|---|---|"]
         for a, b in worse:
+            path = (b.path or "n/a") if a.path == b.path else f"{a.path or 'n/a'} → {b.path or 'n/a'}"
             lines.append(f"| {b.shape} {b.n}×{b.k_in} | {b.m} | {b.k_out} | {a.osc_us:.1f} → {b.osc_us:.1f} | "
                          f"{a.osc_us / b.osc_us:.2f} | {a.osc_gemm_us:.1f} → {b.osc_gemm_us:.1f} | "
                          f"{a.osc_gemm_us / b.osc_gemm_us:.2f} | {a.osc_us - a.osc_gemm_us:.1f} → "
-                         f"{b.osc_us - b.osc_gemm_us:.1f} |")
+                         f"{b.osc_us - b.osc_gemm_us:.1f} | {path} |")
     return "\n".join(lines)
 
 

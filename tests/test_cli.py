@@ -197,8 +197,10 @@ def test_bench_tables_and_targets_from_rows():
         return Row("8B o", 4096, 4096, m, 64, 20.0, None, 18.0, osc - 3, osc, 21.0, 1.0, 1.0, 50.0, 60.0,
                    18.0 / osc, 20.0 / osc, *((14.0, 15.0, b2b_osc) if b2b_osc else ()))
     rows = [row(1, 10.0, 7.5), row(16, 20.0, 10.0), row(4096, 100.0)]
+    rows[2] = replace(rows[2], path="wgmma 64×64 /2")  # the OSC GEMM's config, where the run recorded it
     md = markdown(rows)
     assert md.count("\n| 8B o 4096×4096 |") == 5  # three rows, then two back-to-back rows
+    assert "| 8B o 4096×4096 | 1 | 64 | n/a | 20.0 |" in md and "| 8B o 4096×4096 | 4096 | 64 | wgmma 64×64 /2 | 20.0 |" in md
     assert "| 7.5 | 2.00 | 1.87 |" in md  # FP8 15 / OSC 7.5, BF16 14 / 7.5
     t = targets(rows)
     assert "M <= 16, OSC+split >= 1.8x best W8A8: 1/2 rows" in t[0]
@@ -232,7 +234,11 @@ def test_bench_diff_against_an_earlier_run(tmp_path, capsys):
     assert "| 1 | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) | 1.12 (1.12-1.12) |" in out  # cuBLAS FP8 18 -> 16 µs
     assert "| 256 | 0.83 (0.83-0.83) | 1.00 (1.00-1.00) |" in out and "| 16384 |" not in out  # rows of both runs only
     assert "took longer than 1/0.97 of the earlier run: 1 of 3" in out
-    assert "| 8B o 4096×4096 | 256 | 128 | 30.0 → 36.0 | 0.83 | 28.0 → 28.0 | 1.00 | 2.0 → 8.0 |" in out
+    assert "| 8B o 4096×4096 | 256 | 128 | 30.0 → 36.0 | 0.83 | 28.0 → 28.0 | 1.00 | 2.0 → 8.0 | n/a |" in out
+    new[1] = replace(new[1], path="wgmma 64×128")  # the GEMM's config changed: the row says so
+    save(new, str(tmp_path / "new.json"))
+    code, out, err = run(capsys, "bench", "diff", "--json", tmp_path / "new.json", "--base", tmp_path / "base.json")
+    assert code == 0 and "| 2.0 → 8.0 | n/a → wgmma 64×128 |" in out
     code, _, err = run(capsys, "bench", "diff", "--json", tmp_path / "new.json")
     assert code == 2 and "needs --json" in err and "--base" in err
     save([row(8, 10.0, 8.0)], str(tmp_path / "other.json"))
