@@ -20,6 +20,9 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback", default="fp8", choices=["fp8", "none"], help="scheme of the fallback layers")
     p.add_argument("--fallback-pattern", default=r"down_proj", help="regex of the layer names that fall back")
     p.add_argument("--group-size", type=int, default=None, help="int4 only: columns per scale (default per row)")
+    p.add_argument("--no-scale-search", dest="scale_search", action="store_const", const=False, default=None,
+                   help="mxfp4: every weight block's scale by the max rule alone, as for activations (default: the "
+                        "better of it and the scale below, by squared error)")
     p.add_argument("--policy", default="fixed", choices=["fixed", "auto"],
                    help="auto: per-layer k and FP8 fallback chosen from measurements (docs/analysis.md)")
     p.add_argument("--bf16-budget", type=float, default=0.04, help="auto: share of input channels kept in BF16")
@@ -46,9 +49,10 @@ def config_from_args(a) -> OSCConfig:
     if getattr(a, "policy", "fixed") == "auto":
         if a.outliers is not None or a.outlier_ratio is not None:
             raise ValueError("--policy auto chooses k itself; drop --outliers/--outlier-ratio or use --policy fixed")
-        return OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size)
+        return OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size, scale_search=a.scale_search)
     outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
-    return OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size)
+    return OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size,
+                         scale_search=a.scale_search)
 
 
 def cmd_quantize(a) -> int:

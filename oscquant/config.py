@@ -23,12 +23,16 @@ class LayerScheme:
     outliers: int = 0  # k: input channels kept in BF16, a multiple of 16
     outlier_ratio: float | None = None  # instead of k: this share of K, rounded down to 16
     group_size: int | None = None  # int4 only: columns per scale (None: per row)
+    # mxfp4 only: each weight block's scale by least squared error (formats.quantize_mxfp4); None: on for mxfp4
+    scale_search: bool | None = None
 
     def __post_init__(self):
         if self.format != "none":
             check_format(self.format)
         if self.group_size is not None and self.format != "int4":
             raise ValueError(f"group_size applies to int4 only, not {self.format}")
+        if self.scale_search and self.format != "mxfp4":
+            raise ValueError(f"scale_search applies to mxfp4 weights only, not {self.format}")
         if self.outliers < 0 or self.outliers % OUTLIER_MULTIPLE:
             raise ValueError(
                 f"outliers={self.outliers} must be a non-negative multiple of {OUTLIER_MULTIPLE} "
@@ -36,6 +40,11 @@ class LayerScheme:
             )
         if self.outlier_ratio is not None and not 0 <= self.outlier_ratio < 1:
             raise ValueError(f"outlier_ratio={self.outlier_ratio} must lie in [0, 1)")
+
+    @property
+    def searches_scales(self) -> bool:
+        """Whether the layer's weights get their MXFP4 block scales by least squared error."""
+        return self.format == "mxfp4" and self.scale_search is not False
 
     def outliers_for(self, in_features: int) -> int:
         """The k this scheme gives a layer with ``in_features`` input channels."""
@@ -87,14 +96,14 @@ class OSCConfig:
     @classmethod
     def osc(cls, fmt: str = "mxfp4", outliers: int = 128, outlier_ratio: float | None = None,
             fallback: str | None = "fp8", fallback_pattern: str = r"down_proj",
-            group_size: int | None = None) -> "OSCConfig":
+            group_size: int | None = None, scale_search: bool | None = None) -> "OSCConfig":
         rules = [] if fallback in (None, "none") else [(fallback_pattern, LayerScheme(fallback))]
-        return cls(LayerScheme(fmt, outliers, outlier_ratio, group_size), rules)
+        return cls(LayerScheme(fmt, outliers, outlier_ratio, group_size, scale_search), rules)
 
     @classmethod
-    def rtn(cls, fmt: str = "mxfp4", group_size: int | None = None) -> "OSCConfig":
+    def rtn(cls, fmt: str = "mxfp4", group_size: int | None = None, scale_search: bool | None = None) -> "OSCConfig":
         """Plain round-to-nearest W4A4: no outlier channels, no fallback."""
-        return cls.osc(fmt, 0, fallback=None, group_size=group_size)
+        return cls.osc(fmt, 0, fallback=None, group_size=group_size, scale_search=scale_search)
 
     @classmethod
     def w8a8(cls) -> "OSCConfig":
@@ -102,9 +111,9 @@ class OSCConfig:
 
     @classmethod
     def auto(cls, fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: float = 1 / 7,
-             group_size: int | None = None, **kw) -> "OSCConfig":
+             group_size: int | None = None, scale_search: bool | None = None, **kw) -> "OSCConfig":
         """Measured per-layer k and FP8 fallback under the two budgets (see policy.py)."""
-        return cls(LayerScheme(fmt, 0, None, group_size), [], policy="auto", bf16_budget=bf16_budget,
+        return cls(LayerScheme(fmt, 0, None, group_size, scale_search), [], policy="auto", bf16_budget=bf16_budget,
                    fp8_budget=fp8_budget, **kw)
 
     def to_dict(self) -> dict:

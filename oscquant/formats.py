@@ -162,11 +162,19 @@ def e8m0_exponent(amax: torch.Tensor) -> torch.Tensor:
     return e.clamp(-127, 127)
 
 
-def quantize_mxfp4(x: torch.Tensor) -> QTensor:
+def quantize_mxfp4(x: torch.Tensor, search: bool = False) -> QTensor:
+    """``search`` (weights, which are quantized once, offline): each block takes the better, by squared error, of
+    e8m0_exponent's scale and the one below it, which clips the block's largest values to ±6 times it but halves
+    the step for all the others. Activations keep the one rule, which the kernels reproduce bit for bit."""
     _check_input(x)
     check_columns("mxfp4", x.shape[1])
     xb = _blocks(x.float(), 32)
     e = e8m0_exponent(xb.abs().amax(-1, keepdim=True))
+    if search:
+        def sq_err(ee):
+            return (e2m1_decode(e2m1_encode(xb * torch.exp2(-ee))) * torch.exp2(ee) - xb).square().sum(-1, keepdim=True)
+        below = (e - 1).clamp(min=-127)
+        e = torch.where(sq_err(below) < sq_err(e), below, e)
     codes = e2m1_encode(xb * torch.exp2(-e)).reshape(x.shape)
     scales = (e.squeeze(-1) + 127).to(torch.uint8)  # E8M0: biased exponent byte
     return QTensor("mxfp4", pack_nibbles(codes), scales, tuple(x.shape), 32)
@@ -204,15 +212,18 @@ def quantize_fp8(x: torch.Tensor) -> QTensor:
 
 
 # ---------------------------------------------------------------- dispatch
-def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_global: bool = False) -> QTensor:
-    """Quantize a 2-D tensor along its last dimension."""
+def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_global: bool = False,
+             search: bool = False) -> QTensor:
+    """Quantize a 2-D tensor along its last dimension (``search``: MXFP4 only, see quantize_mxfp4)."""
     check_format(fmt)
     if group_size is not None and fmt != "int4":
         raise ValueError(f"group_size applies to int4 only; {fmt} has a fixed block")
+    if search and fmt != "mxfp4":
+        raise ValueError(f"the scale search is for mxfp4 only, not {fmt}")
     if fmt == "int4":
         return quantize_int4(x, group_size)
     if fmt == "mxfp4":
-        return quantize_mxfp4(x)
+        return quantize_mxfp4(x, search)
     if fmt == "nvfp4":
         return quantize_nvfp4(x, per_row_global)
     return quantize_fp8(x)

@@ -76,7 +76,8 @@ class OSCLinear(nn.Module):
                     linear.bias.dtype if linear.bias is not None else torch.float32)
         layer.outlier_idx.copy_(idx)
         layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
-        q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size)
+        q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size,
+                             search=scheme.searches_scales)
         layer.qweight.copy_(q.codes)
         layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
         if q.global_scale is not None:

@@ -23,7 +23,7 @@ steps 2 and 3, so that they keep one scheme and one k and can run stacked (sibli
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -107,5 +107,5 @@ def auto_plan(layers: dict[str, LayerScheme], stats: dict[str, ChannelStats], sa
         if n in fp8:
             plan[n] = LayerChoice(LayerScheme("fp8"), 0, curves[n])
         else:
-            plan[n] = LayerChoice(LayerScheme(scheme.format, k[n], None, scheme.group_size), k[n], curves[n])
+            plan[n] = LayerChoice(replace(scheme, outliers=k[n], outlier_ratio=None), k[n], curves[n])
     return plan

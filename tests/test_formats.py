@@ -83,6 +83,24 @@ def test_mxfp4_scales_are_powers_of_two_and_blocks_independent():
     assert (blocks / scale <= 6).all() and (blocks / scale > 3).all()
 
 
+def test_mxfp4_weight_scale_search_takes_the_better_of_two_scales():
+    """search (weights): each block's scale is the max rule's or the one below it, whichever leaves the smaller
+    squared error, so no block gets worse and the clip of the lower scale is taken only where it pays."""
+    # a block where the lower scale wins: 6.1 -> 6 either way, 1.5 exact only at scale 1 (0.75 -> 1 at scale 2)
+    blk = torch.tensor([6.1] + [1.5] * 31)
+    plain, searched = F.quantize_mxfp4(blk[None]), F.quantize_mxfp4(blk[None], search=True)
+    assert plain.scales.tolist() == [[128]] and searched.scales.tolist() == [[127]]
+    assert torch.equal(F.dequantize(searched), torch.tensor([[6.0] + [1.5] * 31]))
+    x = rand(64, 256) * torch.logspace(-3, 3, 256)  # blocks of every magnitude
+    p, q = F.dequantize(F.quantize_mxfp4(x)), F.dequantize(F.quantize_mxfp4(x, search=True))
+    per_block = lambda y: (y - x).square().reshape(64, 8, 32).sum(-1)  # noqa: E731
+    assert (per_block(q) <= per_block(p)).all() and per_block(q).sum() < 0.97 * per_block(p).sum()
+    d = F.quantize_mxfp4(x, search=True).scales.int() - F.quantize_mxfp4(x).scales.int()
+    assert set(d.unique().tolist()) == {-1, 0}  # the max rule's scale, or the one below it
+    with pytest.raises(ValueError, match="mxfp4 only"):
+        F.quantize(x, "int4", search=True)
+
+
 def test_nvfp4_global_scale_per_tensor_and_per_row():
     x = rand(4, 32)
     qt = F.quantize_nvfp4(x)

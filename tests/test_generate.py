@@ -87,10 +87,21 @@ def test_cuda_graph_replays_give_the_eager_steps_tokens(dtype):
 
 def test_compiled_decode_step_gives_model_generates_tokens():
     """The decode step through torch.compile (on the CPU the OSC reference path, with graph breaks at its input
-    checks) still gives model.generate's tokens."""
+    checks) still gives model.generate's tokens, up to a near tie: compiled code rounds differently, so where the
+    two best logits of model.generate's step lie within 2e-3 of each other it may take the runner-up, and from
+    there on the sequences part."""
     model = tiny(osc=True)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(generate(model, ids, 12, eos_token_id=None, compile=True), hf_greedy(model, ids, 12))
+    got = generate(model, ids, 12, eos_token_id=None, compile=True)
+    want = hf_greedy(model, ids, 12)
+    assert got.shape == want.shape and torch.equal(got[:, :9], ids)
+    differ = (got != want)[0].nonzero()
+    if differ.numel():
+        t = differ[0].item()
+        with torch.no_grad():
+            top = model(want[:, :t]).logits[0, -1].topk(2)
+        assert top.values[0] - top.values[1] < 2e-3, f"token {t} differs where the logits are {top}"
+        assert got[0, t] == top.indices[1]
 
 
 def test_sliding_window_caches_are_not_graphed():

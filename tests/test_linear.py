@@ -30,7 +30,8 @@ def explicit(lin: nn.Linear, x: torch.Tensor, scheme: LayerScheme, idx: list[int
     xm[:, idx] = 0
     wm[:, idx] = 0
     kw = {"group_size": scheme.group_size} if scheme.group_size else {}
-    y = fake_quantize(xm, scheme.format, per_row_global=True, **kw) @ fake_quantize(wm, scheme.format, **kw).T
+    w_kw = dict(kw, search=True) if scheme.searches_scales else kw  # MXFP4 weights: block scales by squared error
+    y = fake_quantize(xm, scheme.format, per_row_global=True, **kw) @ fake_quantize(wm, scheme.format, **w_kw).T
     if idx:
         xo = x2[:, idx].to(torch.bfloat16).float()
         wo = lin.weight[:, idx].detach().to(torch.bfloat16).float()
@@ -55,6 +56,32 @@ def test_forward_equals_explicit_math(scheme, bias):
     ref = explicit(lin, x, scheme, idx)
     assert y.shape == (2, 11, 48) and y.dtype == x.dtype
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), (y - ref).abs().max()
+
+
+def test_mxfp4_weights_search_their_block_scales_unless_told_not_to():
+    """MXFP4 weights take each block's scale by squared error by default (LayerScheme.scale_search), which lowers
+    the layer's weight error; scale_search=False keeps the max rule; other formats refuse the option."""
+    from oscquant import formats
+    from oscquant.config import OSCConfig
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    nn.init.normal_(lin.weight)  # bell-shaped, as trained weights are (uniform ones gain little)
+    idx = torch.tensor([3, 70, 100, 200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212])
+    w = lin.weight.detach().clone()
+    w[:, idx] = 0
+    err = {}
+    for flag in (None, False):
+        layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16, scale_search=flag), idx)
+        q = formats.quantize(w, "mxfp4", search=flag is None)
+        assert torch.equal(layer.qweight, q.codes) and torch.equal(layer.wscale.flatten(), q.scales.flatten())
+        err[flag] = (formats.dequantize(layer.weight_qtensor()) - w).norm().item()
+    assert err[None] < 0.99 * err[False]
+    with pytest.raises(ValueError, match="mxfp4 weights only"):
+        LayerScheme("int4", scale_search=True)
+    assert LayerScheme("int4").searches_scales is False and LayerScheme("mxfp4").searches_scales
+    cfg = OSCConfig.osc("mxfp4", 16, scale_search=False)
+    assert OSCConfig.from_dict(cfg.to_dict()).default.scale_search is False  # saved with the checkpoint's config
 
 
 def test_buffers_have_the_documented_layout():
