@@ -66,6 +66,21 @@ def test_quantize_eval_generate_info(local_model, capsys):
     code, out, _ = run(capsys, "info", ck)
     assert "model.layers.0.self_attn.q_proj: mxfp4 k=16" in out
 
+    # --no-scale-search: the MXFP4 weights keep the max rule's block scales, and the checkpoint says so
+    import torch
+
+    plain = root / "ck_plain"
+    code, out, err = run(capsys, "quantize", root / "model", "--calib", root / "text.txt", "--out", plain,
+                         "--outliers", "16", "--calib-samples", "4", "--seq-len", "32", "--device", "cpu",
+                         "--no-scale-search")
+    assert code == 0, err
+    assert json.loads((plain / "osc_config.json").read_text())["osc_config"]["default"]["scale_search"] is False
+    assert meta["osc_config"]["default"]["scale_search"] is None  # the default: searched, for mxfp4
+    searched, plain_model = load_quantized(ck)[0], load_quantized(plain)[0]
+    q, p = (m.get_submodule("model.layers.0.self_attn.q_proj") for m in (searched, plain_model))
+    assert torch.equal(q.outlier_idx, p.outlier_idx) and not torch.equal(q.wscale, p.wscale)
+    assert (p.wscale.int() - q.wscale.int()).unique().tolist() == [0, 1]  # the searched scales: the same or one lower
+
 
 def test_a_checkpoint_loads_in_another_dtype(local_model, capsys):
     """A checkpoint quantized in float32 loads in BF16 (as --device cuda runs it): the model's own float tensors
