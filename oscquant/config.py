@@ -17,13 +17,17 @@ from .formats import FORMATS, check_format
 OUTLIER_MULTIPLE = 16  # the BF16 branch's K must suit a 16-wide tensor-core step
 
 
+SEARCHED = ("mxfp4", "int4")  # formats whose weights may search their scales (LayerScheme.scale_search)
+
+
 @dataclass(frozen=True)
 class LayerScheme:
     format: str = "mxfp4"  # mxfp4 | nvfp4 | int4 | fp8 | none (leave the layer in float)
     outliers: int = 0  # k: input channels kept in BF16, a multiple of 16
     outlier_ratio: float | None = None  # instead of k: this share of K, rounded down to 16
     group_size: int | None = None  # int4 only: columns per scale (None: per row)
-    # mxfp4 only: each weight block's scale by least squared error (formats.quantize_mxfp4); None: on for mxfp4
+    # mxfp4 and int4: each weight block's (row's, group's) scale by least squared error (formats.quantize_mxfp4,
+    # quantize_int4); None: on for those two
     scale_search: bool | None = None
 
     def __post_init__(self):
@@ -31,8 +35,8 @@ class LayerScheme:
             check_format(self.format)
         if self.group_size is not None and self.format != "int4":
             raise ValueError(f"group_size applies to int4 only, not {self.format}")
-        if self.scale_search and self.format != "mxfp4":
-            raise ValueError(f"scale_search applies to mxfp4 weights only, not {self.format}")
+        if self.scale_search and self.format not in SEARCHED:
+            raise ValueError(f"scale_search applies to mxfp4 and int4 weights only, not {self.format}")
         if self.outliers < 0 or self.outliers % OUTLIER_MULTIPLE:
             raise ValueError(
                 f"outliers={self.outliers} must be a non-negative multiple of {OUTLIER_MULTIPLE} "
@@ -43,8 +47,8 @@ class LayerScheme:
 
     @property
     def searches_scales(self) -> bool:
-        """Whether the layer's weights get their MXFP4 block scales by least squared error."""
-        return self.format == "mxfp4" and self.scale_search is not False
+        """Whether the layer's weights get their scales by least squared error (MXFP4 and INT4)."""
+        return self.format in SEARCHED and self.scale_search is not False
 
     def outliers_for(self, in_features: int) -> int:
         """The k this scheme gives a layer with ``in_features`` input channels."""

@@ -129,13 +129,29 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- int4
-def quantize_int4(x: torch.Tensor, group_size: int | None = None) -> QTensor:
+INT4_CLIPS = tuple(1 - 0.05 * i for i in range(11))  # the scale search's candidates: amax / 7 times 1, 0.95, ..., 0.5
+
+
+def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool = False) -> QTensor:
+    """``search`` (weights, offline): each row's (or group's) scale is amax / 7 times whichever of INT4_CLIPS leaves
+    the least squared error; clipping the few largest values buys a finer step for the rest. Activations keep
+    amax / 7, which split-quantize reproduces bit for bit."""
     _check_input(x)
     check_columns("int4", x.shape[1], group_size)
     g = group_size or x.shape[1]
     xb = _blocks(x.float(), g)
-    scale = xb.abs().amax(-1, keepdim=True) / INT4_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    amax = xb.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax))
+    if search:
+        best = None
+        for clip in INT4_CLIPS:
+            s = torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
+            err = (torch.round(xb / s).clamp(-8, 7) * s - xb).square().sum(-1, keepdim=True)
+            if best is None or clip == 1:
+                best, scale = err, s
+            else:
+                better = err < best
+                best, scale = torch.where(better, err, best), torch.where(better, s, scale)
     q = torch.round(xb / scale).clamp(-8, 7).to(torch.int8).reshape(x.shape)
     codes = pack_nibbles((q & 0xF).to(torch.uint8))
     return QTensor("int4", codes, scale.squeeze(-1), tuple(x.shape), group_size)
@@ -214,14 +230,14 @@ def quantize_fp8(x: torch.Tensor) -> QTensor:
 # ---------------------------------------------------------------- dispatch
 def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_global: bool = False,
              search: bool = False) -> QTensor:
-    """Quantize a 2-D tensor along its last dimension (``search``: MXFP4 only, see quantize_mxfp4)."""
+    """Quantize a 2-D tensor along its last dimension (``search``: MXFP4 and INT4 weights, see their quantizers)."""
     check_format(fmt)
     if group_size is not None and fmt != "int4":
         raise ValueError(f"group_size applies to int4 only; {fmt} has a fixed block")
-    if search and fmt != "mxfp4":
-        raise ValueError(f"the scale search is for mxfp4 only, not {fmt}")
+    if search and fmt not in ("mxfp4", "int4"):
+        raise ValueError(f"the scale search is for mxfp4 and int4 only, not {fmt}")
     if fmt == "int4":
-        return quantize_int4(x, group_size)
+        return quantize_int4(x, group_size, search)
     if fmt == "mxfp4":
         return quantize_mxfp4(x, search)
     if fmt == "nvfp4":

@@ -97,8 +97,26 @@ def test_mxfp4_weight_scale_search_takes_the_better_of_two_scales():
     assert (per_block(q) <= per_block(p)).all() and per_block(q).sum() < 0.97 * per_block(p).sum()
     d = F.quantize_mxfp4(x, search=True).scales.int() - F.quantize_mxfp4(x).scales.int()
     assert set(d.unique().tolist()) == {-1, 0}  # the max rule's scale, or the one below it
-    with pytest.raises(ValueError, match="mxfp4 only"):
-        F.quantize(x, "int4", search=True)
+    with pytest.raises(ValueError, match="mxfp4 and int4 only"):
+        F.quantize(x, "nvfp4", search=True)
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_int4_weight_scale_search_clips_where_it_pays(group):
+    """search (weights): each row's or group's scale is amax / 7 times the clip of INT4_CLIPS with the least squared
+    error, so no row or group gets worse, the total drops, and a group of zeros keeps scale 1."""
+    x = rand(16, 128) * torch.logspace(-1, 1, 128)
+    x[3, :32] = 0
+    p, q = F.quantize_int4(x, group), F.quantize_int4(x, group, search=True)
+    g = group or 128
+    per = lambda t: (F.dequantize(t) - x).square().reshape(16, -1, g).sum(-1)  # noqa: E731
+    assert (per(q) <= per(p)).all() and per(q).sum() < 0.9 * per(p).sum()
+    amax = x.reshape(16, -1, g).abs().amax(-1)
+    clip = q.scales.reshape(amax.shape) * 7 / torch.where(amax > 0, amax, 7.0)
+    assert all(min(abs(c - v) for v in F.INT4_CLIPS) < 1e-5 for c in clip.flatten().tolist())
+    assert (clip < 0.999).any() and (F.element_values(q).abs() <= 8).all()
+    if group:
+        assert q.scales[3, 0] == 1 and (F.element_values(q)[3, :32] == 0).all()
 
 
 def test_nvfp4_global_scale_per_tensor_and_per_row():

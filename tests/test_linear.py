@@ -60,7 +60,7 @@ def test_forward_equals_explicit_math(scheme, bias):
 
 def test_mxfp4_weights_search_their_block_scales_unless_told_not_to():
     """MXFP4 weights take each block's scale by squared error by default (LayerScheme.scale_search), which lowers
-    the layer's weight error; scale_search=False keeps the max rule; other formats refuse the option."""
+    the layer's weight error; scale_search=False keeps the max rule; INT4 searches too, NVFP4 and FP8 refuse it."""
     from oscquant import formats
     from oscquant.config import OSCConfig
 
@@ -77,9 +77,10 @@ def test_mxfp4_weights_search_their_block_scales_unless_told_not_to():
         assert torch.equal(layer.qweight, q.codes) and torch.equal(layer.wscale.flatten(), q.scales.flatten())
         err[flag] = (formats.dequantize(layer.weight_qtensor()) - w).norm().item()
     assert err[None] < 0.99 * err[False]
-    with pytest.raises(ValueError, match="mxfp4 weights only"):
-        LayerScheme("int4", scale_search=True)
-    assert LayerScheme("int4").searches_scales is False and LayerScheme("mxfp4").searches_scales
+    with pytest.raises(ValueError, match="mxfp4 and int4 weights only"):
+        LayerScheme("nvfp4", scale_search=True)
+    assert LayerScheme("nvfp4").searches_scales is False and LayerScheme("mxfp4").searches_scales
+    assert LayerScheme("int4", group_size=32).searches_scales and not LayerScheme("int4", scale_search=False).searches_scales
     cfg = OSCConfig.osc("mxfp4", 16, scale_search=False)
     assert OSCConfig.from_dict(cfg.to_dict()).default.scale_search is False  # saved with the checkpoint's config
 
