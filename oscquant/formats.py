@@ -147,7 +147,7 @@ def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool =
         for clip in INT4_CLIPS:
             s = torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
             err = (torch.round(xb / s).clamp(-8, 7) * s - xb).square().sum(-1, keepdim=True)
-            if best is None or clip == 1:
+            if best is None:  # clip 1, the max rule
                 best, scale = err, s
             else:
                 better = err < best
