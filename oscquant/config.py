@@ -12,12 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .formats import FORMATS, check_format
+from .formats import FORMATS, SEARCHED_FORMATS, check_format
 
 OUTLIER_MULTIPLE = 16  # the BF16 branch's K must suit a 16-wide tensor-core step
-
-
-SEARCHED = ("mxfp4", "int4")  # formats whose weights may search their scales (LayerScheme.scale_search)
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class LayerScheme:
             check_format(self.format)
         if self.group_size is not None and self.format != "int4":
             raise ValueError(f"group_size applies to int4 only, not {self.format}")
-        if self.scale_search and self.format not in SEARCHED:
+        if self.scale_search and self.format not in SEARCHED_FORMATS:
             raise ValueError(f"scale_search applies to mxfp4 and int4 weights only, not {self.format}")
         if self.outliers < 0 or self.outliers % OUTLIER_MULTIPLE:
             raise ValueError(
@@ -48,7 +45,7 @@ class LayerScheme:
     @property
     def searches_scales(self) -> bool:
         """Whether the layer's weights get their scales by least squared error (MXFP4 and INT4)."""
-        return self.format in SEARCHED and self.scale_search is not False
+        return self.format in SEARCHED_FORMATS and self.scale_search is not False
 
     def outliers_for(self, in_features: int) -> int:
         """The k this scheme gives a layer with ``in_features`` input channels."""

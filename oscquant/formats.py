@@ -25,6 +25,7 @@ import torch
 
 FP4_FORMATS = ("int4", "mxfp4", "nvfp4")
 FORMATS = FP4_FORMATS + ("fp8",)
+SEARCHED_FORMATS = ("mxfp4", "int4")  # whose weights may search their scales (quantize(..., search=True))
 BLOCK_SIZE = {"mxfp4": 32, "nvfp4": 16}  # fixed by the format; int4's group is a choice
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -143,15 +144,14 @@ def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool =
     amax = xb.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax))
     if search:
-        best = None
-        for clip in INT4_CLIPS:
+        def sq_err(s):
+            return (torch.round(xb / s).clamp(-8, 7) * s - xb).square().sum(-1, keepdim=True)
+        best = sq_err(scale)  # INT4_CLIPS[0] = 1: the max rule's scale
+        for clip in INT4_CLIPS[1:]:
             s = torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
-            err = (torch.round(xb / s).clamp(-8, 7) * s - xb).square().sum(-1, keepdim=True)
-            if best is None:  # clip 1, the max rule
-                best, scale = err, s
-            else:
-                better = err < best
-                best, scale = torch.where(better, err, best), torch.where(better, s, scale)
+            err = sq_err(s)
+            better = err < best
+            best, scale = torch.where(better, err, best), torch.where(better, s, scale)
     q = torch.round(xb / scale).clamp(-8, 7).to(torch.int8).reshape(x.shape)
     codes = pack_nibbles((q & 0xF).to(torch.uint8))
     return QTensor("int4", codes, scale.squeeze(-1), tuple(x.shape), group_size)
@@ -234,7 +234,7 @@ def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_g
     check_format(fmt)
     if group_size is not None and fmt != "int4":
         raise ValueError(f"group_size applies to int4 only; {fmt} has a fixed block")
-    if search and fmt not in ("mxfp4", "int4"):
+    if search and fmt not in SEARCHED_FORMATS:
         raise ValueError(f"the scale search is for mxfp4 and int4 only, not {fmt}")
     if fmt == "int4":
         return quantize_int4(x, group_size, search)
