@@ -90,13 +90,12 @@ FRAG_SIG = [("a_ptr", "*fp16"), ("sa_ptr", "*fp32"), ("w_ptr", "*i32"), ("e_ptr"
              ("stride_am", "i32"), ("stride_ym", "i32")]
 
 
-def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, prefetch: bool = False, pre_steps: int = 0):
+def frag(nt: int, warps: int = 4, split_k: int = 1, pdl: bool = True, prefetch: bool = False):
     """The fragment GEMM (Gluon + inline PTX)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .frag_gemm import osc_frag_gemm_kernel
-    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PREFETCH=prefetch, PROBE=0, PDL=pdl,
-                 PRE_STEPS=pre_steps)
+    const = dict(NT=nt, WARPS=warps, SPLIT_K=split_k, HAS_BIAS=True, BRANCH=True, PREFETCH=prefetch, PROBE=0, PDL=pdl)
     return compile_kernel(osc_frag_gemm_kernel, FRAG_SIG, const, warps, 1, source=GluonASTSource)
 
 
@@ -262,8 +261,6 @@ def main() -> int:
     failures = 0
     # (name, kernel[, TMA copies before the PDL wait: the wgmma GEMM's first stages - 1 code tiles])
     for name, c, *tma in [("frag gemm mxfp4 M<=8", frag(1, split_k=4, prefetch=True)), ("frag gemm mxfp4 M<=16", frag(2, warps=8)),
-                    ("frag gemm mxfp4 M<=8, its first 4 steps pulled into L2 before the PDL wait",
-                     frag(1, split_k=4, prefetch=True, pre_steps=4)),
                     ("gemm-t mxfp4 M<=16", gemm_t(K.FMT_MXFP4, 16, 32, split_k=4, stages=6)),
                     ("gemm-t mxfp4 e4m3 M=1", gemm_t(K.FMT_MXFP4, 1, 32, split_k=2, op_f8=True)),
                     ("gemm-t mxfp4 M<=64", gemm_t(K.FMT_MXFP4, 64, 128, warps=4)),

@@ -96,11 +96,6 @@ PREFETCH_EPILOGUE = gl.constexpr("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p cp.as
                                  "@p cp.async.bulk.prefetch.L2.global [$5], 64; mov.b32 $0, 0; }")
 
 
-# lane 0 of a warp ($1 != 0) pulls one step of its tile into L2: 1 KB of codes ($2) and 128 bytes of exponents ($3)
-PREFETCH_STEP = gl.constexpr("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], 1024; "
-                             "@p cp.async.bulk.prefetch.L2.global [$3], 128; mov.b32 $0, 0; }")
-
-
 def _constraints(n_words: int) -> str:
     return ",".join(["=f"] * 8 + ["r"] * n_words + ["f"] * 8)
 
@@ -152,15 +147,14 @@ def osc_frag_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, e_ptr, sw_ptr, xo_ptr, wo_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, STEPS, TILES, K_OUT, stride_am, stride_ym,
     NT: gl.constexpr, WARPS: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, BRANCH: gl.constexpr,
-    PREFETCH: gl.constexpr = False, PROBE: gl.constexpr = 0, PDL: gl.constexpr = False, PRE_STEPS: gl.constexpr = 0,
+    PREFETCH: gl.constexpr = False, PROBE: gl.constexpr = 0, PDL: gl.constexpr = False,
 ):
     """a: FP16 operands [M, 128 * STEPS] (split_quantize MODE_F16), sa [M]; w: int32 words
     [STEPS, TILES, 32, 8] and e: int32 [STEPS, TILES, 32] of layout.fragment_pack; sw [N];
     xo [M, K_OUT], wo [N, K_OUT] BF16 with K_OUT % 8 == 0. NT token groups of 8 (M <= 8 * NT).
     Program (i, j): weight tiles WARPS*i .. WARPS*i + WARPS - 1 (one per warp), split j of the steps.
     PDL (overlap.py): launched while split_quantize still runs, the program waits for it before any
-    load. PRE_STEPS: the program's first steps of weights are pulled into L2 before that wait (the weights are no
-    kernel's output), so that their HBM reads overlap split_quantize rather than follow it."""
+    load."""
     L: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [WARPS, 1], [1, 0])
     ROWS: gl.constexpr = gl.SliceLayout(1, L)
     COLS: gl.constexpr = gl.SliceLayout(0, L)
@@ -174,12 +168,6 @@ def osc_frag_gemm_kernel(
     per = gl.cdiv(STEPS, SPLIT_K)
     s0 = split * per
     s1 = gl.minimum(s0 + per, STEPS)
-
-    for i in gl.static_range(PRE_STEPS):
-        at = (s0 + i) * TILES + tile
-        gl.inline_asm_elementwise(PREFETCH_STEP, "=r,r,l,l", [((lane == 0) & (s0 + i < s1)).to(gl.int32),
-                                                              w_ptr + at * 256, e_ptr + at * 32],
-                                  dtype=gl.int32, is_pure=False, pack=1)
 
     if PREFETCH:
         # the epilogue's weight-side operands (W_o rows, row scales, bias) are pulled into L2 now, before

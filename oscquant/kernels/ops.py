@@ -260,7 +260,6 @@ class GemmConfig:
     wgmma: bool = False  # MXFP4: the Gluon GEMM (wgmma_gemm.py), async wgmma on weights unpacked on the SM
     prefetch: bool = False  # fragment GEMM: the epilogue's weight-side operands pulled into L2 before the main loop
     reg_a: bool = False  # wgmma GEMM: the unpacked weights go to wgmma from registers, not through shared memory
-    pre_steps: int = 0  # fragment GEMM: its first steps of weights pulled into L2 before its PDL wait
     pdl: bool = False  # launched while split-quantize before it still runs (overlap.py)
     pdl_late: bool = False  # ... from when split-quantize's programs have issued their stores, not from their start
     cublas: bool = False  # cuBLAS: FP8 weights through torch._scaled_mm, the BF16 branch added in place; NVFP4 and
@@ -480,7 +479,7 @@ def fold_config(m: int, n: int, k_pad: int) -> GemmConfig:
 
 
 def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: int | None = None,
-                prefetch: bool | None = None, pre_steps: int = 0) -> GemmConfig:
+                prefetch: bool | None = None) -> GemmConfig:
     """The fragment GEMM's config: one weight tile (16 rows) per warp, 2 warps a program; split-K
     (a power of two up to 16, at least 2 steps of 128 columns each) until the tiles times the
     splits reach 4096 for one token, 2048 for more (more tokens load more activation bytes per
@@ -497,7 +496,7 @@ def frag_config(m: int, n: int, k_pad: int, warps: int | None = None, split_k: i
     warps = warps or 2
     prefetch = not _long_layer(n, k_pad) if prefetch is None else prefetch
     return GemmConfig(8 if m <= 8 else 16, 16 * warps, split_k, False, warps, 1, swap=True, frag=True,
-                      prefetch=prefetch, pre_steps=pre_steps, pdl=True)
+                      prefetch=prefetch, pdl=True)
 
 
 _SPLIT_WORKSPACE: dict = {}  # device -> (FP32 partial sums, int32 tile counters), zero between calls
@@ -696,8 +695,7 @@ def _frag_gemm(a, sa, kw: KernelWeights, xo, out_dtype, cfg: GemmConfig, out=Non
         kw.bias if kw.bias is not None else fw.row_scale, y, ws, cnt,
         m, n, fw.steps, tiles, k_out, a.stride(0), y.stride(0),
         NT=cfg.bm // 8, WARPS=cfg.warps, SPLIT_K=cfg.split_k, HAS_BIAS=kw.bias is not None, BRANCH=k_out > 0,
-        PREFETCH=cfg.prefetch, PROBE=probe, PRE_STEPS=cfg.pre_steps, num_warps=cfg.warps,
-        **pdl_launch(a.device, cfg.pdl))
+        PREFETCH=cfg.prefetch, PROBE=probe, num_warps=cfg.warps, **pdl_launch(a.device, cfg.pdl))
     return y
 
 
