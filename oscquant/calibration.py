@@ -38,6 +38,10 @@ class ChannelStats:
         return (self.abssum / max(self.tokens, 1)).float()
 
     @property
+    def mean_square(self) -> torch.Tensor:
+        return (self.sqsum / max(self.tokens, 1)).float()
+
+    @property
     def persistence(self) -> torch.Tensor:
         return (self.hits.double() / max(self.tokens, 1)).float()
 

@@ -21,8 +21,9 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback-pattern", default=r"down_proj", help="regex of the layer names that fall back")
     p.add_argument("--group-size", type=int, default=None, help="int4 only: columns per scale (default per row)")
     p.add_argument("--no-scale-search", dest="scale_search", action="store_const", const=False, default=None,
-                   help="mxfp4, int4: every weight scale by the max rule alone, as for activations (default: the "
-                        "scale, among a few below it too, that leaves the least squared error)")
+                   help="4-bit formats: every weight scale by the max rule alone, as for activations (default: the "
+                        "scale, among a few below it too, that leaves the least squared error, each channel's weighed "
+                        "by its mean square activation in calibration)")
     p.add_argument("--policy", default="fixed", choices=["fixed", "auto"],
                    help="auto: per-layer k and FP8 fallback chosen from measurements (docs/analysis.md)")
     p.add_argument("--bf16-budget", type=float, default=0.04, help="auto: share of input channels kept in BF16")

@@ -23,8 +23,8 @@ class LayerScheme:
     outliers: int = 0  # k: input channels kept in BF16, a multiple of 16
     outlier_ratio: float | None = None  # instead of k: this share of K, rounded down to 16
     group_size: int | None = None  # int4 only: columns per scale (None: per row)
-    # mxfp4 and int4: each weight block's (row's, group's) scale by least squared error (formats.quantize_mxfp4,
-    # quantize_int4); None: on for those two
+    # 4-bit formats: each weight block's (row's, group's) scale by least squared error, weighted by the channels'
+    # mean square activation where calibration ran (formats.quantize); None: on
     scale_search: bool | None = None
 
     def __post_init__(self):
@@ -33,7 +33,8 @@ class LayerScheme:
         if self.group_size is not None and self.format != "int4":
             raise ValueError(f"group_size applies to int4 only, not {self.format}")
         if self.scale_search and self.format not in SEARCHED_FORMATS:
-            raise ValueError(f"scale_search applies to mxfp4 and int4 weights only, not {self.format}")
+            raise ValueError(f"scale_search applies to 4-bit weights ({', '.join(SEARCHED_FORMATS)}) only, "
+                             f"not {self.format}")
         if self.outliers < 0 or self.outliers % OUTLIER_MULTIPLE:
             raise ValueError(
                 f"outliers={self.outliers} must be a non-negative multiple of {OUTLIER_MULTIPLE} "
@@ -44,7 +45,7 @@ class LayerScheme:
 
     @property
     def searches_scales(self) -> bool:
-        """Whether the layer's weights get their scales by least squared error (MXFP4 and INT4)."""
+        """Whether the layer's weights get their scales by least squared error (the 4-bit formats)."""
         return self.format in SEARCHED_FORMATS and self.scale_search is not False
 
     def outliers_for(self, in_features: int) -> int:

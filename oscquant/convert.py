@@ -165,7 +165,9 @@ def quantize(
 
     ``calibration_batches`` are token-id tensors [batch, seq]. They are needed
     whenever some layer keeps outlier channels; ``stats`` can be passed instead
-    when the caller has already calibrated (see :func:`collect_stats`).
+    when the caller has already calibrated (see :func:`collect_stats`). Where given, the
+    channels' mean squares also weigh the 4-bit weights' scale search (formats.quantize),
+    layers without outlier channels included.
     """
     config = config or OSCConfig()
     check_supported(model)
@@ -180,15 +182,18 @@ def quantize(
         choices = auto_plan({n: config.default for n in plan}, stats, samples, config.bf16_budget,
                             config.fp8_budget, config.max_outliers)
         plan = {n: (c.scheme, c.k) for n, c in choices.items()}
-    elif stats is None and needs_calibration:
+    elif stats is None and calibration_batches is not None and (
+            needs_calibration or any(scheme.searches_scales for scheme, _ in plan.values())):
+        # also without outlier channels: the channels' mean squares weigh the weights' scale search
         stats = collect_stats(model, calibration_batches, plan.keys(), config.persistence_topk, progress)
     applied = {}
     for name, (scheme, k) in tqdm(plan.items(), desc="quantizing", disable=not progress, unit="layer"):
         linear = model.get_submodule(name)
         group = formats.block_size(scheme.format, scheme.group_size)
-        idx = select_outlier_channels(_stats_for(name, stats), k, group) if k else torch.zeros(0, dtype=torch.long)
+        st = _stats_for(name, stats) if stats is not None else None
+        idx = select_outlier_channels(st, k, group) if k else torch.zeros(0, dtype=torch.long)
         parent, attr = _parent(model, name)
-        setattr(parent, attr, OSCLinear.from_linear(linear, scheme, idx))
+        setattr(parent, attr, OSCLinear.from_linear(linear, scheme, idx, st.mean_square if st is not None else None))
         applied[name] = {"scheme": scheme, "k": k}
     _layers_replaced(model)
     model.osc_config = config

@@ -25,7 +25,7 @@ import torch
 
 FP4_FORMATS = ("int4", "mxfp4", "nvfp4")
 FORMATS = FP4_FORMATS + ("fp8",)
-SEARCHED_FORMATS = ("mxfp4", "int4")  # whose weights may search their scales (quantize(..., search=True))
+SEARCHED_FORMATS = ("mxfp4", "nvfp4", "int4")  # whose weights may search their scales (quantize(..., search=True))
 BLOCK_SIZE = {"mxfp4": 32, "nvfp4": 16}  # fixed by the format; int4's group is a choice
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -129,14 +129,29 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(rows, k // block, block)
 
 
+def _column_weights(importance: torch.Tensor | None, x: torch.Tensor, block: int) -> torch.Tensor | float:
+    """The scale search's weight for each column's squared error, shaped [1, K / block, block] (1.0: all alike)."""
+    if importance is None:
+        return 1.0
+    k = x.shape[1]
+    h = torch.as_tensor(importance).to(x.device, torch.float32)
+    if h.shape != (k,):
+        raise ValueError(f"importance must hold one weight per column ({k}), got shape {tuple(h.shape)}")
+    if not torch.isfinite(h).all() or (h < 0).any():
+        raise ValueError("importance must be finite and non-negative (a channel's mean square activation)")
+    return h.reshape(1, k // block, block)
+
+
 # ---------------------------------------------------------------- int4
 INT4_CLIPS = tuple(1 - 0.05 * i for i in range(11))  # the scale search's candidates: amax / 7 times 1, 0.95, ..., 0.5
 
 
-def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool = False) -> QTensor:
+def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool = False,
+                  importance: torch.Tensor | None = None) -> QTensor:
     """``search`` (weights, offline): each row's (or group's) scale is amax / 7 times whichever of INT4_CLIPS leaves
-    the least squared error; clipping the few largest values buys a finer step for the rest. Activations keep
-    amax / 7, which split-quantize reproduces bit for bit."""
+    the least squared error (each column's weighted by ``importance``, see :func:`quantize`); clipping the few
+    largest values buys a finer step for the rest. Activations keep amax / 7, which split-quantize reproduces bit
+    for bit."""
     _check_input(x)
     check_columns("int4", x.shape[1], group_size)
     g = group_size or x.shape[1]
@@ -144,8 +159,10 @@ def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool =
     amax = xb.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax))
     if search:
+        h = _column_weights(importance, x, g)
+
         def sq_err(s):
-            return (torch.round(xb / s).clamp(-8, 7) * s - xb).square().sum(-1, keepdim=True)
+            return ((torch.round(xb / s).clamp(-8, 7) * s - xb).square() * h).sum(-1, keepdim=True)
         best = sq_err(scale)  # INT4_CLIPS[0] = 1: the max rule's scale
         for clip in INT4_CLIPS[1:]:
             s = torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
@@ -178,17 +195,21 @@ def e8m0_exponent(amax: torch.Tensor) -> torch.Tensor:
     return e.clamp(-127, 127)
 
 
-def quantize_mxfp4(x: torch.Tensor, search: bool = False) -> QTensor:
-    """``search`` (weights, which are quantized once, offline): each block takes the better, by squared error, of
-    e8m0_exponent's scale and the one below it, which clips the block's largest values to ±6 times it but halves
-    the step for all the others. Activations keep the one rule, which the kernels reproduce bit for bit."""
+def quantize_mxfp4(x: torch.Tensor, search: bool = False, importance: torch.Tensor | None = None) -> QTensor:
+    """``search`` (weights, which are quantized once, offline): each block takes the better, by squared error (each
+    column's weighted by ``importance``, see :func:`quantize`), of e8m0_exponent's scale and the one below it, which
+    clips the block's largest values to ±6 times it but halves the step for all the others. Activations keep the
+    one rule, which the kernels reproduce bit for bit."""
     _check_input(x)
     check_columns("mxfp4", x.shape[1])
     xb = _blocks(x.float(), 32)
     e = e8m0_exponent(xb.abs().amax(-1, keepdim=True))
     if search:
+        h = _column_weights(importance, x, 32)
+
         def sq_err(ee):
-            return (e2m1_decode(e2m1_encode(xb * torch.exp2(-ee))) * torch.exp2(ee) - xb).square().sum(-1, keepdim=True)
+            err = (e2m1_decode(e2m1_encode(xb * torch.exp2(-ee))) * torch.exp2(ee) - xb).square()
+            return (err * h).sum(-1, keepdim=True)
         below = (e - 1).clamp(min=-127)
         e = torch.where(sq_err(below) < sq_err(e), below, e)
     codes = e2m1_encode(xb * torch.exp2(-e)).reshape(x.shape)
@@ -197,11 +218,14 @@ def quantize_mxfp4(x: torch.Tensor, search: bool = False) -> QTensor:
 
 
 # ---------------------------------------------------------------- nvfp4
-def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False) -> QTensor:
+def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool = False,
+                   importance: torch.Tensor | None = None) -> QTensor:
     """NVFP4. The FP32 global scale maps the largest block scale onto E4M3's range.
 
     Weights use one global scale per tensor; activations pass ``per_row_global``
-    so each token gets its own, as a dynamic per-token quantizer would.
+    so each token gets its own, as a dynamic per-token quantizer would. ``search`` (weights, offline): each block's
+    E4M3 scale is amax / 6 times whichever of INT4_CLIPS, rounded to E4M3, leaves the least squared error (weighted
+    by ``importance``, see :func:`quantize`); activations keep amax / 6, which split-quantize reproduces.
     """
     _check_input(x)
     check_columns("nvfp4", x.shape[1])
@@ -210,10 +234,30 @@ def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False) -> QTensor:
     gscale = amax / (E2M1_MAX * E4M3_MAX)
     gscale = torch.where(gscale > 0, gscale, torch.ones_like(gscale))
     xb = _blocks(xf, 16)
-    bscale = (xb.abs().amax(-1) / E2M1_MAX / gscale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    eff = bscale.float().unsqueeze(-1) * gscale.unsqueeze(-1)
-    eff = torch.where(eff > 0, eff, torch.ones_like(eff))
-    codes = e2m1_encode(xb / eff).reshape(x.shape)
+    g = gscale.unsqueeze(-1)
+
+    def block_scale(clip):
+        return (xb.abs().amax(-1) * clip / E2M1_MAX / gscale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+    def effective(bs):
+        eff = bs.float().unsqueeze(-1) * g
+        return torch.where(eff > 0, eff, torch.ones_like(eff))
+
+    bscale = block_scale(1.0)
+    if search:
+        h = _column_weights(importance, x, 16)
+
+        def sq_err(bs):
+            eff = effective(bs)
+            return ((e2m1_decode(e2m1_encode(xb / eff)) * eff - xb).square() * h).sum(-1)
+        best = sq_err(bscale)
+        for clip in INT4_CLIPS[1:]:
+            cand = block_scale(clip)
+            err = sq_err(cand)
+            better = err < best
+            best = torch.where(better, err, best)
+            bscale = torch.where(better, cand.view(torch.uint8), bscale.view(torch.uint8)).view(torch.float8_e4m3fn)
+    codes = e2m1_encode(xb / effective(bscale)).reshape(x.shape)
     return QTensor("nvfp4", pack_nibbles(codes), bscale, tuple(x.shape), 16, gscale.reshape(-1, 1))
 
 
@@ -229,19 +273,26 @@ def quantize_fp8(x: torch.Tensor) -> QTensor:
 
 # ---------------------------------------------------------------- dispatch
 def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_global: bool = False,
-             search: bool = False) -> QTensor:
-    """Quantize a 2-D tensor along its last dimension (``search``: MXFP4 and INT4 weights, see their quantizers)."""
+             search: bool = False, importance: torch.Tensor | None = None) -> QTensor:
+    """Quantize a 2-D tensor along its last dimension (``search``: 4-bit weights, see each format's quantizer).
+
+    ``importance`` [K] (with ``search``): how much each column's error counts, a weight layer's mean square input
+    per channel from calibration. A layer's output error from its weight error ΔW is E[(ΔW x)^2], which is
+    sum_j E[x_j^2] ΔW_ij^2 when channels are uncorrelated; the search then spends its precision where the
+    activations are large."""
     check_format(fmt)
     if group_size is not None and fmt != "int4":
         raise ValueError(f"group_size applies to int4 only; {fmt} has a fixed block")
     if search and fmt not in SEARCHED_FORMATS:
-        raise ValueError(f"the scale search is for mxfp4 and int4 only, not {fmt}")
+        raise ValueError(f"the scale search is for {', '.join(SEARCHED_FORMATS)} weights only, not {fmt}")
+    if importance is not None and not search:
+        raise ValueError("importance weighs the scale search's error; pass search=True with it")
     if fmt == "int4":
-        return quantize_int4(x, group_size, search)
+        return quantize_int4(x, group_size, search, importance)
     if fmt == "mxfp4":
-        return quantize_mxfp4(x, search)
+        return quantize_mxfp4(x, search, importance)
     if fmt == "nvfp4":
-        return quantize_nvfp4(x, per_row_global)
+        return quantize_nvfp4(x, per_row_global, search, importance)
     return quantize_fp8(x)
 
 

@@ -64,7 +64,10 @@ class OSCLinear(nn.Module):
     # ------------------------------------------------------------------ build
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, scheme: LayerScheme, outlier_idx: torch.Tensor) -> "OSCLinear":
+    def from_linear(cls, linear: nn.Linear, scheme: LayerScheme, outlier_idx: torch.Tensor,
+                    importance: torch.Tensor | None = None) -> "OSCLinear":
+        """``importance`` [in_features]: the mean square of each input channel over calibration, which weighs the
+        weights' scale search (formats.quantize) where the scheme searches; ignored where it does not."""
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("the layer's weight holds NaN or Inf; the model file is damaged")
@@ -76,8 +79,10 @@ class OSCLinear(nn.Module):
                     linear.bias.dtype if linear.bias is not None else torch.float32)
         layer.outlier_idx.copy_(idx)
         layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
-        q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size,
-                             search=scheme.searches_scales)
+        search = scheme.searches_scales
+        h = layer._pad(torch.as_tensor(importance).float()) if search and importance is not None else None
+        q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size, search=search,
+                             importance=h)
         layer.qweight.copy_(q.codes)
         layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
         if q.global_scale is not None:

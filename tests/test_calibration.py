@@ -126,3 +126,30 @@ def test_config_rules_first_match_wins_and_skip():
     cfg2 = OSCConfig(rules=[(r"q_proj", LayerScheme("none")), (r"proj", LayerScheme("int4", 16, group_size=32))])
     assert cfg2.scheme_for("a.q_proj") is None and cfg2.scheme_for("a.k_proj").format == "int4"
     assert OSCConfig.from_dict(cfg2.to_dict()) == cfg2
+
+
+def test_quantize_weighs_the_weights_scale_search_by_each_channels_mean_square():
+    """convert.quantize hands each layer its calibration mean squares (sqsum / tokens) as the scale search's
+    importance, with or without outlier channels (RTN given calibration text); without calibration the search
+    weighs every column alike."""
+    import copy
+
+    from oscquant import formats, quantize
+    from tests.tiny import batches, tiny_model
+
+    model = tiny_model("llama")
+    stats = collect_stats(model, batches(), progress=False)
+    osc, rtn, blind = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    quantize(osc, OSCConfig.osc("mxfp4", 16, fallback=None), batches(), stats=stats, progress=False)
+    quantize(rtn, OSCConfig.rtn("mxfp4"), batches(), progress=False)
+    quantize(blind, OSCConfig.rtn("mxfp4"), progress=False)
+    name = "model.layers.0.mlp.gate_proj"
+    s, layer, w = stats[name], osc.get_submodule(name), model.get_submodule(name).weight.detach().float()
+    assert torch.allclose(s.mean_square, (s.sqsum / s.tokens).float())
+    want = formats.quantize(layer.zero_outliers(w), "mxfp4", search=True, importance=s.mean_square)
+    assert torch.equal(layer.qweight, want.codes) and torch.equal(layer.wscale, want.scales)
+    assert not torch.equal(layer.qweight, formats.quantize(layer.zero_outliers(w), "mxfp4", search=True).codes)
+    weighted = formats.quantize(w, "mxfp4", search=True, importance=s.mean_square)
+    plain = formats.quantize(w, "mxfp4", search=True)
+    assert torch.equal(rtn.get_submodule(name).qweight, weighted.codes)
+    assert torch.equal(blind.get_submodule(name).qweight, plain.codes) and not torch.equal(plain.codes, weighted.codes)

@@ -97,8 +97,8 @@ def test_mxfp4_weight_scale_search_takes_the_better_of_two_scales():
     assert (per_block(q) <= per_block(p)).all() and per_block(q).sum() < 0.97 * per_block(p).sum()
     d = F.quantize_mxfp4(x, search=True).scales.int() - F.quantize_mxfp4(x).scales.int()
     assert set(d.unique().tolist()) == {-1, 0}  # the max rule's scale, or the one below it
-    with pytest.raises(ValueError, match="mxfp4 and int4 only"):
-        F.quantize(x, "nvfp4", search=True)
+    with pytest.raises(ValueError, match="weights only, not fp8"):
+        F.quantize(x, "fp8", search=True)
 
 
 @pytest.mark.parametrize("group", [None, 32])
@@ -117,6 +117,38 @@ def test_int4_weight_scale_search_clips_where_it_pays(group):
     assert (clip < 0.999).any() and (F.element_values(q).abs() <= 8).all()
     if group:
         assert q.scales[3, 0] == 1 and (F.element_values(q)[3, :32] == 0).all()
+
+
+def test_nvfp4_weight_scale_search_keeps_e4m3_scales_and_lowers_the_error():
+    """search (weights): each 16-column block's E4M3 scale is amax / 6 times one of INT4_CLIPS, rounded to E4M3,
+    whichever leaves the least squared error; no block gets worse, the global scale stays the max rule's."""
+    x = rand(32, 256) * torch.logspace(-2, 2, 256)
+    p, q = F.quantize_nvfp4(x), F.quantize_nvfp4(x, search=True)
+    assert q.scales.dtype == torch.float8_e4m3fn and torch.equal(q.global_scale, p.global_scale)
+    per = lambda t: (F.dequantize(t) - x).square().reshape(32, 16, 16).sum(-1)  # noqa: E731
+    assert (per(q) <= per(p)).all() and per(q).sum() < 0.97 * per(p).sum()
+    assert (q.scales.float() <= p.scales.float()).all() and (q.scales.float() < p.scales.float()).any()
+
+
+@pytest.mark.parametrize("fmt,group", [("mxfp4", None), ("nvfp4", None), ("int4", None), ("int4", 32)])
+def test_scale_search_weighs_each_columns_error_by_its_importance(fmt, group):
+    """importance (a channel's mean square activation): the search minimizes sum_j h_j (w_j - q_j)^2 instead of the
+    plain sum, so the weighted error can only drop against the unweighted search's choice, block by block; the
+    unweighted search is importance = 1; a bad importance raises."""
+    x = rand(32, 128) * torch.logspace(-1, 1, 128)
+    h = torch.rand(128, generator=torch.Generator().manual_seed(3)) ** 6 * 1e3  # a few loud channels
+    plain, weighted = F.quantize(x, fmt, group, search=True), F.quantize(x, fmt, group, search=True, importance=h)
+    block = F.block_size(fmt, group) or 128
+    per = lambda t: ((F.dequantize(t) - x).square() * h).reshape(32, -1, block).sum(-1)  # noqa: E731
+    assert (per(weighted) <= per(plain) * (1 + 1e-6)).all() and per(weighted).sum() < 0.99 * per(plain).sum()
+    ones = F.quantize(x, fmt, group, search=True, importance=torch.ones(128))
+    assert torch.equal(ones.codes, plain.codes) and torch.equal(ones.scales.float(), plain.scales.float())
+    with pytest.raises(ValueError, match="one weight per column"):
+        F.quantize(x, fmt, group, search=True, importance=torch.ones(64))
+    with pytest.raises(ValueError, match="non-negative"):
+        F.quantize(x, fmt, group, search=True, importance=-h)
+    with pytest.raises(ValueError, match="pass search=True"):
+        F.quantize(x, fmt, group, importance=h)
 
 
 def test_nvfp4_global_scale_per_tensor_and_per_row():

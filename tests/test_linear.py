@@ -60,7 +60,8 @@ def test_forward_equals_explicit_math(scheme, bias):
 
 def test_mxfp4_weights_search_their_block_scales_unless_told_not_to():
     """MXFP4 weights take each block's scale by squared error by default (LayerScheme.scale_search), which lowers
-    the layer's weight error; scale_search=False keeps the max rule; INT4 searches too, NVFP4 and FP8 refuse it."""
+    the layer's weight error; scale_search=False keeps the max rule; INT4 and NVFP4 search too, FP8 refuses it;
+    calibration's mean squares (importance) weigh the search, padded and without the outlier channels' say."""
     from oscquant import formats
     from oscquant.config import OSCConfig
 
@@ -77,9 +78,15 @@ def test_mxfp4_weights_search_their_block_scales_unless_told_not_to():
         assert torch.equal(layer.qweight, q.codes) and torch.equal(layer.wscale.flatten(), q.scales.flatten())
         err[flag] = (formats.dequantize(layer.weight_qtensor()) - w).norm().item()
     assert err[None] < 0.99 * err[False]
-    with pytest.raises(ValueError, match="mxfp4 and int4 weights only"):
-        LayerScheme("nvfp4", scale_search=True)
-    assert LayerScheme("nvfp4").searches_scales is False and LayerScheme("mxfp4").searches_scales
+    h = torch.rand(256) ** 4
+    layer = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16), idx, importance=h)
+    assert torch.equal(layer.qweight, formats.quantize(w, "mxfp4", search=True, importance=h).codes)
+    assert not torch.equal(layer.qweight, formats.quantize(w, "mxfp4", search=True).codes)
+    plain = OSCLinear.from_linear(lin, LayerScheme("mxfp4", 16, scale_search=False), idx, importance=h)
+    assert torch.equal(plain.qweight, formats.quantize(w, "mxfp4").codes)  # no search: importance has no say
+    with pytest.raises(ValueError, match="4-bit weights"):
+        LayerScheme("fp8", scale_search=True)
+    assert LayerScheme("nvfp4").searches_scales and LayerScheme("mxfp4").searches_scales
     assert LayerScheme("int4", group_size=32).searches_scales and not LayerScheme("int4", scale_search=False).searches_scales
     cfg = OSCConfig.osc("mxfp4", 16, scale_search=False)
     assert OSCConfig.from_dict(cfg.to_dict()).default.scale_search is False  # saved with the checkpoint's config
