@@ -24,6 +24,9 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                    help="4-bit formats: every weight scale by the max rule alone, as for activations (default: the "
                         "scale, among a few below it too, that leaves the least squared error, each channel's weighed "
                         "by its mean square activation in calibration)")
+    p.add_argument("--gptq", action="store_true",
+                   help="round the 4-bit weights by GPTQ (each column's error pushed onto the rest through the "
+                        "layer's input Hessian from calibration) instead of to nearest; one more calibration pass")
     p.add_argument("--policy", default="fixed", choices=["fixed", "auto"],
                    help="auto: per-layer k and FP8 fallback chosen from measurements (docs/analysis.md)")
     p.add_argument("--bf16-budget", type=float, default=0.04, help="auto: share of input channels kept in BF16")
@@ -50,10 +53,13 @@ def config_from_args(a) -> OSCConfig:
     if getattr(a, "policy", "fixed") == "auto":
         if a.outliers is not None or a.outlier_ratio is not None:
             raise ValueError("--policy auto chooses k itself; drop --outliers/--outlier-ratio or use --policy fixed")
-        return OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size, scale_search=a.scale_search)
-    outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
-    return OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size,
-                         scale_search=a.scale_search)
+        cfg = OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size, scale_search=a.scale_search)
+    else:
+        outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
+        cfg = OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size,
+                            scale_search=a.scale_search)
+    cfg.gptq = getattr(a, "gptq", False)
+    return cfg
 
 
 def cmd_quantize(a) -> int:
@@ -166,7 +172,8 @@ def cmd_demo(a) -> int:
     from .compare import markdown_table, run_demo
 
     rows = run_demo(a.calib_samples, a.windows, a.seq_len, a.format, a.outlier_ratio, progress=not a.json,
-                    policies=a.policies, tasks=a.tasks.split(",") if a.tasks else (), group_size=a.group_size)
+                    policies=a.policies, tasks=a.tasks.split(",") if a.tasks else (), group_size=a.group_size,
+                    gptq=a.gptq)
     if a.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
@@ -334,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tasks", default=None,
                    help="also lm-eval accuracy on these tasks for every row, e.g. sotu_next (offline; built from the "
                         "held-out text); needs pip install 'oscquant[eval]'")
+    d.add_argument("--gptq", action="store_true",
+                   help="also the OSC rows with their 4-bit weights rounded by GPTQ (two more rows)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_demo)
 

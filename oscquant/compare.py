@@ -7,6 +7,7 @@ scored on the same held-out windows, so rows differ only by the config.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 from .calibration import collect_stats
@@ -29,17 +30,22 @@ class Row:
 
 
 def demo_configs(fmt: str = "mxfp4", outlier_ratio: float = 0.06,
-                 group_size: int | None = None) -> dict[str, OSCConfig | None]:
+                 group_size: int | None = None, gptq: bool = False) -> dict[str, OSCConfig | None]:
     """Float, plain RTN W4A4, OSC, and OSC with FP8 down_proj, in one 4-bit format (``group_size``: INT4's columns per
-    scale)."""
+    scale); ``gptq``: the two OSC rows again with GPTQ-rounded weights."""
     name = f"{fmt} g{group_size}" if group_size else fmt
-    return {
+    configs = {
         "float (unquantized)": None,
         f"RTN W4A4 {name}, no outliers": OSCConfig.rtn(fmt, group_size),
         f"OSC W4A4 {name}": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback=None, group_size=group_size),
         f"OSC W4A4 {name} + FP8 down_proj": OSCConfig.osc(fmt, outlier_ratio=outlier_ratio, fallback="fp8",
                                                           group_size=group_size),
     }
+    if gptq:
+        for label in list(configs)[2:]:
+            cfg = dataclasses.replace(configs[label], gptq=True)
+            configs[label.replace("OSC W4A4", "OSC W4A4 GPTQ")] = cfg
+    return configs
 
 
 def policy_configs(fmt: str = "mxfp4", bf16_budget: float = 0.04, fp8_budget: float = 1 / 7,
@@ -101,10 +107,11 @@ def markdown_table(rows: list[Row]) -> str:
 
 def run_demo(calib_samples: int = 32, eval_windows: int = 32, seq_len: int = 512, fmt: str = "mxfp4",
              outlier_ratio: float = 0.06, progress: bool = True, policies: bool = False, tasks: list[str] = (),
-             group_size: int | None = None) -> list[Row]:
+             group_size: int | None = None, gptq: bool = False) -> list[Row]:
     from .models import load_model
 
     # the configs first: a bad format and group size fail before the model loads
-    configs = policy_configs(fmt, group_size=group_size) if policies else demo_configs(fmt, outlier_ratio, group_size)
+    configs = (policy_configs(fmt, group_size=group_size) if policies
+               else demo_configs(fmt, outlier_ratio, group_size, gptq))
     model, tok, _ = load_model("smollm2")
     return compare(model, tok, configs, read_text("sotu"), calib_samples, eval_windows, seq_len, progress, tasks)

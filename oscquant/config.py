@@ -78,12 +78,18 @@ class OSCConfig:
     fp8_budget: float = 1 / 7  # auto: FP8 layers / quantized layers
     max_outliers: int = 256  # auto: k cap per layer (also at most K/4)
     sample_seqs: int = 4  # auto: calibration sequences kept whole to measure errors on
+    # GPTQ (gptq.py): 4-bit weights rounded column by column, each column's error pushed onto the rest through the
+    # inverse input Hessian; needs calibration batches and one more pass over them per gptq_memory_gb of Hessians
+    gptq: bool = False
+    gptq_memory_gb: float = 4.0
 
     def __post_init__(self):
         if self.policy not in ("fixed", "auto"):
             raise ValueError(f"unknown policy {self.policy!r}; use 'fixed' or 'auto'")
         if not 0 <= self.bf16_budget < 1 or not 0 <= self.fp8_budget <= 1:
             raise ValueError("bf16_budget must lie in [0, 1) and fp8_budget in [0, 1]")
+        if not self.gptq_memory_gb > 0:
+            raise ValueError(f"gptq_memory_gb={self.gptq_memory_gb} must be positive (GiB of Hessians held at once)")
 
     def scheme_for(self, name: str) -> LayerScheme | None:
         """The scheme of the module called ``name``, or None to leave it alone."""
@@ -129,12 +135,14 @@ class OSCConfig:
             "fp8_budget": self.fp8_budget,
             "max_outliers": self.max_outliers,
             "sample_seqs": self.sample_seqs,
+            "gptq": self.gptq,
+            "gptq_memory_gb": self.gptq_memory_gb,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "OSCConfig":
         extra = {k: d[k] for k in ("persistence_topk", "policy", "bf16_budget", "fp8_budget", "max_outliers",
-                                   "sample_seqs") if k in d}
+                                   "sample_seqs", "gptq", "gptq_memory_gb") if k in d}
         return cls(LayerScheme(**d["default"]), [(p, LayerScheme(**s)) for p, s in d["rules"]], list(d["skip"]),
                    **extra)
 

@@ -18,6 +18,7 @@ from . import formats
 from .analysis import collect_samples
 from .calibration import ChannelStats, collect_stats
 from .config import LayerScheme, OSCConfig
+from .gptq import layer_hessians
 from .linear import OSCLinear
 from .outliers import select_outlier_channels
 from .policy import auto_plan
@@ -176,6 +177,8 @@ def quantize(
     needs_calibration = config.policy == "auto" or any(k for _, k in plan.values())
     if needs_calibration and calibration_batches is None and (stats is None or config.policy == "auto"):
         raise ValueError("this config keeps outlier channels, so it needs calibration_batches")
+    if config.gptq and calibration_batches is None:
+        raise ValueError("GPTQ (config.gptq) needs calibration_batches to measure each layer's input Hessian")
     if config.policy == "auto":
         stats, samples = collect_samples(model, calibration_batches, plan.keys(), config.sample_seqs,
                                          config.persistence_topk, progress)
@@ -186,14 +189,28 @@ def quantize(
             needs_calibration or any(scheme.searches_scales for scheme, _ in plan.values())):
         # also without outlier channels: the channels' mean squares weigh the weights' scale search
         stats = collect_stats(model, calibration_batches, plan.keys(), config.persistence_topk, progress)
+    chosen = {}
+    for name, (scheme, k) in plan.items():
+        st = _stats_for(name, stats) if stats is not None else None
+        group = formats.block_size(scheme.format, scheme.group_size)
+        chosen[name] = (st, select_outlier_channels(st, k, group) if k else torch.zeros(0, dtype=torch.long))
+    built = {}  # GPTQ's layers, built before any layer is replaced
+    if config.gptq:
+        # every Hessian from the float model, before any layer is replaced: each layer's own inputs
+        rounded = [n for n, (s, _) in plan.items() if s.format in formats.FP4_FORMATS]
+        for name, h in layer_hessians(model, calibration_batches, {n: chosen[n][1] for n in rounded},
+                                      config.gptq_memory_gb, progress):
+            st, idx = chosen[name]
+            built[name] = OSCLinear.from_linear(model.get_submodule(name), plan[name][0], idx,
+                                                st.mean_square if st is not None else None, h)
     applied = {}
     for name, (scheme, k) in tqdm(plan.items(), desc="quantizing", disable=not progress, unit="layer"):
-        linear = model.get_submodule(name)
-        group = formats.block_size(scheme.format, scheme.group_size)
-        st = _stats_for(name, stats) if stats is not None else None
-        idx = select_outlier_channels(st, k, group) if k else torch.zeros(0, dtype=torch.long)
+        st, idx = chosen[name]
+        layer = built.pop(name, None)
+        if layer is None:
+            layer = OSCLinear.from_linear(model.get_submodule(name), scheme, idx, st.mean_square if st is not None else None)
         parent, attr = _parent(model, name)
-        setattr(parent, attr, OSCLinear.from_linear(linear, scheme, idx, st.mean_square if st is not None else None))
+        setattr(parent, attr, layer)
         applied[name] = {"scheme": scheme, "k": k}
     _layers_replaced(model)
     model.osc_config = config

@@ -219,13 +219,14 @@ def quantize_mxfp4(x: torch.Tensor, search: bool = False, importance: torch.Tens
 
 # ---------------------------------------------------------------- nvfp4
 def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool = False,
-                   importance: torch.Tensor | None = None) -> QTensor:
+                   importance: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> QTensor:
     """NVFP4. The FP32 global scale maps the largest block scale onto E4M3's range.
 
     Weights use one global scale per tensor; activations pass ``per_row_global``
     so each token gets its own, as a dynamic per-token quantizer would. ``search`` (weights, offline): each block's
     E4M3 scale is amax / 6 times whichever of INT4_CLIPS, rounded to E4M3, leaves the least squared error (weighted
     by ``importance``, see :func:`quantize`); activations keep amax / 6, which split-quantize reproduces.
+    ``global_scale`` [1, 1]: the per-tensor scale given (GPTQ rounds a tensor a block at a time under one).
     """
     _check_input(x)
     check_columns("nvfp4", x.shape[1])
@@ -233,6 +234,8 @@ def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool =
     amax = xf.abs().amax(-1, keepdim=True) if per_row_global else xf.abs().amax().reshape(1, 1)
     gscale = amax / (E2M1_MAX * E4M3_MAX)
     gscale = torch.where(gscale > 0, gscale, torch.ones_like(gscale))
+    if global_scale is not None:
+        gscale = global_scale.float().reshape(1, 1).to(xf.device)
     xb = _blocks(xf, 16)
     g = gscale.unsqueeze(-1)
 

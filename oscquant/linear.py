@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, gptq
 from .config import LayerScheme
 from .formats import QTensor
 
@@ -65,9 +65,11 @@ class OSCLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, scheme: LayerScheme, outlier_idx: torch.Tensor,
-                    importance: torch.Tensor | None = None) -> "OSCLinear":
+                    importance: torch.Tensor | None = None, hessian: torch.Tensor | None = None) -> "OSCLinear":
         """``importance`` [in_features]: the mean square of each input channel over calibration, which weighs the
-        weights' scale search (formats.quantize) where the scheme searches; ignored where it does not."""
+        weights' scale search (formats.quantize) where the scheme searches; ignored where it does not.
+        ``hessian`` [in_features]²: the main path's input Hessian (outlier channels zeroed); given, a 4-bit layer's
+        weights are rounded by GPTQ (gptq.py) instead of to nearest."""
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("the layer's weight holds NaN or Inf; the model file is damaged")
@@ -80,9 +82,14 @@ class OSCLinear(nn.Module):
         layer.outlier_idx.copy_(idx)
         layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
         search = scheme.searches_scales
-        h = layer._pad(torch.as_tensor(importance).float()) if search and importance is not None else None
-        q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size, search=search,
-                             importance=h)
+        if hessian is not None and scheme.format in formats.FP4_FORMATS:
+            extra = layer.main_columns - linear.in_features  # padding columns meet no input: zero rows of H
+            hp = nn.functional.pad(hessian.to(w.device).float(), (0, extra, 0, extra))
+            q = gptq.quantize_weight(layer._pad(layer.zero_outliers(w)), hp, scheme.format, scheme.group_size, search)
+        else:
+            h = layer._pad(torch.as_tensor(importance).float()) if search and importance is not None else None
+            q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size, search=search,
+                                 importance=h)
         layer.qweight.copy_(q.codes)
         layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
         if q.global_scale is not None:

@@ -135,7 +135,7 @@ def test_quantize_weighs_the_weights_scale_search_by_each_channels_mean_square()
     import copy
 
     from oscquant import formats, quantize
-    from tests.tiny import batches, tiny_model
+    from tiny import batches, tiny_model
 
     model = tiny_model("llama")
     stats = collect_stats(model, batches(), progress=False)

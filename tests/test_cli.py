@@ -81,6 +81,15 @@ def test_quantize_eval_generate_info(local_model, capsys):
     assert torch.equal(q.outlier_idx, p.outlier_idx) and not torch.equal(q.wscale, p.wscale)
     assert (p.wscale.int() - q.wscale.int()).unique().tolist() == [0, 1]  # the searched scales: the same or one lower
 
+    # --gptq: the same outlier channels, the 4-bit weights rounded by GPTQ, and the checkpoint says so
+    rounded = root / "ck_gptq"
+    code, out, err = run(capsys, "quantize", root / "model", "--calib", root / "text.txt", "--out", rounded,
+                         "--outliers", "16", "--calib-samples", "4", "--seq-len", "32", "--device", "cpu", "--gptq")
+    assert code == 0, err
+    assert json.loads((rounded / "osc_config.json").read_text())["osc_config"]["gptq"] is True
+    g = load_quantized(rounded)[0].get_submodule("model.layers.0.self_attn.q_proj")
+    assert torch.equal(q.outlier_idx, g.outlier_idx) and not torch.equal(q.qweight, g.qweight)
+
 
 def test_a_checkpoint_loads_in_another_dtype(local_model, capsys):
     """A checkpoint quantized in float32 loads in BF16 (as --device cuda runs it): the model's own float tensors

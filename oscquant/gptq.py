@@ -1,0 +1,151 @@
+"""GPTQ for the 4-bit weights: round one column at a time and push each column's rounding error onto the columns not
+yet rounded, through the inverse of the layer's input Hessian H = sum over calibration tokens of x xᵀ (Frantar et
+al., 2022, arXiv 2210.17323). It minimizes the layer's output error ||(W - Q) X|| rather than the weights' own.
+
+Each block's scale (MXFP4, NVFP4, INT4 groups) is chosen when GPTQ reaches the block's first column, from the
+weights as the earlier columns' errors have left them, by formats.quantize's scale search weighted by diag(H) (a
+channel's sum of squares); INT4 with one scale per row takes its scales from the whole row first. The result is an
+ordinary QTensor of the format: the kernels, checkpoints and reference path read it as any other.
+
+The Hessians come from the float model's inputs (the main path's: the outlier channels zeroed), gathered for as
+many layers at a time as ``memory_gb`` allows, one calibration pass per such group (OSCConfig.gptq, convert.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import formats
+from .calibration import run_batches
+
+BLOCK_COLUMNS = 128  # columns rounded before their errors reach the rest in one matrix product (lazy batch updates)
+
+
+def _round_to(fmt: str, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w rounded to the format's grid under ``scale`` (each element's own), float32."""
+    if fmt == "int4":
+        return torch.round(w / scale).clamp(-8, 7) * scale
+    return formats.e2m1_decode(formats.e2m1_encode(w / scale)) * scale
+
+
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None = None, search: bool = True,
+                    damp: float = 0.01) -> formats.QTensor:
+    """``w`` [rows, K] and its input Hessian ``h`` [K, K] (sum of x xᵀ; a channel that never fired has a zero row:
+    its weights become zero, as they meet only zeros) -> the GPTQ-rounded QTensor. ``damp`` adds that share of
+    diag(H)'s mean to the diagonal, which keeps the Cholesky factorization defined where H is singular."""
+    if fmt not in formats.FP4_FORMATS:
+        raise ValueError(f"GPTQ rounds 4-bit weights ({', '.join(formats.FP4_FORMATS)}), not {fmt}")
+    rows, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"the Hessian must be [{k}, {k}] for a weight with {k} columns, got {tuple(h.shape)}")
+    if not torch.isfinite(h).all():
+        raise ValueError("the layer's input Hessian holds NaN or Inf; check the calibration activations")
+    formats.check_columns(fmt, k, group_size)
+    block = formats.block_size(fmt, group_size)
+    w = w.detach().float().clone()
+    h = h.detach().double().clone()
+    dead = torch.diag(h) == 0
+    if dead.all():
+        raise ValueError("the layer's input Hessian is zero: no calibration token reached it")
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"the layer's input Hessian is not positive definite even with damp={damp}; raise damp") from e
+    importance = torch.diag(h).float().clamp(min=0)
+    if importance.max() > 0:
+        importance = importance / importance.max()  # a scale-free weighting: only the ratios matter
+    gscale = None
+    if fmt == "nvfp4":  # one FP32 scale per tensor, the max rule's, before any column moves
+        gscale = formats.quantize_nvfp4(w).global_scale
+    if block is None:  # INT4, one scale per row: from the whole row, first
+        row_q = formats.quantize(w, fmt, None, search=search, importance=importance if search else None)
+        row_scale = row_q.scales.float().reshape(rows, 1)
+
+    q_all = torch.zeros_like(w)
+    scales, scale = [], row_scale if block is None else None
+    step = max(BLOCK_COLUMNS, block or 0)
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if block is not None and col % block == 0:  # this block's scale, from the weights as they are now
+                sub = w1[:, i:i + block]
+                imp = importance[col:col + block] if search else None
+                if fmt == "nvfp4":
+                    qb = formats.quantize_nvfp4(sub, search=search, importance=imp, global_scale=gscale)
+                else:
+                    qb = formats.quantize(sub, fmt, group_size, search=search, importance=imp)
+                scales.append(qb.scales)
+                scale = formats.expanded_scales(qb)[:, :1]  # the block's one scale a row
+            q = _round_to(fmt, w1[:, i:i + 1], scale)
+            q_all[:, col:col + 1] = q
+            e = (w1[:, i:i + 1] - q) / hinv1[i, i]
+            w1[:, i:] -= e * hinv1[i:i + 1, i:]
+            err1[:, i:i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return _encode(q_all, fmt, group_size, row_q.scales if block is None else torch.cat(scales, 1), gscale)
+
+
+def _encode(q: torch.Tensor, fmt: str, group_size: int | None, scales: torch.Tensor, gscale) -> formats.QTensor:
+    """Codes of values already on the grid of ``scales``; checked: they decode to exactly those values."""
+    rows, k = q.shape
+    if fmt == "int4":
+        out = formats.QTensor("int4", torch.empty(0), scales, (rows, k), group_size)
+    elif fmt == "mxfp4":
+        out = formats.QTensor("mxfp4", torch.empty(0), scales, (rows, k), 32)
+    else:
+        out = formats.QTensor("nvfp4", torch.empty(0), scales, (rows, k), 16, gscale)
+    s = formats.expanded_scales(out)
+    if fmt == "int4":
+        codes = (torch.round(q / s).to(torch.int8) & 0xF).to(torch.uint8)
+    else:
+        codes = formats.e2m1_encode(q / s)
+    out.codes = formats.pack_nibbles(codes)
+    if not torch.equal(formats.dequantize(out), q):
+        raise RuntimeError("GPTQ's rounded weights left their format's grid; this is a bug in oscquant.gptq")
+    return out
+
+
+def layer_hessians(model: nn.Module, batches: list[torch.Tensor], layers: dict[str, torch.Tensor],
+                   memory_gb: float = 4.0, progress: bool = True):
+    """Yield (name, H) for the modules named in ``layers`` (name -> indices of its input channels to zero, the
+    outlier channels), H = sum of x xᵀ over the calibration tokens in float32 on the module's device. As many
+    layers at a time as fit in ``memory_gb``; each such group costs one pass over ``batches``."""
+    names = list(layers)
+    modules = {n: model.get_submodule(n) for n in names}
+    size = {n: modules[n].in_features ** 2 * 4 / 2 ** 30 for n in names}
+    groups, cur, used = [], [], 0.0
+    for n in names:
+        if cur and used + size[n] > memory_gb:
+            groups.append(cur)
+            cur, used = [], 0.0
+        cur.append(n)
+        used += size[n]
+    if cur:
+        groups.append(cur)
+    for gi, group in enumerate(groups):
+        hs = {}
+
+        def hook(mod, args, n):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if x.shape[0] == 0:
+                return
+            x = x.index_fill(1, layers[n].to(x.device), 0.0) if layers[n].numel() else x
+            if n not in hs:
+                hs[n] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            hs[n].addmm_(x.T, x)
+
+        handles = [modules[n].register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n in group]
+        try:
+            run_batches(model, batches, f"GPTQ Hessians {gi + 1}/{len(groups)}", progress)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in tqdm(group, desc="GPTQ", disable=not progress, unit="layer"):
+            yield n, hs.pop(n, None)  # None: no calibration token reached it (an MoE expert)

@@ -1,0 +1,136 @@
+"""GPTQ (oscquant/gptq.py): against rounding to nearest on the layer's output error, the format's own layout, the
+Hessians' pass, the model conversion, and bad inputs."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from oscquant import formats as F
+from oscquant import gptq
+from oscquant.config import OSCConfig
+
+CASES = [("mxfp4", None), ("nvfp4", None), ("int4", None), ("int4", 32), ("int4", 256)]
+
+
+def correlated(tokens=2048, k=256, seed=0):
+    """Activations whose channels are correlated and unequal in size, as a layer's inputs are."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) * 0.3 + torch.eye(k)
+    return torch.randn(tokens, k, generator=g) @ mix * (torch.rand(k, generator=g) * 3)
+
+
+def output_error(w, q, x):
+    return ((w - F.dequantize(q)) @ x.T).norm().item()
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+def test_gptq_lowers_the_layers_output_error_and_keeps_the_formats_layout(fmt, group):
+    x = correlated()
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    h = x.T @ x
+    nearest = F.quantize(w, fmt, group, search=True, importance=torch.diag(h))
+    q = gptq.quantize_weight(w, h, fmt, group)
+    assert output_error(w, q, x) < 0.85 * output_error(w, nearest, x)
+    assert q.fmt == fmt and q.group_size == nearest.group_size and q.shape == nearest.shape
+    assert q.codes.shape == nearest.codes.shape and q.codes.dtype == torch.uint8
+    assert q.scales.shape == nearest.scales.shape and q.scales.dtype == nearest.scales.dtype
+    if fmt == "nvfp4":  # the per-tensor scale stays the max rule's
+        assert torch.equal(q.global_scale, F.quantize_nvfp4(w).global_scale)
+    if fmt == "int4":
+        assert (F.element_values(q).abs() <= 8).all()
+
+
+def test_gptq_without_search_and_on_uncorrelated_inputs_stays_near_rounding():
+    """With H = identity no column's error can be pushed anywhere useful: GPTQ is round to nearest, code for code."""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
+    q = gptq.quantize_weight(w, torch.eye(128), "mxfp4", search=False, damp=0.0)
+    assert torch.equal(q.codes, F.quantize(w, "mxfp4").codes) and torch.equal(q.scales, F.quantize(w, "mxfp4").scales)
+
+
+def test_channels_that_never_fired_get_zero_weights():
+    x = correlated(k=128)
+    x[:, [3, 90]] = 0
+    q = gptq.quantize_weight(torch.randn(16, 128), x.T @ x, "mxfp4")
+    assert (F.dequantize(q)[:, [3, 90]] == 0).all() and (F.dequantize(q) != 0).any()
+
+
+def test_bad_inputs_raise():
+    w, h = torch.randn(8, 64), torch.eye(64)
+    with pytest.raises(ValueError, match="not fp8"):
+        gptq.quantize_weight(w, h, "fp8")
+    with pytest.raises(ValueError, match=r"must be \[64, 64\]"):
+        gptq.quantize_weight(w, torch.eye(32), "mxfp4")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gptq.quantize_weight(w, h * float("nan"), "mxfp4")
+    with pytest.raises(ValueError, match="no calibration token"):
+        gptq.quantize_weight(w, torch.zeros(64, 64), "mxfp4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gptq.quantize_weight(torch.randn(8, 48), torch.eye(48), "mxfp4")
+    with pytest.raises(ValueError, match="gptq_memory_gb"):
+        OSCConfig(gptq=True, gptq_memory_gb=0)
+
+
+def test_hessians_zero_the_outlier_channels_and_do_not_depend_on_the_memory_budget():
+    from oscquant.calibration import run_batches
+    from tiny import batches, tiny_model
+
+    model = tiny_model("llama")
+    names = {"model.layers.0.self_attn.q_proj": torch.tensor([5, 17]), "model.layers.1.mlp.down_proj": torch.tensor([]),
+             "model.layers.1.mlp.up_proj": torch.tensor([40])}
+    names = {n: i.long() for n, i in names.items()}
+    one = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1.0, progress=False))
+    per_layer = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1e-9, progress=False))  # 3 passes
+    want = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: want.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    run_batches(model, batches(), "", False)
+    for hk in hooks:
+        hk.remove()
+    for n, idx in names.items():
+        x = torch.cat(want[n]).index_fill(1, idx, 0.0)
+        assert torch.allclose(one[n], x.T @ x, rtol=1e-4, atol=1e-3) and torch.equal(one[n], per_layer[n])
+        assert (one[n][idx] == 0).all()
+
+
+def test_quantize_with_gptq_rounds_the_4bit_layers_by_it_and_leaves_fp8_alone(tmp_path):
+    from oscquant import quantize
+    from oscquant.checkpoint import load_quantized, save_quantized
+    from oscquant.linear import OSCLinear
+    from tiny import batches, tiny_model
+
+    model = tiny_model("qwen3")
+    plain, rounded = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(plain, OSCConfig.osc("mxfp4", 16), batches(), progress=False)
+    quantize(rounded, dataclasses.replace(OSCConfig.osc("mxfp4", 16), gptq=True), batches(), progress=False)
+    h = dict(gptq.layer_hessians(model, batches(), {n: m.outlier_idx for n, m in plain.named_modules()
+                                                     if isinstance(m, OSCLinear) and m.scheme.format == "mxfp4"},
+                                 progress=False))
+    better = 0
+    for name, hn in h.items():
+        w = plain.get_submodule(name).zero_outliers(model.get_submodule(name).weight.detach())
+        err = {}
+        for label, m in (("plain", plain), ("gptq", rounded)):
+            d = w - F.dequantize(m.get_submodule(name).weight_qtensor())[:, :w.shape[1]]
+            err[label] = torch.einsum("ij,jk,ik->", d, hn, d).item()  # ||(W - Q) X||^2 over the calibration tokens
+        better += err["gptq"] < err["plain"]
+        assert torch.equal(plain.get_submodule(name).outlier_idx, rounded.get_submodule(name).outlier_idx)
+    assert better == len(h) == 12  # q, k, v, o, gate, up in both layers
+    for name, m in plain.named_modules():
+        if isinstance(m, OSCLinear) and m.scheme.format == "fp8":
+            assert torch.equal(m.qweight, rounded.get_submodule(name).qweight)
+    ids = batches(1)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert ((rounded(ids).logits - ref).norm() < (plain(ids).logits - ref).norm())
+    save_quantized(rounded, None, tmp_path / "q", source={"kind": "test"})
+    assert load_quantized(tmp_path / "q")[0].osc_config.gptq is True
+
+
+def test_gptq_needs_calibration_batches():
+    from oscquant import quantize
+    from tiny import tiny_model
+
+    with pytest.raises(ValueError, match="GPTQ"):
+        quantize(tiny_model("llama"), dataclasses.replace(OSCConfig.rtn(), gptq=True), progress=False)
