@@ -42,7 +42,7 @@ def test_gptq_lowers_the_layers_output_error_and_keeps_the_formats_layout(fmt, g
         assert (F.element_values(q).abs() <= 8).all()
 
 
-def test_gptq_without_search_and_on_uncorrelated_inputs_stays_near_rounding():
+def test_gptq_without_search_on_uncorrelated_inputs_is_rounding_to_nearest():
     """With H = identity no column's error can be pushed anywhere useful: GPTQ is round to nearest, code for code."""
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
     q = gptq.quantize_weight(w, torch.eye(128), "mxfp4", search=False, damp=0.0)
