@@ -53,13 +53,11 @@ def config_from_args(a) -> OSCConfig:
     if getattr(a, "policy", "fixed") == "auto":
         if a.outliers is not None or a.outlier_ratio is not None:
             raise ValueError("--policy auto chooses k itself; drop --outliers/--outlier-ratio or use --policy fixed")
-        cfg = OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size, scale_search=a.scale_search)
-    else:
-        outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
-        cfg = OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size,
-                            scale_search=a.scale_search)
-    cfg.gptq = getattr(a, "gptq", False)
-    return cfg
+        return OSCConfig.auto(a.format, a.bf16_budget, a.fp8_budget, a.group_size, scale_search=a.scale_search,
+                              gptq=a.gptq)
+    outliers = 128 if a.outliers is None and a.outlier_ratio is None else (a.outliers or 0)
+    return OSCConfig.osc(a.format, outliers, a.outlier_ratio, a.fallback, a.fallback_pattern, a.group_size,
+                         scale_search=a.scale_search, gptq=a.gptq)
 
 
 def cmd_quantize(a) -> int:

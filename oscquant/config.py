@@ -104,14 +104,15 @@ class OSCConfig:
     @classmethod
     def osc(cls, fmt: str = "mxfp4", outliers: int = 128, outlier_ratio: float | None = None,
             fallback: str | None = "fp8", fallback_pattern: str = r"down_proj",
-            group_size: int | None = None, scale_search: bool | None = None) -> "OSCConfig":
+            group_size: int | None = None, scale_search: bool | None = None, gptq: bool = False) -> "OSCConfig":
         rules = [] if fallback in (None, "none") else [(fallback_pattern, LayerScheme(fallback))]
-        return cls(LayerScheme(fmt, outliers, outlier_ratio, group_size, scale_search), rules)
+        return cls(LayerScheme(fmt, outliers, outlier_ratio, group_size, scale_search), rules, gptq=gptq)
 
     @classmethod
-    def rtn(cls, fmt: str = "mxfp4", group_size: int | None = None, scale_search: bool | None = None) -> "OSCConfig":
-        """Plain round-to-nearest W4A4: no outlier channels, no fallback."""
-        return cls.osc(fmt, 0, fallback=None, group_size=group_size, scale_search=scale_search)
+    def rtn(cls, fmt: str = "mxfp4", group_size: int | None = None, scale_search: bool | None = None,
+            gptq: bool = False) -> "OSCConfig":
+        """Plain round-to-nearest W4A4: no outlier channels, no fallback (``gptq``: GPTQ's rounding, no outliers)."""
+        return cls.osc(fmt, 0, fallback=None, group_size=group_size, scale_search=scale_search, gptq=gptq)
 
     @classmethod
     def w8a8(cls) -> "OSCConfig":

@@ -2,7 +2,6 @@
 Hessians' pass, the model conversion, and bad inputs."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def test_quantize_with_gptq_rounds_the_4bit_layers_by_it_and_leaves_fp8_alone(tm
     model = tiny_model("qwen3")
     plain, rounded = copy.deepcopy(model), copy.deepcopy(model)
     quantize(plain, OSCConfig.osc("mxfp4", 16), batches(), progress=False)
-    quantize(rounded, dataclasses.replace(OSCConfig.osc("mxfp4", 16), gptq=True), batches(), progress=False)
+    quantize(rounded, OSCConfig.osc("mxfp4", 16, gptq=True), batches(), progress=False)
     h = dict(gptq.layer_hessians(model, batches(), {n: m.outlier_idx for n, m in plain.named_modules()
                                                      if isinstance(m, OSCLinear) and m.scheme.format == "mxfp4"},
                                  progress=False))
@@ -133,4 +132,4 @@ def test_gptq_needs_calibration_batches():
     from tiny import tiny_model
 
     with pytest.raises(ValueError, match="GPTQ"):
-        quantize(tiny_model("llama"), dataclasses.replace(OSCConfig.rtn(), gptq=True), progress=False)
+        quantize(tiny_model("llama"), OSCConfig.rtn(gptq=True), progress=False)
