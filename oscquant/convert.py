@@ -189,26 +189,26 @@ def quantize(
             needs_calibration or any(scheme.searches_scales for scheme, _ in plan.values())):
         # also without outlier channels: the channels' mean squares weigh the weights' scale search
         stats = collect_stats(model, calibration_batches, plan.keys(), config.persistence_topk, progress)
-    chosen = {}
+    chosen = {}  # name -> (its channels' mean squares, which weigh the scale search, or None; its outlier channels)
     for name, (scheme, k) in plan.items():
         st = _stats_for(name, stats) if stats is not None else None
         group = formats.block_size(scheme.format, scheme.group_size)
-        chosen[name] = (st, select_outlier_channels(st, k, group) if k else torch.zeros(0, dtype=torch.long))
+        chosen[name] = (st.mean_square if st is not None else None,
+                        select_outlier_channels(st, k, group) if k else torch.zeros(0, dtype=torch.long))
     built = {}  # GPTQ's layers, built before any layer is replaced
     if config.gptq:
         # every Hessian from the float model, before any layer is replaced: each layer's own inputs
         rounded = [n for n, (s, _) in plan.items() if s.format in formats.FP4_FORMATS]
         for name, h in layer_hessians(model, calibration_batches, {n: chosen[n][1] for n in rounded},
                                       config.gptq_memory_gb, progress):
-            st, idx = chosen[name]
-            built[name] = OSCLinear.from_linear(model.get_submodule(name), plan[name][0], idx,
-                                                st.mean_square if st is not None else None, h)
+            built[name] = OSCLinear.from_linear(model.get_submodule(name), plan[name][0], chosen[name][1],
+                                                chosen[name][0], h)
     applied = {}
     for name, (scheme, k) in tqdm(plan.items(), desc="quantizing", disable=not progress, unit="layer"):
-        st, idx = chosen[name]
+        importance, idx = chosen[name]
         layer = built.pop(name, None)
         if layer is None:
-            layer = OSCLinear.from_linear(model.get_submodule(name), scheme, idx, st.mean_square if st is not None else None)
+            layer = OSCLinear.from_linear(model.get_submodule(name), scheme, idx, importance)
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
         applied[name] = {"scheme": scheme, "k": k}

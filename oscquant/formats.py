@@ -25,7 +25,7 @@ import torch
 
 FP4_FORMATS = ("int4", "mxfp4", "nvfp4")
 FORMATS = FP4_FORMATS + ("fp8",)
-SEARCHED_FORMATS = ("mxfp4", "nvfp4", "int4")  # whose weights may search their scales (quantize(..., search=True))
+SEARCHED_FORMATS = FP4_FORMATS  # whose weights may search their scales (quantize(..., search=True)): every 4-bit one
 BLOCK_SIZE = {"mxfp4": 32, "nvfp4": 16}  # fixed by the format; int4's group is a choice
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -129,6 +129,14 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(rows, k // block, block)
 
 
+def on_grid(fmt: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the 4-bit format's element grid under ``scale`` (broadcast to x), as values: what a block
+    quantized with that scale decodes to (the weights' scale search and GPTQ compare candidates by it)."""
+    if fmt == "int4":
+        return torch.round(x / scale).clamp(-8, 7) * scale
+    return e2m1_decode(e2m1_encode(x / scale)) * scale
+
+
 def _column_weights(importance: torch.Tensor | None, x: torch.Tensor, block: int) -> torch.Tensor | float:
     """The scale search's weight for each column's squared error, shaped [1, K / block, block] (1.0: all alike)."""
     if importance is None:
@@ -162,7 +170,7 @@ def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool =
         h = _column_weights(importance, x, g)
 
         def sq_err(s):
-            return ((torch.round(xb / s).clamp(-8, 7) * s - xb).square() * h).sum(-1, keepdim=True)
+            return ((on_grid("int4", xb, s) - xb).square() * h).sum(-1, keepdim=True)
         best = sq_err(scale)  # INT4_CLIPS[0] = 1: the max rule's scale
         for clip in INT4_CLIPS[1:]:
             s = torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
@@ -208,8 +216,7 @@ def quantize_mxfp4(x: torch.Tensor, search: bool = False, importance: torch.Tens
         h = _column_weights(importance, x, 32)
 
         def sq_err(ee):
-            err = (e2m1_decode(e2m1_encode(xb * torch.exp2(-ee))) * torch.exp2(ee) - xb).square()
-            return (err * h).sum(-1, keepdim=True)
+            return ((on_grid("mxfp4", xb, torch.exp2(ee)) - xb).square() * h).sum(-1, keepdim=True)
         below = (e - 1).clamp(min=-127)
         e = torch.where(sq_err(below) < sq_err(e), below, e)
     codes = e2m1_encode(xb * torch.exp2(-e)).reshape(x.shape)
@@ -251,8 +258,7 @@ def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool =
         h = _column_weights(importance, x, 16)
 
         def sq_err(bs):
-            eff = effective(bs)
-            return ((e2m1_decode(e2m1_encode(xb / eff)) * eff - xb).square() * h).sum(-1)
+            return ((on_grid("nvfp4", xb, effective(bs)) - xb).square() * h).sum(-1)
         best = sq_err(bscale)
         for clip in INT4_CLIPS[1:]:
             cand = block_scale(clip)

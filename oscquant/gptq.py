@@ -23,13 +23,6 @@ from .calibration import run_batches
 BLOCK_COLUMNS = 128  # columns rounded before their errors reach the rest in one matrix product (lazy batch updates)
 
 
-def _round_to(fmt: str, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """w rounded to the format's grid under ``scale`` (each element's own), float32."""
-    if fmt == "int4":
-        return torch.round(w / scale).clamp(-8, 7) * scale
-    return formats.e2m1_decode(formats.e2m1_encode(w / scale)) * scale
-
-
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None = None, search: bool = True,
                     damp: float = 0.01) -> formats.QTensor:
     """``w`` [rows, K] and its input Hessian ``h`` [K, K] (sum of x xᵀ; a channel that never fired has a zero row:
@@ -83,7 +76,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int 
                     qb = formats.quantize(sub, fmt, group_size, search=search, importance=imp)
                 scales.append(qb.scales)
                 scale = formats.expanded_scales(qb)[:, :1]  # the block's one scale a row
-            q = _round_to(fmt, w1[:, i:i + 1], scale)
+            q = formats.on_grid(fmt, w1[:, i:i + 1], scale)
             q_all[:, col:col + 1] = q
             e = (w1[:, i:i + 1] - q) / hinv1[i, i]
             w1[:, i:] -= e * hinv1[i:i + 1, i:]

@@ -81,15 +81,14 @@ class OSCLinear(nn.Module):
                     linear.bias.dtype if linear.bias is not None else torch.float32)
         layer.outlier_idx.copy_(idx)
         layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
-        search = scheme.searches_scales
+        search, main = scheme.searches_scales, layer._pad(layer.zero_outliers(w))
         if hessian is not None and scheme.format in formats.FP4_FORMATS:
             extra = layer.main_columns - linear.in_features  # padding columns meet no input: zero rows of H
             hp = nn.functional.pad(hessian.to(w.device).float(), (0, extra, 0, extra))
-            q = gptq.quantize_weight(layer._pad(layer.zero_outliers(w)), hp, scheme.format, scheme.group_size, search)
+            q = gptq.quantize_weight(main, hp, scheme.format, scheme.group_size, search)
         else:
             h = layer._pad(torch.as_tensor(importance).float()) if search and importance is not None else None
-            q = formats.quantize(layer._pad(layer.zero_outliers(w)), scheme.format, scheme.group_size, search=search,
-                                 importance=h)
+            q = formats.quantize(main, scheme.format, scheme.group_size, search=search, importance=h)
         layer.qweight.copy_(q.codes)
         layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
         if q.global_scale is not None:
