@@ -9,6 +9,7 @@ ordinary QTensor of the format: the kernels, checkpoints and reference path read
 
 The Hessians come from the float model's inputs (the main path's: the outlier channels zeroed), gathered for as
 many layers at a time as ``memory_gb`` allows, one calibration pass per such group (OSCConfig.gptq, convert.py).
+Siblings that read one input (q/k/v, gate/up) share one sum, which halves a decoder block's memory and passes.
 """
 
 from __future__ import annotations
@@ -108,37 +109,66 @@ def _encode(q: torch.Tensor, fmt: str, group_size: int | None, scales: torch.Ten
 def layer_hessians(model: nn.Module, batches: list[torch.Tensor], layers: dict[str, torch.Tensor],
                    memory_gb: float = 4.0, progress: bool = True):
     """Yield (name, H) for the modules named in ``layers`` (name -> indices of its input channels to zero, the
-    outlier channels), H = sum of x xᵀ over the calibration tokens in float32 on the module's device. As many
-    layers at a time as fit in ``memory_gb``; each such group costs one pass over ``batches``."""
-    names = list(layers)
-    modules = {n: model.get_submodule(n) for n in names}
-    size = {n: modules[n].in_features ** 2 * 4 / 2 ** 30 for n in names}
-    groups, cur, used = [], [], 0.0
-    for n in names:
-        if cur and used + size[n] > memory_gb:
-            groups.append(cur)
-            cur, used = [], 0.0
-        cur.append(n)
-        used += size[n]
-    if cur:
-        groups.append(cur)
-    for gi, group in enumerate(groups):
-        hs = {}
+    outlier channels), H = sum of x xᵀ over the calibration tokens in float32 on the module's device, its outlier
+    channels' rows and columns zero. Siblings that read one input (q/k/v, gate/up) share one sum, checked during the
+    pass: a sibling that was handed another tensor gets its own in a later pass. As many sums at a time as fit in
+    ``memory_gb``; each such group costs one pass over ``batches``."""
+    from .siblings import sibling_units  # here, not at the top: siblings imports linear, which imports this module
 
-        def hook(mod, args, n):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+    modules = {n: model.get_submodule(n) for n in layers}
+    pending = _by_memory(sibling_units(layers), {n: m.in_features ** 2 * 4 / 2 ** 30 for n, m in modules.items()},
+                         memory_gb)
+    passes = 0
+    while pending:
+        group = pending.pop(0)
+        passes += 1
+        hs, last, unshared = {}, {}, set()
+
+        def hook(mod, args, n, lead):
+            x = args[0]
+            if n != lead:  # the lead's sum counts this call if the lead was just handed the same, unchanged tensor
+                seen = last.get(lead)
+                if seen is None or seen[0] is not x or seen[1] != x._version:
+                    unshared.add(lead)
+                return
+            last[lead] = (x, x._version)
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             if x.shape[0] == 0:
                 return
-            x = x.index_fill(1, layers[n].to(x.device), 0.0) if layers[n].numel() else x
-            if n not in hs:
-                hs[n] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            hs[n].addmm_(x.T, x)
+            if lead not in hs:
+                hs[lead] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            hs[lead].addmm_(x.T, x)
 
-        handles = [modules[n].register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n in group]
+        handles = [modules[n].register_forward_pre_hook(lambda mod, a, n=n, lead=unit[0]: hook(mod, a, n, lead))
+                   for unit in group for n in unit]
         try:
-            run_batches(model, batches, f"GPTQ Hessians {gi + 1}/{len(groups)}", progress)
+            run_batches(model, batches, f"GPTQ Hessians, pass {passes}", progress)
         finally:
             for h in handles:
                 h.remove()
-        for n in tqdm(group, desc="GPTQ", disable=not progress, unit="layer"):
-            yield n, hs.pop(n, None)  # None: no calibration token reached it (an MoE expert)
+            last.clear()
+        again = [[n] for unit in group if unit[0] in unshared for n in unit]
+        pending += _by_memory(again, {n: modules[n].in_features ** 2 * 4 / 2 ** 30 for u in again for n in u},
+                              memory_gb)
+        for unit in tqdm([u for u in group if u[0] not in unshared], desc="GPTQ", disable=not progress, unit="input"):
+            h_unit = hs.pop(unit[0], None)  # None: no calibration token reached it (an MoE expert)
+            for i, n in enumerate(unit):
+                h = h_unit if h_unit is None or i == len(unit) - 1 else h_unit.clone()
+                if h is not None and layers[n].numel():
+                    idx = layers[n].to(h.device)
+                    h[idx, :] = 0.0
+                    h[:, idx] = 0.0
+                yield n, h
+
+
+def _by_memory(units: list[list[str]], size_gb: dict[str, float], memory_gb: float) -> list[list[list[str]]]:
+    """Units (lists of layer names sharing one sum, sized by their first) in groups of at most ``memory_gb``."""
+    groups, cur, used = [], [], 0.0
+    for unit in units:
+        size = size_gb[unit[0]]
+        if cur and used + size > memory_gb:
+            groups.append(cur)
+            cur, used = [], 0.0
+        cur.append(unit)
+        used += size
+    return groups + [cur] if cur else groups

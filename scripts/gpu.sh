@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the lent H200): the GPU tests, the GEMM benchmark and the model end to end.
 # Usage: bash scripts/gpu.sh [tests] [bench] [model] [moe] [formats]   (tests, bench and model without arguments; on the lent
-# device, whose commands stop after 10 minutes, run "tests" (about 7 minutes) and "bench model" (about 3) as two calls;
+# device, whose commands stop after 10 minutes, run "tests" in shards (TESTS_SHARD=1/2, then 2/2; TESTS_MAXFAIL=n to go on
+# past a failure) and "bench model" (about 3 minutes) as separate calls;
 # "moe": the MoE experts' grouped GEMM configs per projection, then `bench model --moe` at 256 and 8192 tokens;
 # "formats": `bench gemm` for MXFP4, NVFP4, INT4 and INT4 groups of 128 side by side, scripts/formats_bench.sh)
 # Uses the machine's own python3 with torch/triton/transformers; installs nothing.
@@ -20,9 +21,17 @@ if [[ $PARTS == *" tests "* ]]; then
     # ("invalid ELF header" in the next compiled test)
     # 8 workers where pytest-xdist is installed (the lent device has it): the tests are mostly compiling kernels
     XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m pytest -q -x ${XDIST:-} tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py \
-        tests/test_cli.py -p no:cacheprovider 2>&1 \
-        | tee "$OUT/pytest.log" | tail -15
+    SEL=(tests/test_kernels.py tests/test_moe.py tests/test_linear.py tests/test_siblings.py tests/test_generate.py tests/test_cli.py)
+    if [[ -n ${TESTS_SHARD:-} ]]; then
+        # TESTS_SHARD=i/n: every n-th test from the i-th (1-based), so that the whole set fits in n calls of 10 minutes
+        python3 -m pytest --collect-only -q "${SEL[@]}" -p no:cacheprovider | grep '::' \
+            | awk -v i="${TESTS_SHARD%/*}" -v n="${TESTS_SHARD#*/}" '(NR - 1) % n == i - 1' > "$OUT/shard.txt"
+        mapfile -t SEL < "$OUT/shard.txt"
+        echo "shard $TESTS_SHARD: ${#SEL[@]} tests"
+    fi
+    # -v: a line a test in pytest.log, so that a call stopped by its time limit still says what passed
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m pytest -v --maxfail="${TESTS_MAXFAIL:-1}" ${XDIST:-} "${SEL[@]}" \
+        -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -v -E ' PASSED | SKIPPED ' | tail -25
 fi
 if [[ $PARTS == *" bench "* ]]; then
     # compared, row by row, with the newest full run kept in the docs on the same kind of GPU, H100 or H200

@@ -93,6 +93,47 @@ def test_hessians_zero_the_outlier_channels_and_do_not_depend_on_the_memory_budg
         assert (one[n][idx] == 0).all()
 
 
+def _inputs(model, names):
+    from oscquant.calibration import run_batches
+    from tiny import batches
+
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    run_batches(model, batches(), "", False)
+    for hk in hooks:
+        hk.remove()
+    return {n: torch.cat(x) for n, x in seen.items()}
+
+
+@pytest.mark.parametrize("k_input_scaled", [False, True])
+def test_siblings_share_one_pass_and_a_sibling_handed_another_input_gets_its_own(monkeypatch, k_input_scaled):
+    from tiny import batches, tiny_model
+
+    model = tiny_model("llama")
+    att, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    names = {att + "q_proj": torch.tensor([5, 17]), att + "k_proj": torch.tensor([40]), att + "v_proj": torch.tensor([]),
+             mlp + "gate_proj": torch.tensor([3]), mlp + "up_proj": torch.tensor([])}
+    names = {n: i.long() for n, i in names.items()}
+    if k_input_scaled:  # k_proj reads 2 x, another tensor than q_proj's and v_proj's: their sum cannot serve it
+        model.get_submodule(att + "k_proj").register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+    passes = []
+    monkeypatch.setattr(gptq, "run_batches", lambda *a, **kw: passes.append(1) or run_batches(*a, **kw))
+    from oscquant.calibration import run_batches
+
+    hidden = model.config.hidden_size
+    got = dict(gptq.layer_hessians(model, batches(), names, memory_gb=hidden ** 2 * 4 / 2 ** 30, progress=False))
+    assert len(passes) == (2 + 3 if k_input_scaled else 2)  # one pass a shared sum; q, k, v apart after the check
+    x = _inputs(model, names)
+    for n, idx in names.items():
+        xn = x[n].index_fill(1, idx, 0.0)
+        assert torch.allclose(got[n], xn.T @ xn, rtol=1e-4, atol=1e-3), n
+    keep = torch.ones(hidden, dtype=torch.bool)
+    keep[[5, 17, 40]] = False  # zeroed in q's or k's
+    q, k = (got[att + p][keep][:, keep] for p in ("q_proj", "k_proj"))
+    assert torch.allclose(k, (4 if k_input_scaled else 1) * q, rtol=1e-4, atol=1e-3)
+
+
 def test_quantize_with_gptq_rounds_the_4bit_layers_by_it_and_leaves_fp8_alone(tmp_path):
     from oscquant import quantize
     from oscquant.checkpoint import load_quantized, save_quantized
