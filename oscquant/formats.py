@@ -137,6 +137,24 @@ def on_grid(fmt: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return e2m1_decode(e2m1_encode(x / scale)) * scale
 
 
+def nibble_codes(fmt: str, v: torch.Tensor) -> torch.Tensor:
+    """4-bit codes 0..15 (unpacked) of values already divided by their scale: int4 rounds to nearest and saturates at
+    -8 and 7 (two's complement nibbles), the FP4 formats round to e2m1 (:func:`e2m1_encode`)."""
+    if fmt == "int4":
+        return (torch.round(v).clamp(-8, 7).to(torch.int8) & 0xF).to(torch.uint8)
+    return e2m1_encode(v)
+
+
+def _least_error(candidates: list[torch.Tensor], sq_err) -> torch.Tensor:
+    """Per block, the candidate scale whose ``sq_err`` is least; the first (the max rule's) where they tie.
+    FP8 scales are compared as their bytes, which torch can stack and gather."""
+    fp8 = candidates[0].dtype == torch.float8_e4m3fn
+    errs = torch.stack([sq_err(c) for c in candidates])
+    stacked = torch.stack([c.view(torch.uint8) if fp8 else c for c in candidates])
+    best = stacked.gather(0, errs.argmin(0, keepdim=True)).squeeze(0)
+    return best.view(torch.float8_e4m3fn) if fp8 else best
+
+
 def _column_weights(importance: torch.Tensor | None, x: torch.Tensor, block: int) -> torch.Tensor | float:
     """The scale search's weight for each column's squared error, shaped [1, K / block, block] (1.0: all alike)."""
     if importance is None:
@@ -171,14 +189,9 @@ def quantize_int4(x: torch.Tensor, group_size: int | None = None, search: bool =
 
         def sq_err(s):
             return ((on_grid("int4", xb, s) - xb).square() * h).sum(-1, keepdim=True)
-        best = sq_err(scale)  # INT4_CLIPS[0] = 1: the max rule's scale
-        for clip in INT4_CLIPS[1:]:
-            s = torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
-            err = sq_err(s)
-            better = err < best
-            best, scale = torch.where(better, err, best), torch.where(better, s, scale)
-    q = torch.round(xb / scale).clamp(-8, 7).to(torch.int8).reshape(x.shape)
-    codes = pack_nibbles((q & 0xF).to(torch.uint8))
+        scale = _least_error([torch.where(amax > 0, amax * clip / INT4_MAX, torch.ones_like(amax))
+                              for clip in INT4_CLIPS], sq_err)  # INT4_CLIPS[0] = 1: the max rule's scale
+    codes = pack_nibbles(nibble_codes("int4", xb / scale).reshape(x.shape))
     return QTensor("int4", codes, scale.squeeze(-1), tuple(x.shape), group_size)
 
 
@@ -217,8 +230,7 @@ def quantize_mxfp4(x: torch.Tensor, search: bool = False, importance: torch.Tens
 
         def sq_err(ee):
             return ((on_grid("mxfp4", xb, torch.exp2(ee)) - xb).square() * h).sum(-1, keepdim=True)
-        below = (e - 1).clamp(min=-127)
-        e = torch.where(sq_err(below) < sq_err(e), below, e)
+        e = _least_error([e, (e - 1).clamp(min=-127)], sq_err)
     codes = e2m1_encode(xb * torch.exp2(-e)).reshape(x.shape)
     scales = (e.squeeze(-1) + 127).to(torch.uint8)  # E8M0: biased exponent byte
     return QTensor("mxfp4", pack_nibbles(codes), scales, tuple(x.shape), 32)
@@ -259,13 +271,7 @@ def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool =
 
         def sq_err(bs):
             return ((on_grid("nvfp4", xb, effective(bs)) - xb).square() * h).sum(-1)
-        best = sq_err(bscale)
-        for clip in INT4_CLIPS[1:]:
-            cand = block_scale(clip)
-            err = sq_err(cand)
-            better = err < best
-            best = torch.where(better, err, best)
-            bscale = torch.where(better, cand.view(torch.uint8), bscale.view(torch.uint8)).view(torch.float8_e4m3fn)
+        bscale = _least_error([block_scale(clip) for clip in INT4_CLIPS], sq_err)
     codes = e2m1_encode(xb / effective(bscale)).reshape(x.shape)
     return QTensor("nvfp4", pack_nibbles(codes), bscale, tuple(x.shape), 16, gscale.reshape(-1, 1))
 

@@ -95,12 +95,7 @@ def _encode(q: torch.Tensor, fmt: str, group_size: int | None, scales: torch.Ten
         out = formats.QTensor("mxfp4", torch.empty(0), scales, (rows, k), 32)
     else:
         out = formats.QTensor("nvfp4", torch.empty(0), scales, (rows, k), 16, gscale)
-    s = formats.expanded_scales(out)
-    if fmt == "int4":
-        codes = (torch.round(q / s).to(torch.int8) & 0xF).to(torch.uint8)
-    else:
-        codes = formats.e2m1_encode(q / s)
-    out.codes = formats.pack_nibbles(codes)
+    out.codes = formats.pack_nibbles(formats.nibble_codes(fmt, q / formats.expanded_scales(out)))
     if not torch.equal(formats.dequantize(out), q):
         raise RuntimeError("GPTQ's rounded weights left their format's grid; this is a bug in oscquant.gptq")
     return out
