@@ -73,11 +73,51 @@ def linear_modules(model: nn.Module, names: Iterable[str] | None = None) -> dict
     }
 
 
-def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool = True) -> None:
+class _Enough(Exception):
+    """Raised by the last block a pass needs: the rest of the forward (later blocks, the LM head) is not run."""
+
+
+def last_block(model: nn.Module, names: Iterable[str]) -> nn.Module | None:
+    """The deepest decoder block that holds one of the modules ``names``, in the model's list of blocks (a ModuleList
+    named ``layers``, as Hugging Face's decoders have); None where some module lies outside those blocks (the LM
+    head, say) or there is no such list: then the whole forward is needed."""
+    names = list(names)
+    for list_name, blocks in model.named_modules():
+        if not (isinstance(blocks, nn.ModuleList) and list_name.rpartition(".")[2] == "layers"):
+            continue
+        deepest = -1
+        for n in names:
+            head, _, rest = n.partition(list_name + ".") if list_name else ("", "", n)
+            index = rest.partition(".")[0]
+            if head or not rest or not index.isdigit():
+                break
+            deepest = max(deepest, int(index))
+        else:
+            return blocks[deepest] if 0 <= deepest < len(blocks) else None
+    return None
+
+
+def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool = True,
+                names: Iterable[str] | None = None) -> None:
+    """``model`` over the calibration ``batches``; given the ``names`` of the modules whose inputs the pass records,
+    each forward stops once the last block holding one of them has run (see :func:`last_block`)."""
     device = next(model.parameters()).device
-    with torch.no_grad():
-        for ids in tqdm(batches, desc=desc, disable=not progress, unit="seq"):
-            model(input_ids=ids.to(device), use_cache=False)
+    stop = last_block(model, names) if names is not None else None
+    handle = stop.register_forward_hook(lambda *a: _raise(_Enough())) if stop is not None else None
+    try:
+        with torch.no_grad():
+            for ids in tqdm(batches, desc=desc, disable=not progress, unit="seq"):
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Enough:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _raise(e: Exception):
+    raise e
 
 
 def collect_stats(
@@ -100,7 +140,7 @@ def collect_stats(
         for n, m in layers.items()
     ]
     try:
-        run_batches(model, batches, "calibrating", progress)
+        run_batches(model, batches, "calibrating", progress, layers)
     finally:
         for h in handles:
             h.remove()

@@ -63,6 +63,30 @@ def test_calibration_hooks_are_removed():
     assert not model.fc1._forward_pre_hooks and not model.fc2._forward_pre_hooks
 
 
+def test_a_pass_stops_after_the_last_block_it_needs_and_records_the_same():
+    from tiny import batches, tiny_model
+
+    from oscquant.calibration import last_block
+
+    model = tiny_model("llama")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+    assert last_block(model, names) is model.model.layers[0]
+    assert last_block(model, names + ["model.layers.1.mlp.up_proj"]) is model.model.layers[1]
+    assert last_block(model, names + ["lm_head"]) is None  # outside the blocks: the whole forward
+    ran = []
+    hooks = [m.register_forward_hook(lambda *a, n=n: ran.append(n))
+             for n, m in (("block 1", model.model.layers[1]), ("lm_head", model.lm_head))]
+    early = collect_stats(model, batches(), names, progress=False)
+    assert ran == [] and not model.model.layers[0]._forward_hooks  # stopped after block 0; its hook removed
+    whole = collect_stats(model, batches(), names + ["lm_head"], progress=False)
+    assert ran.count("lm_head") == len(batches())
+    for n in names:
+        for field in ("absmax", "abssum", "sqsum", "hits"):
+            assert torch.equal(getattr(early[n], field), getattr(whole[n], field)), (n, field)
+    for h in hooks:
+        h.remove()
+
+
 def test_empty_calibration_set_raises():
     with pytest.raises(ValueError, match="calibration set is empty"):
         collect_stats(TwoLayer(), [], progress=False)
