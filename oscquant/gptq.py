@@ -137,7 +137,8 @@ def layer_hessians(model: nn.Module, batches: list[torch.Tensor], layers: dict[s
         handles = [modules[n].register_forward_pre_hook(lambda mod, a, n=n, lead=unit[0]: hook(mod, a, n, lead))
                    for unit in group for n in unit]
         try:
-            run_batches(model, batches, f"GPTQ Hessians, pass {passes}", progress, [n for u in group for n in u])
+            run_batches(model, batches, f"GPTQ Hessians, pass {passes}/{passes + len(pending)}", progress,
+                        [n for u in group for n in u])
         finally:
             for h in handles:
                 h.remove()
