@@ -87,7 +87,7 @@ def last_block(model: nn.Module, names: Iterable[str]) -> nn.Module | None:
             continue
         deepest = -1
         for n in names:
-            head, _, rest = n.partition(list_name + ".") if list_name else ("", "", n)
+            head, _, rest = n.partition(list_name + ".")
             index = rest.partition(".")[0]
             if head or not rest or not index.isdigit():
                 break
@@ -103,7 +103,7 @@ def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progre
     each forward stops once the last block holding one of them has run (see :func:`last_block`)."""
     device = next(model.parameters()).device
     stop = last_block(model, names) if names is not None else None
-    handle = stop.register_forward_hook(lambda *a: _raise(_Enough())) if stop is not None else None
+    handle = stop.register_forward_hook(_enough) if stop is not None else None
     try:
         with torch.no_grad():
             for ids in tqdm(batches, desc=desc, disable=not progress, unit="seq"):
@@ -116,8 +116,8 @@ def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progre
             handle.remove()
 
 
-def _raise(e: Exception):
-    raise e
+def _enough(module, args, output):
+    raise _Enough
 
 
 def collect_stats(

@@ -111,8 +111,8 @@ def layer_hessians(model: nn.Module, batches: list[torch.Tensor], layers: dict[s
     from .siblings import sibling_units  # here, not at the top: siblings imports linear, which imports this module
 
     modules = {n: model.get_submodule(n) for n in layers}
-    pending = _by_memory(sibling_units(layers), {n: m.in_features ** 2 * 4 / 2 ** 30 for n, m in modules.items()},
-                         memory_gb)
+    size_gb = {n: m.in_features ** 2 * 4 / 2 ** 30 for n, m in modules.items()}
+    pending = _by_memory(sibling_units(layers), size_gb, memory_gb)
     passes = 0
     while pending:
         group = pending.pop(0)
@@ -144,8 +144,7 @@ def layer_hessians(model: nn.Module, batches: list[torch.Tensor], layers: dict[s
                 h.remove()
             last.clear()
         again = [[n] for unit in group if unit[0] in unshared for n in unit]
-        pending += _by_memory(again, {n: modules[n].in_features ** 2 * 4 / 2 ** 30 for u in again for n in u},
-                              memory_gb)
+        pending += _by_memory(again, size_gb, memory_gb)
         for unit in tqdm([u for u in group if u[0] not in unshared], desc="GPTQ", disable=not progress, unit="input"):
             h_unit = hs.pop(unit[0], None)  # None: no calibration token reached it (an MoE expert)
             for i, n in enumerate(unit):

@@ -71,29 +71,8 @@ def test_bad_inputs_raise():
         OSCConfig(gptq=True, gptq_memory_gb=0)
 
 
-def test_hessians_zero_the_outlier_channels_and_do_not_depend_on_the_memory_budget():
-    from oscquant.calibration import run_batches
-    from tiny import batches, tiny_model
-
-    model = tiny_model("llama")
-    names = {"model.layers.0.self_attn.q_proj": torch.tensor([5, 17]), "model.layers.1.mlp.down_proj": torch.tensor([]),
-             "model.layers.1.mlp.up_proj": torch.tensor([40])}
-    names = {n: i.long() for n, i in names.items()}
-    one = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1.0, progress=False))
-    per_layer = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1e-9, progress=False))  # 3 passes
-    want = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: want.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
-    run_batches(model, batches(), "", False)
-    for hk in hooks:
-        hk.remove()
-    for n, idx in names.items():
-        x = torch.cat(want[n]).index_fill(1, idx, 0.0)
-        assert torch.allclose(one[n], x.T @ x, rtol=1e-4, atol=1e-3) and torch.equal(one[n], per_layer[n])
-        assert (one[n][idx] == 0).all()
-
-
 def _inputs(model, names):
+    """Each named module's inputs over the calibration batches, as [tokens, K]."""
     from oscquant.calibration import run_batches
     from tiny import batches
 
@@ -106,8 +85,25 @@ def _inputs(model, names):
     return {n: torch.cat(x) for n, x in seen.items()}
 
 
+def test_hessians_zero_the_outlier_channels_and_do_not_depend_on_the_memory_budget():
+    from tiny import batches, tiny_model
+
+    model = tiny_model("llama")
+    names = {"model.layers.0.self_attn.q_proj": torch.tensor([5, 17]), "model.layers.1.mlp.down_proj": torch.tensor([]),
+             "model.layers.1.mlp.up_proj": torch.tensor([40])}
+    names = {n: i.long() for n, i in names.items()}
+    one = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1.0, progress=False))
+    per_layer = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1e-9, progress=False))  # 3 passes
+    want = _inputs(model, names)
+    for n, idx in names.items():
+        x = want[n].index_fill(1, idx, 0.0)
+        assert torch.allclose(one[n], x.T @ x, rtol=1e-4, atol=1e-3) and torch.equal(one[n], per_layer[n])
+        assert (one[n][idx] == 0).all()
+
+
 @pytest.mark.parametrize("k_input_scaled", [False, True])
 def test_siblings_share_one_pass_and_a_sibling_handed_another_input_gets_its_own(monkeypatch, k_input_scaled):
+    from oscquant.calibration import run_batches
     from tiny import batches, tiny_model
 
     model = tiny_model("llama")
@@ -119,7 +115,6 @@ def test_siblings_share_one_pass_and_a_sibling_handed_another_input_gets_its_own
         model.get_submodule(att + "k_proj").register_forward_pre_hook(lambda m, a: (a[0] * 2,))
     passes = []
     monkeypatch.setattr(gptq, "run_batches", lambda *a, **kw: passes.append(1) or run_batches(*a, **kw))
-    from oscquant.calibration import run_batches
 
     hidden = model.config.hidden_size
     got = dict(gptq.layer_hessians(model, batches(), names, memory_gb=hidden ** 2 * 4 / 2 ** 30, progress=False))
