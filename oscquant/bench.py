@@ -11,7 +11,9 @@ harness for a kernel that moves them.
 Columns: BF16 ``torch.matmul``; W8A8 INT8 ``torch._int_mm`` (cuBLAS needs M > 16);
 W8A8 FP8 ``torch._scaled_mm`` with row-wise scales; OSC GEMM alone (activation already
 quantized); OSC including split-quantize; the FP8-fallback layer (split + FP8 GEMM).
-The W8A8 columns time the GEMM only, not their activation quantization.
+The W8A8 columns time the GEMM only, not their activation quantization; beside them torch's own cast of x to
+e4m3 is timed (``cast_us``), the least a W8A8 FP8 layer pays for its activation and, where split-quantize runs at
+that speed, what the large-M target leaves the OSC GEMM (``targets``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Row:
     copy_us: float | None = None  # a device copy moving the GEMM's own bytes, timed as the columns (flushed)
     copy_roofline_pct: float | None = None
     path: str | None = None  # the OSC GEMM's config (GemmConfig.label): which kernel made these numbers
+    cast_us: float | None = None  # torch's BF16 -> e4m3 cast of x, timed as the columns are
 
 
 def _need_cuda(what: str) -> None:
@@ -164,6 +167,8 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
                                                     out_dtype=torch.bfloat16))
         int8 = _graph_time(lambda: torch._int_mm(x_i8, w_i8.T)) if m > 16 else None
         fb = _graph_time(lambda: osc_linear_2d(x, fb_kw))
+        x_cast = torch.empty(m, k_in, device=dev, dtype=torch.float8_e4m3fn)
+        cast = _graph_time(lambda: x_cast.copy_(x))
         for k in k_outs:
             layer = OSCLinear.from_linear(lin, LayerScheme(fmt, k, group_size=group_size), planted[:k])
             kw = layer_weights(layer)
@@ -199,7 +204,7 @@ def bench_shape(name: str, n: int, k_in: int, ms: list[int], k_outs: list[int], 
             rows.append(Row(name, n, k_in, m, k, bf16, int8, fp8, gemm, full, fb,
                             full_bytes / (full * 1e-6) / 1e12, ops / (full * 1e-6) / 1e12,
                             100 * floor_s / (full * 1e-6), 100 * gemm_floor_s / (gemm * 1e-6),
-                            best_w8a8 / full, bf16 / full, **b2b, path=cfg.label))
+                            best_w8a8 / full, bf16 / full, **b2b, path=cfg.label, cast_us=cast))
     return rows
 
 
@@ -252,6 +257,17 @@ def targets(rows: list[Row]) -> list[str]:
         f"16 < M < 4096, not slower than BF16: {sum(r.vs_bf16 >= 1 for r in mid)}/{len(mid)} "
         f"(worst {min((r.vs_bf16 for r in mid), default=float('nan')):.2f}x)",
     ]
+    cast = [r for r in large if r.cast_us]
+    if cast:
+        paid = [(r.cast_us + r.fp8_us) / r.osc_us for r in cast]
+        lines.append(f"M >= 4096, OSC+split >= 0.9x (x cast to e4m3 + cuBLAS FP8), W8A8 paying for its activation: "
+                     f"{sum(v >= 0.9 for v in paid)}/{len(paid)} (worst {min(paid):.2f}x)")
+        # what 0.9x cuBLAS FP8 leaves the GEMM if split-quantize ran at the speed of torch's plain cast of x
+        need = [2 * r.m * r.n * r.k_in / (r.fp8_us / 0.9 - r.cast_us) / 1e6 if r.fp8_us / 0.9 > r.cast_us
+                else float("inf") for r in cast]
+        lines.append(f"M >= 4096, GEMM TFLOP/s that 0.9x cuBLAS FP8 needs with split-quantize as fast as that cast: "
+                     f"{min(need):.0f} to {max(need):.0f}; {sum(v > FP8_OPS_PER_S / 1e12 for v in need)}/{len(need)} "
+                     f"rows above cuBLAS FP8's {FP8_OPS_PER_S / 1e12:.0f} at 8192^3")
     b2b = [r.b2b_fp8_us / r.b2b_osc_us for r in small if r.b2b_osc_us is not None]
     if b2b:
         lines.append(f"M <= 16 back to back, OSC+split >= 1.8x cuBLAS FP8: {sum(v >= 1.8 for v in b2b)}/{len(b2b)} "

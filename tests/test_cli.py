@@ -238,6 +238,16 @@ def test_bench_tables_and_targets_from_rows():
     assert t[-2] == "M <= 16, a plain copy of the GEMM's bytes, timed flushed as the GEMM: 40% to 40% of the same roofline"
     # the 1.8x target's ceiling: the best W8A8 (FP8 18 µs) over the copy's 4 µs
     assert t[-1] == "M <= 16, that copy alone >= 1.8x best W8A8 (the target's ceiling here): 1/1 (range 4.50x to 4.50x)"
+    # x's own cast to e4m3 beside the large-M rows: W8A8 paying for its activation, and what 0.9x leaves the GEMM
+    assert not any("cast" in line for line in t)  # runs saved before the cast was timed
+    rows[2] = replace(rows[2], cast_us=2.0)  # (2 + FP8 18) / OSC 100; 0.9x FP8 = 20 µs, 18 of them for the GEMM
+    t = targets(rows)
+    assert "M >= 4096, OSC+split >= 0.9x (x cast to e4m3 + cuBLAS FP8), W8A8 paying for its activation: 0/1 (worst 0.20x)" in t
+    need = 2 * 4096 ** 3 / 18e-6 / 1e12
+    assert (f"M >= 4096, GEMM TFLOP/s that 0.9x cuBLAS FP8 needs with split-quantize as fast as that cast: {need:.0f} to "
+            f"{need:.0f}; 1/1 rows above cuBLAS FP8's 1463 at 8192^3") in t
+    rows[2] = replace(rows[2], cast_us=25.0)  # the cast alone over 0.9x FP8's time: no GEMM could make it
+    assert "needs with split-quantize as fast as that cast: inf to inf; 1/1 rows above" in targets(rows)[5]
 
 
 
