@@ -14,11 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import formats
+from . import formats, gptq
 from .analysis import collect_samples
 from .calibration import ChannelStats, collect_stats
 from .config import LayerScheme, OSCConfig
-from .gptq import layer_hessians
 from .linear import OSCLinear
 from .outliers import select_outlier_channels
 from .policy import auto_plan
@@ -199,10 +198,9 @@ def quantize(
     if config.gptq:
         # every Hessian from the float model, before any layer is replaced: each layer's own inputs
         rounded = [n for n, (s, _) in plan.items() if s.format in formats.FP4_FORMATS]
-        for name, h in layer_hessians(model, calibration_batches, {n: chosen[n][1] for n in rounded},
-                                      config.gptq_memory_gb, progress):
-            built[name] = OSCLinear.from_linear(model.get_submodule(name), plan[name][0], chosen[name][1],
-                                                chosen[name][0], h)
+        for measured in gptq.layer_hessians(model, calibration_batches, {n: chosen[n][1] for n in rounded},
+                                            config.gptq_memory_gb, progress):
+            built.update(_gptq_layers(model, measured, plan, chosen, config.gptq_memory_gb, progress))
     applied = {}
     for name, (scheme, k) in tqdm(plan.items(), desc="quantizing", disable=not progress, unit="layer"):
         importance, idx = chosen[name]
@@ -216,6 +214,30 @@ def quantize(
     model.osc_config = config
     model.osc_plan = applied
     return applied
+
+
+def _gptq_layers(model: nn.Module, measured: list[tuple[str, torch.Tensor | None]], plan: dict, chosen: dict,
+                 memory_gb: float, progress: bool) -> dict[str, OSCLinear]:
+    """The OSC layers of one Hessian pass's layers, their 4-bit weights rounded by GPTQ all in one go
+    (gptq.quantize_layers: a column loop per layer shape, not per layer); a layer no token reached (h None), to
+    nearest."""
+    layers, jobs, padded = {}, {}, {}
+    for name, h in measured:
+        scheme, (importance, idx) = plan[name][0], chosen[name]
+        linear = model.get_submodule(name)
+        if h is None:
+            layers[name] = OSCLinear.from_linear(linear, scheme, idx, importance)
+            continue
+        layers[name] = layer = OSCLinear.unrounded(linear, scheme, idx)
+        # siblings handed one H keep one padded H, which is how quantize_layers knows to round them as one
+        key = (id(h), layer.main_columns)
+        if key not in padded:
+            padded[key] = layer.main_hessian(h)
+        hp = padded[key]
+        jobs[name] = (layer.main_weight(linear), hp, scheme.format, scheme.group_size, scheme.searches_scales)
+    for name, q in gptq.quantize_layers(jobs, memory_gb, progress).items():
+        layers[name].set_main(q)
+    return layers
 
 
 def build_empty(model: nn.Module, plan: dict[str, dict]) -> None:

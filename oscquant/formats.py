@@ -19,6 +19,7 @@ Four-bit codes are packed two per byte, element ``2j`` in the low nibble and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -111,17 +112,34 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     return idx | (sign.to(torch.uint8) << 3)
 
 
+@functools.lru_cache(maxsize=None)
 def _bucket_edges(device) -> torch.Tensor:
     """Midpoints for bucketize, which counts edges strictly below a value. Where a tie must
-    go up, the edge moves to the next float32 below it, so "> edge" means ">= midpoint"."""
+    go up, the edge moves to the next float32 below it, so "> edge" means ">= midpoint".
+    Made once per device: GPTQ encodes a column at a time, and a copy to the GPU each time would wait on it."""
     edges = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32)
     down = torch.nextafter(edges, torch.tensor(-1.0))
     return torch.where(torch.tensor(_TIE_GOES_UP), down, edges).to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_values(device) -> torch.Tensor:
+    return E2M1_VALUES.to(device)
+
+
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    mag = _e2m1_values(codes.device)[(codes & 7).long()]
     return torch.where(codes >= 8, -mag, mag)
+
+
+def e2m1_round(v: torch.Tensor) -> torch.Tensor:
+    """``v`` on the e2m1 grid as values: e2m1_decode(e2m1_encode(v)) in a few elementwise operations. The grid steps
+    by 0.5 below 2, by 1 below 4 and by 2 up to 6, so a magnitude over its step, rounded half to even and times the
+    step, is the nearest value with ties to the even code (the steps are powers of two: nothing rounds on the way)."""
+    mag = v.abs().float()
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    r = (torch.round(mag / step) * step).clamp(max=6.0)
+    return torch.where((v < 0) & (r > 0), -r, r)  # no negative zero, as e2m1_encode
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -134,7 +152,7 @@ def on_grid(fmt: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     quantized with that scale decodes to (the weights' scale search and GPTQ compare candidates by it)."""
     if fmt == "int4":
         return torch.round(x / scale).clamp(-8, 7) * scale
-    return e2m1_decode(e2m1_encode(x / scale)) * scale
+    return e2m1_round(x / scale) * scale
 
 
 def nibble_codes(fmt: str, v: torch.Tensor) -> torch.Tensor:
@@ -156,16 +174,19 @@ def _least_error(candidates: list[torch.Tensor], sq_err) -> torch.Tensor:
 
 
 def _column_weights(importance: torch.Tensor | None, x: torch.Tensor, block: int) -> torch.Tensor | float:
-    """The scale search's weight for each column's squared error, shaped [1, K / block, block] (1.0: all alike)."""
+    """The scale search's weight for each column's squared error, [K] or one row of them per row of ``x`` [rows, K]
+    (GPTQ rounds several layers' rows at once, each under its own), shaped [1 or rows, K / block, block] (1.0: all
+    alike)."""
     if importance is None:
         return 1.0
-    k = x.shape[1]
+    rows, k = x.shape
     h = torch.as_tensor(importance).to(x.device, torch.float32)
-    if h.shape != (k,):
-        raise ValueError(f"importance must hold one weight per column ({k}), got shape {tuple(h.shape)}")
+    if h.shape not in ((k,), (rows, k)):
+        raise ValueError(f"importance must hold one weight per column ({k}), or a row of them per row ({rows}, {k}); "
+                         f"got shape {tuple(h.shape)}")
     if not torch.isfinite(h).all() or (h < 0).any():
         raise ValueError("importance must be finite and non-negative (a channel's mean square activation)")
-    return h.reshape(1, k // block, block)
+    return h.reshape(-1, k // block, block)
 
 
 # ---------------------------------------------------------------- int4
@@ -245,7 +266,8 @@ def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool =
     so each token gets its own, as a dynamic per-token quantizer would. ``search`` (weights, offline): each block's
     E4M3 scale is amax / 6 times whichever of INT4_CLIPS, rounded to E4M3, leaves the least squared error (weighted
     by ``importance``, see :func:`quantize`); activations keep amax / 6, which split-quantize reproduces.
-    ``global_scale`` [1, 1]: the per-tensor scale given (GPTQ rounds a tensor a block at a time under one).
+    ``global_scale`` [1, 1], or [rows, 1]: the per-tensor scale given (GPTQ rounds a tensor a block at a time under
+    one, and several tensors' rows at once, each row under its tensor's).
     """
     _check_input(x)
     check_columns("nvfp4", x.shape[1])
@@ -254,7 +276,7 @@ def quantize_nvfp4(x: torch.Tensor, per_row_global: bool = False, search: bool =
     gscale = amax / (E2M1_MAX * E4M3_MAX)
     gscale = torch.where(gscale > 0, gscale, torch.ones_like(gscale))
     if global_scale is not None:
-        gscale = global_scale.float().reshape(1, 1).to(xf.device)
+        gscale = global_scale.float().reshape(-1, 1).to(xf.device)
     xb = _blocks(xf, 16)
     g = gscale.unsqueeze(-1)
 
@@ -291,7 +313,7 @@ def quantize(x: torch.Tensor, fmt: str, group_size: int | None = None, per_row_g
              search: bool = False, importance: torch.Tensor | None = None) -> QTensor:
     """Quantize a 2-D tensor along its last dimension (``search``: 4-bit weights, see each format's quantizer).
 
-    ``importance`` [K] (with ``search``): how much each column's error counts, a weight layer's mean square input
+    ``importance`` [K] or [rows, K] (with ``search``): how much each column's error counts, a weight layer's mean square input
     per channel from calibration. A layer's output error from its weight error ΔW is E[(ΔW x)^2], which is
     sum_j E[x_j^2] ΔW_ij^2 when channels are uncorrelated; the search then spends its precision where the
     activations are large."""

@@ -70,6 +70,23 @@ class OSCLinear(nn.Module):
         weights' scale search (formats.quantize) where the scheme searches; ignored where it does not.
         ``hessian`` [in_features]²: the main path's input Hessian (outlier channels zeroed); given, a 4-bit layer's
         weights are rounded by GPTQ (gptq.py) instead of to nearest."""
+        layer = cls.unrounded(linear, scheme, outlier_idx)
+        main = layer.main_weight(linear)
+        if hessian is not None and scheme.format in formats.FP4_FORMATS:
+            q = gptq.quantize_weight(main, layer.main_hessian(hessian), scheme.format, scheme.group_size,
+                                     scheme.searches_scales)
+        else:
+            search = scheme.searches_scales
+            h = layer._pad(torch.as_tensor(importance).float()) if search and importance is not None else None
+            q = formats.quantize(main, scheme.format, scheme.group_size, search=search, importance=h)
+        return layer.set_main(q)
+
+    @classmethod
+    @torch.no_grad()
+    def unrounded(cls, linear: nn.Linear, scheme: LayerScheme, outlier_idx: torch.Tensor) -> "OSCLinear":
+        """The layer of ``linear`` with its outlier columns and bias in place, its 4-bit weights still to be set
+        (:meth:`set_main`, from :meth:`main_weight` rounded: what from_linear does, and GPTQ for many layers at
+        once)."""
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("the layer's weight holds NaN or Inf; the model file is damaged")
@@ -81,21 +98,28 @@ class OSCLinear(nn.Module):
                     linear.bias.dtype if linear.bias is not None else torch.float32)
         layer.outlier_idx.copy_(idx)
         layer.w_outlier.copy_(w[:, idx].to(torch.bfloat16))
-        search, main = scheme.searches_scales, layer._pad(layer.zero_outliers(w))
-        if hessian is not None and scheme.format in formats.FP4_FORMATS:
-            extra = layer.main_columns - linear.in_features  # padding columns meet no input: zero rows of H
-            hp = nn.functional.pad(hessian.to(w.device).float(), (0, extra, 0, extra))
-            q = gptq.quantize_weight(main, hp, scheme.format, scheme.group_size, search)
-        else:
-            h = layer._pad(torch.as_tensor(importance).float()) if search and importance is not None else None
-            q = formats.quantize(main, scheme.format, scheme.group_size, search=search, importance=h)
-        layer.qweight.copy_(q.codes)
-        layer.wscale.copy_(q.scales.reshape(layer.wscale.shape))
-        if q.global_scale is not None:
-            layer.wscale_global.copy_(q.global_scale.reshape(1, 1))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer.to(w.device)
+
+    def main_weight(self, linear: nn.Linear) -> torch.Tensor:
+        """``linear``'s weight as the 4-bit path takes it: float32, outlier columns zero, padded to main_columns."""
+        return self._pad(self.zero_outliers(linear.weight.detach()))
+
+    def main_hessian(self, hessian: torch.Tensor) -> torch.Tensor:
+        """An input Hessian [in_features]² padded to main_columns: padding columns meet no input, zero rows."""
+        extra = self.main_columns - self.in_features
+        h = hessian.to(self.compute_device).float()
+        return nn.functional.pad(h, (0, extra, 0, extra)) if extra else h
+
+    @torch.no_grad()
+    def set_main(self, q: QTensor) -> "OSCLinear":
+        """Take ``q`` (the main weight rounded to the scheme's format) as the layer's 4-bit weights."""
+        self.qweight.copy_(q.codes)
+        self.wscale.copy_(q.scales.reshape(self.wscale.shape))
+        if q.global_scale is not None:
+            self.wscale_global.copy_(q.global_scale.reshape(1, 1))
+        return self
 
     # ------------------------------------------------------------------ helpers
     def zero_outliers(self, t: torch.Tensor) -> torch.Tensor:

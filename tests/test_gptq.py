@@ -71,6 +71,59 @@ def test_bad_inputs_raise():
         OSCConfig(gptq=True, gptq_memory_gb=0)
 
 
+def _hessians(*args, **kwargs):
+    """gptq.layer_hessians' passes as one dict, name -> H."""
+    return {n: h for measured in gptq.layer_hessians(*args, **kwargs) for n, h in measured}
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+def test_weights_rounded_together_come_out_as_each_alone(fmt, group):
+    """Two siblings handed one Hessian round as one unit, stacked beside a third weight with its own: every weight's
+    codes and scales are those it gets rounded alone (bit for bit on the CPU)."""
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = correlated(k=256, seed=4), correlated(k=256, seed=5)
+    x1[:, 7] = 0  # a channel that never fired: its column is zeroed first (and NVFP4's tensor scale taken after)
+    h1, h2 = x1.T @ x1, x2.T @ x2
+    a, b, c = (torch.randn(r, 256, generator=g) for r in (16, 8, 24))
+    a[:, 7] = 50.0
+    together = gptq.quantize_weights([a, c, b], [h1, h2, h1], fmt, group)
+    for q, w, h in zip(together, (a, c, b), (h1, h2, h1)):
+        alone = gptq.quantize_weight(w, h, fmt, group)
+        assert q.shape == alone.shape and torch.equal(q.codes, alone.codes) and torch.equal(q.scales, alone.scales)
+        if fmt == "nvfp4":
+            assert torch.equal(q.global_scale, alone.global_scale)
+    with pytest.raises(ValueError, match="rows"):  # units of unequal rows cannot stack
+        gptq.quantize_weights([a, c], [h1, h2], fmt, group)
+    with pytest.raises(ValueError, match="one Hessian per weight"):
+        gptq.quantize_weights([a, c], [h1], fmt, group)
+    with pytest.raises(ValueError, match="one column count"):
+        gptq.quantize_weights([a, c[:, :128]], [h1, h2[:128, :128]], fmt, group)
+
+
+def test_quantize_layers_batches_by_shape_and_memory(monkeypatch):
+    """Two decoder blocks' q/k/v (siblings sharing their block's H) and o: one column loop for both q/k/v units,
+    one for both o's; with too little memory for two, one each. Every weight as quantize_weight rounds it."""
+    g = torch.Generator().manual_seed(6)
+    jobs = {}
+    for blk in range(2):
+        x = correlated(k=128, seed=10 + blk)
+        h = x.T @ x
+        for name, rows in (("q", 32), ("k", 16), ("v", 16)):
+            jobs[f"{blk}.{name}"] = (torch.randn(rows, 128, generator=g), h, "mxfp4", None, True)
+        xo = correlated(k=128, seed=20 + blk)
+        jobs[f"{blk}.o"] = (torch.randn(32, 128, generator=g), xo.T @ xo, "mxfp4", None, True)
+    calls = []
+    real = gptq.quantize_weights
+    monkeypatch.setattr(gptq, "quantize_weights", lambda ws, *a, **kw: calls.append(len(ws)) or real(ws, *a, **kw))
+    out = gptq.quantize_layers(jobs, progress=False)
+    assert sorted(calls) == [2, 6]  # both o's; both blocks' q, k and v
+    for name, (w, h, fmt, group, search) in jobs.items():
+        assert torch.equal(out[name].codes, gptq.quantize_weight(w, h, fmt, group, search).codes), name
+    calls.clear()
+    gptq.quantize_layers(jobs, memory_gb=1e-9, progress=False)
+    assert sorted(calls) == [1, 1, 3, 3]
+
+
 def _inputs(model, names):
     """Each named module's inputs over the calibration batches, as [tokens, K]."""
     from oscquant.calibration import run_batches
@@ -92,8 +145,8 @@ def test_hessians_zero_the_outlier_channels_and_do_not_depend_on_the_memory_budg
     names = {"model.layers.0.self_attn.q_proj": torch.tensor([5, 17]), "model.layers.1.mlp.down_proj": torch.tensor([]),
              "model.layers.1.mlp.up_proj": torch.tensor([40])}
     names = {n: i.long() for n, i in names.items()}
-    one = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1.0, progress=False))
-    per_layer = dict(gptq.layer_hessians(model, batches(), names, memory_gb=1e-9, progress=False))  # 3 passes
+    one = _hessians(model, batches(), names, memory_gb=1.0, progress=False)
+    per_layer = _hessians(model, batches(), names, memory_gb=1e-9, progress=False)  # 3 passes
     want = _inputs(model, names)
     for n, idx in names.items():
         x = want[n].index_fill(1, idx, 0.0)
@@ -117,7 +170,7 @@ def test_siblings_share_one_pass_and_a_sibling_handed_another_input_gets_its_own
     monkeypatch.setattr(gptq, "run_batches", lambda *a, **kw: passes.append(1) or run_batches(*a, **kw))
 
     hidden = model.config.hidden_size
-    got = dict(gptq.layer_hessians(model, batches(), names, memory_gb=hidden ** 2 * 4 / 2 ** 30, progress=False))
+    got = _hessians(model, batches(), names, memory_gb=hidden ** 2 * 4 / 2 ** 30, progress=False)
     assert len(passes) == (2 + 3 if k_input_scaled else 2)  # one pass a shared sum; q, k, v apart after the check
     x = _inputs(model, names)
     for n, idx in names.items():
@@ -139,9 +192,9 @@ def test_quantize_with_gptq_rounds_the_4bit_layers_by_it_and_leaves_fp8_alone(tm
     plain, rounded = copy.deepcopy(model), copy.deepcopy(model)
     quantize(plain, OSCConfig.osc("mxfp4", 16), batches(), progress=False)
     quantize(rounded, OSCConfig.osc("mxfp4", 16, gptq=True), batches(), progress=False)
-    h = dict(gptq.layer_hessians(model, batches(), {n: m.outlier_idx for n, m in plain.named_modules()
+    h = _hessians(model, batches(), {n: m.outlier_idx for n, m in plain.named_modules()
                                                      if isinstance(m, OSCLinear) and m.scheme.format == "mxfp4"},
-                                 progress=False))
+                                 progress=False)
     better = 0
     for name, hn in h.items():
         w = plain.get_submodule(name).zero_outliers(model.get_submodule(name).weight.detach())
@@ -152,6 +205,10 @@ def test_quantize_with_gptq_rounds_the_4bit_layers_by_it_and_leaves_fp8_alone(tm
         better += err["gptq"] < err["plain"]
         assert torch.equal(plain.get_submodule(name).outlier_idx, rounded.get_submodule(name).outlier_idx)
     assert better == len(h) == 12  # q, k, v, o, gate, up in both layers
+    for name, hn in h.items():  # rounded in batches, each layer as GPTQ rounds it alone
+        got, ref = rounded.get_submodule(name), plain.get_submodule(name)
+        alone = OSCLinear.from_linear(model.get_submodule(name), got.scheme, ref.outlier_idx, None, hn)
+        assert torch.equal(got.qweight, alone.qweight) and torch.equal(got.wscale, alone.wscale), name
     for name, m in plain.named_modules():
         if isinstance(m, OSCLinear) and m.scheme.format == "fp8":
             assert torch.equal(m.qweight, rounded.get_submodule(name).qweight)
