@@ -196,3 +196,15 @@ def test_bits_per_element():
     assert F.bits_per_element("mxfp4") == 4.25
     assert F.bits_per_element("nvfp4") == 4.5
     assert F.bits_per_element("int4", 128) == 4.25
+
+
+def test_e2m1_round_is_encode_then_decode():
+    """The arithmetic rounding (GPTQ's, the scale search's) lands where the codes do: every multiple of 1/4096 in
+    [-16, 16], each grid midpoint and its float32 neighbours, tiny and huge values; zero keeps no sign."""
+    steps = torch.arange(-2 ** 16, 2 ** 16 + 1, dtype=torch.float32) / 4096
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 2.0, 4.0, 6.0])
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(9.0))])
+    v = torch.cat([steps, near, -near, torch.tensor([1e30, -1e30, 1e-30, -1e-30, 0.0, -0.0])])
+    want = F.e2m1_decode(F.e2m1_encode(v))
+    got = F.e2m1_round(v)
+    assert torch.equal(got, want) and not torch.signbit(got[got == 0]).any()
