@@ -55,7 +55,8 @@ def quantize_weights(ws: list[torch.Tensor], hs: list[torch.Tensor], fmt: str, g
         units.setdefault(id(h), []).append(i)
     order = [i for members in units.values() for i in members]
     if len({sum(ws[i].shape[0] for i in members) for members in units.values()}) > 1:
-        raise ValueError("weights with distinct Hessians are stacked: their rows (siblings' together) must be equal")
+        raise ValueError("weights with distinct Hessians are rounded stacked, so their rows (siblings' summed) must be "
+                         "equal; round weights of other row counts in a call of their own")
     w = torch.stack([torch.cat([ws[i].detach().float() for i in members]) for members in units.values()])
     h = torch.stack([hs[members[0]].detach().double() for members in units.values()])
     rows = [ws[i].shape[0] for i in order]
@@ -77,13 +78,13 @@ def quantize_weights(ws: list[torch.Tensor], hs: list[torch.Tensor], fmt: str, g
 
 def _rounded(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None, search: bool, damp: float,
              gscale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ over a batch: ``w`` [B, rows, K], ``h`` [B, K, K] (float64) -> the rounded values [B, rows, K] and their
-    scales [B, rows, K / block] (INT4 with one scale a row: [B, rows, 1]); ``gscale`` [B, rows, 1] for NVFP4."""
+    """GPTQ over a batch: ``w`` [B, rows, K], ``h`` [B, K, K] (float64; both the caller's own stacks, overwritten) ->
+    the rounded values [B, rows, K] and their scales [B, rows, K / block] (INT4 with one scale a row: [B, rows, 1]);
+    ``gscale`` [B, rows, 1] for NVFP4."""
     if not torch.isfinite(h).all():
         raise ValueError("the layer's input Hessian holds NaN or Inf; check the calibration activations")
     b, rows, k = w.shape
     block = formats.block_size(fmt, group_size)
-    w, h = w.clone(), h.clone()
     dead = torch.diagonal(h, dim1=-2, dim2=-1) == 0  # [B, K]
     if dead.all(-1).any():
         raise ValueError("the layer's input Hessian is zero: no calibration token reached it")
@@ -96,6 +97,7 @@ def _rounded(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None,
     except torch.linalg.LinAlgError as e:
         raise ValueError(f"the layer's input Hessian is not positive definite even with damp={damp}; raise damp") from e
     importance = torch.diagonal(h, dim1=-2, dim2=-1).float().clamp(min=0)
+    # a scale-free weighting (only the ratios matter), each weight's own
     importance = importance / importance.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     # the scale search takes [rows, K] tensors: the batch's rows one after another, each with its weight's columns'
     imp_rows = importance[:, None, :].expand(b, rows, k)
