@@ -226,3 +226,23 @@ def test_gptq_needs_calibration_batches():
 
     with pytest.raises(ValueError, match="GPTQ"):
         quantize(tiny_model("llama"), OSCConfig.rtn(gptq=True), progress=False)
+
+
+def test_moe_experts_rounded_in_batches_come_out_as_each_alone():
+    """A Qwen3-MoE model's experts (one shape, a Hessian each, from their routed tokens) share column loops with each
+    other: every 4-bit layer's codes and scales are those GPTQ gives it alone on its own Hessian."""
+    from oscquant import quantize
+    from oscquant.convert import unfuse_experts
+    from oscquant.linear import OSCLinear
+    from tiny import batches, tiny_model
+
+    model = tiny_model("qwen3_moe")
+    rounded = copy.deepcopy(model)
+    quantize(rounded, OSCConfig.osc("mxfp4", 16, gptq=True), batches(), progress=False)
+    unfuse_experts(model)
+    layers = {n: m for n, m in rounded.named_modules() if isinstance(m, OSCLinear) and m.scheme.format == "mxfp4"}
+    h = _hessians(model, batches(), {n: m.outlier_idx for n, m in layers.items()}, progress=False)
+    assert sum(".experts." in n for n in h) == 8 and all(hn is not None for hn in h.values())
+    for name, got in layers.items():
+        alone = OSCLinear.from_linear(model.get_submodule(name), got.scheme, got.outlier_idx, None, h[name])
+        assert torch.equal(got.qweight, alone.qweight) and torch.equal(got.wscale, alone.wscale), name
