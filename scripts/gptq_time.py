@@ -1,5 +1,6 @@
 """GPTQ's cost on a GPU at Qwen3-8B's layer shapes (random weights): `quantize` of a few decoder layers with and
-without GPTQ, and `gptq.quantize_weight` alone per weight shape, beside round to nearest with the same scale search.
+without GPTQ, `gptq.quantize_weight` alone per weight shape, beside round to nearest with the same scale search, and
+four weights of one shape rounded one loop each against one batched loop (`gptq.quantize_weights`).
 Usage: python3 scripts/gptq_time.py [layers] [calibration sequences of 512 tokens] [formats]
 e.g. python3 scripts/gptq_time.py 2 32 mxfp4,int4. Prints a Markdown table; needs CUDA."""
 
@@ -63,6 +64,24 @@ def main() -> None:
             rtn = _seconds(lambda: formats.quantize(w, fmt, None, search=True, importance=imp / imp.max()))
             gq = _seconds(lambda: gptq.quantize_weight(w, h, fmt))
             print(f"| {fmt} | {rows} × {k} | {rtn:.2f} | {gq:.2f} |")
+
+    # the batched rounding (gptq.quantize_layers): several blocks' weights of one shape, each with its own Hessian,
+    # in one column loop, against one loop each; the codes must agree
+    print("\n| format | weights × (rows × K) | one loop each (s) | one loop (s) | ratio | same codes |")
+    print("|---|---|---|---|---|---|")
+    for fmt in fmts:
+        for count, rows, k in ((4, 4096, 4096), (4, 6144, 4096)):
+            ws = [torch.randn(rows, k, device="cuda") * 0.02 for _ in range(count)]
+            hs = []
+            for _ in range(count):
+                x = torch.randn(8192, k, device="cuda")
+                hs.append(x.T @ x)
+            alone, together = [], []
+            t_alone = _seconds(lambda: alone.extend(gptq.quantize_weight(w, h, fmt) for w, h in zip(ws, hs)))
+            t_together = _seconds(lambda: together.extend(gptq.quantize_weights(ws, hs, fmt)))
+            same = all(torch.equal(a.codes, b.codes) for a, b in zip(alone, together))
+            print(f"| {fmt} | {count} × ({rows} × {k}) | {t_alone:.2f} | {t_together:.2f} | "
+                  f"{t_alone / t_together:.1f} | {same} |")
 
 
 if __name__ == "__main__":
