@@ -137,9 +137,10 @@ def e2m1_round(v: torch.Tensor) -> torch.Tensor:
     by 0.5 below 2, by 1 below 4 and by 2 up to 6, so a magnitude over its step, rounded half to even and times the
     step, is the nearest value with ties to the even code (the steps are powers of two: nothing rounds on the way)."""
     mag = v.abs().float()
-    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
-    r = (torch.round(mag / step) * step).clamp(max=6.0)
-    return torch.where((v < 0) & (r > 0), -r, r)  # no negative zero, as e2m1_encode
+    # frexp: mag = m * 2**e with m in [0.5, 1), so [2, 4) has e = 2 and the step is 2**(e - 2), clamped to [0.5, 2]
+    step = torch.exp2((torch.frexp(mag).exponent - 2).clamp_(-1, 1))
+    r = torch.round(mag / step).mul_(step).clamp_(max=6.0)
+    return r.copysign_(v).add_(0.0)  # -0.0 + 0.0 is +0.0: no negative zero, as e2m1_encode
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
