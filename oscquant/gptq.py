@@ -68,7 +68,7 @@ def quantize_weights(ws: list[torch.Tensor], hs: list[torch.Tensor], fmt: str, g
         gscale = gscale.reshape(w.shape[0], w.shape[1], 1)
     q, scales = _rounded(w, h, fmt, group_size, search, damp, gscale)
     out, at = [None] * len(ws), 0
-    q, scales = q.reshape(-1, k), scales.reshape(q.shape[0] * q.shape[1], -1)
+    q, scales = q.reshape(-1, k), scales.flatten(0, 1)  # the batch's rows one after another, as ``order`` lists them
     for i, r in zip(order, rows):
         g = gscale.reshape(-1, 1)[at:at + 1] if gscale is not None else None
         out[i] = _encode(q[at:at + r], fmt, group_size, scales[at:at + r], g)
@@ -102,10 +102,11 @@ def _rounded(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None,
     # the scale search takes [rows, K] tensors: the batch's rows one after another, each with its weight's columns'
     imp_rows = importance[:, None, :].expand(b, rows, k)
 
-    def search_scales(sub, col, width, **kw):  # sub [B, rows, width] -> its QTensor, every row's scale(s)
+    def search_scales(sub, col, width):  # sub [B, rows, width] -> its QTensor, every row's scale(s)
         imp = imp_rows[..., col:col + width].reshape(b * rows, width) if search else None
-        if fmt == "nvfp4":
-            return formats.quantize_nvfp4(sub.reshape(b * rows, width), search=search, importance=imp, **kw)
+        if fmt == "nvfp4":  # under each row's own weight's per-tensor scale
+            return formats.quantize_nvfp4(sub.reshape(b * rows, width), search=search, importance=imp,
+                                          global_scale=gscale.reshape(-1, 1))
         # INT4 groups: a block is one group a row
         return formats.quantize(sub.reshape(b * rows, width), fmt, None, search=search, importance=imp)
 
@@ -121,8 +122,7 @@ def _rounded(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None,
         for i in range(i2 - i1):
             col = i1 + i
             if block is not None and col % block == 0:  # this block's scale, from the weights as they are now
-                kw = {"global_scale": gscale.reshape(-1, 1)} if fmt == "nvfp4" else {}
-                qb = search_scales(w1[..., i:i + block], col, block, **kw)
+                qb = search_scales(w1[..., i:i + block], col, block)
                 scales.append(qb.scales.reshape(b, rows, -1))
                 scale = formats.expanded_scales(qb)[:, :1].reshape(b, rows, 1)  # the block's one scale a row
             q = formats.on_grid(fmt, w1[..., i:i + 1], scale)

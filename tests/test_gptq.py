@@ -124,6 +124,17 @@ def test_quantize_layers_batches_by_shape_and_memory(monkeypatch):
     assert sorted(calls) == [1, 1, 3, 3]
 
 
+def _rounded_as_alone(rounded, model, hessians):
+    """Each layer named in ``hessians`` of the converted ``rounded`` holds the codes and scales GPTQ gives the float
+    ``model``'s layer alone, on its own Hessian."""
+    from oscquant.linear import OSCLinear
+
+    for name, h in hessians.items():
+        got = rounded.get_submodule(name)
+        alone = OSCLinear.from_linear(model.get_submodule(name), got.scheme, got.outlier_idx, None, h)
+        assert torch.equal(got.qweight, alone.qweight) and torch.equal(got.wscale, alone.wscale), name
+
+
 def _inputs(model, names):
     """Each named module's inputs over the calibration batches, as [tokens, K]."""
     from oscquant.calibration import run_batches
@@ -205,10 +216,7 @@ def test_quantize_with_gptq_rounds_the_4bit_layers_by_it_and_leaves_fp8_alone(tm
         better += err["gptq"] < err["plain"]
         assert torch.equal(plain.get_submodule(name).outlier_idx, rounded.get_submodule(name).outlier_idx)
     assert better == len(h) == 12  # q, k, v, o, gate, up in both layers
-    for name, hn in h.items():  # rounded in batches, each layer as GPTQ rounds it alone
-        got, ref = rounded.get_submodule(name), plain.get_submodule(name)
-        alone = OSCLinear.from_linear(model.get_submodule(name), got.scheme, ref.outlier_idx, None, hn)
-        assert torch.equal(got.qweight, alone.qweight) and torch.equal(got.wscale, alone.wscale), name
+    _rounded_as_alone(rounded, model, h)  # rounded in batches
     for name, m in plain.named_modules():
         if isinstance(m, OSCLinear) and m.scheme.format == "fp8":
             assert torch.equal(m.qweight, rounded.get_submodule(name).qweight)
@@ -243,6 +251,4 @@ def test_moe_experts_rounded_in_batches_come_out_as_each_alone():
     layers = {n: m for n, m in rounded.named_modules() if isinstance(m, OSCLinear) and m.scheme.format == "mxfp4"}
     h = _hessians(model, batches(), {n: m.outlier_idx for n, m in layers.items()}, progress=False)
     assert sum(".experts." in n for n in h) == 8 and all(hn is not None for hn in h.values())
-    for name, got in layers.items():
-        alone = OSCLinear.from_linear(model.get_submodule(name), got.scheme, got.outlier_idx, None, h[name])
-        assert torch.equal(got.qweight, alone.qweight) and torch.equal(got.wscale, alone.wscale), name
+    _rounded_as_alone(rounded, model, h)
